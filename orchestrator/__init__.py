@@ -1,0 +1,1 @@
+"""rime's driver side: the CLI, configs and stage loops."""

@@ -1,0 +1,191 @@
+"""The ``rime`` command line: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rime_model.inputs import InputError
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import run_quickstart
+
+    run_quickstart(model=args.model, n_scenes=args.scenes, seed=args.seed, out_dir=args.out)
+    return 0
+
+
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    from rime_model.zoo import BUILDERS, ensure_zoo_model
+
+    names = list(BUILDERS) if args.name == "all" else [args.name]
+    for name in names:
+        print(f"{name}: {ensure_zoo_model(name, seed=args.seed, rebuild=args.rebuild)}")
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from rime_model import GenerationConfig, load_embedder
+
+    if not args.text and not args.image:
+        raise InputError(None, "--text/--image", "give at least one --text or --image")
+    n = max(len(args.text), len(args.image))
+    items = [
+        {
+            "text": args.text[i] if i < len(args.text) else None,
+            "image": args.image[i] if i < len(args.image) else None,
+            **({"instruction": args.instruction} if args.instruction else {}),
+        }
+        for i in range(n)
+    ]
+    emb = load_embedder(args.model)
+    res = emb.embed(items, mode=args.mode, generation=GenerationConfig(max_new_tokens=args.max_new_tokens))
+    for i in range(n):
+        row = {"index": i, "mode": res.mode, "dim": int(res.vectors.shape[1]), "head": [round(float(x), 5) for x in res.vectors[i][:8]]}
+        if res.rewrites is not None:
+            row["rewrite"] = res.rewrites[i].text
+            row["rewrite_tokens"] = res.rewrites[i].num_tokens
+        print(json.dumps(row))
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "synth":
+        from rime_data.synth import TASKS, write_synth
+
+        tasks = tuple(args.tasks.split(",")) if args.tasks else TASKS
+        sizes = {"train": args.train, "val": args.val, "test": args.test}
+        counts = write_synth(args.out, {k: v for k, v in sizes.items() if v > 0}, seed=args.seed, tasks=tasks, image_size=args.image_size)
+        print(json.dumps({"out": args.out, "splits": counts}))
+        return 0
+    from rime_data.mmeb import import_mmeb
+
+    summary = import_mmeb(args.files, args.image_root, args.out, split=args.split)
+    print(json.dumps(summary))
+    if summary["errors"]:
+        print(f"rime data import-mmeb: {summary['errors']} row(s) skipped; reasons in {summary['errors_file']}", file=sys.stderr)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rime_model import GenerationConfig, load_embedder
+    from rime_model.zoo import cache_dir
+
+    from .evaluate import evaluate, format_table, log_to_mlflow, write_report
+    from .tracking import tracking_uri_or_none
+
+    emb = load_embedder(args.model)
+    result = evaluate(
+        emb, args.data, split=args.split, query_modes=tuple(args.query_mode.split(",")),
+        cand_modes=tuple(args.cand_mode.split(",")), batch_size=args.batch_size,
+        generation=GenerationConfig(max_new_tokens=args.max_new_tokens),
+        tasks=tuple(args.tasks.split(",")) if args.tasks else None, max_queries_per_task=args.max_queries_per_task,
+        cache_dir=cache_dir() / "eval", model_tag=_model_tag(args.model),
+    )
+    print(format_table(result, args.metric))
+    if result.rewrite_tokens_mean is not None:
+        print(f"mean rewrite length: {result.rewrite_tokens_mean:.1f} tokens")
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} row(s) that could not be used (listed in the report)", file=sys.stderr)
+    params = {"model": args.model, "data": args.data, "split": args.split, "query_mode": args.query_mode, "cand_mode": args.cand_mode}
+    report = write_report(result, Path(args.out), params)
+    print(f"report: {report}")
+    uri = tracking_uri_or_none(args.mlflow)
+    if uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(args.experiment)
+        print(f"mlflow run: {log_to_mlflow(result, report, params)} ({uri})")
+    return 0
+
+
+def _model_tag(spec: str) -> str | None:
+    """Identity of a model on disk for the candidate cache (zoo names are seeded and fixed)."""
+    from pathlib import Path
+
+    from rime_model.zoo import BUILDERS, ZOO_VERSION
+
+    if spec in BUILDERS:
+        return f"zoo:{spec}:v{ZOO_VERSION}"
+    weights = sorted(Path(spec).glob("*.safetensors")) if Path(spec).is_dir() else []
+    if not weights:
+        return None
+    return f"{Path(spec).resolve()}:" + ",".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rime", description="Generative multimodal embeddings: train (RIME, PLUME) and serve on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quickstart", help="build the tiny model, embed generated scenes in disc and gen modes, print a table")
+    q.add_argument("--model", default="tiny", help="zoo name, hf:<repo-or-path>, or a saved embedder folder")
+    q.add_argument("--scenes", type=int, default=16)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", default="runs/quickstart")
+    q.set_defaults(func=_cmd_quickstart)
+
+    z = sub.add_parser("zoo", help="build offline zoo models into the cache (RIME_CACHE, default ~/.cache/rime)")
+    z.add_argument("name", choices=["tiny", "small", "all"])
+    z.add_argument("--seed", type=int, default=0)
+    z.add_argument("--rebuild", action="store_true")
+    z.set_defaults(func=_cmd_zoo)
+
+    e = sub.add_parser("embed", help="embed texts and/or images, print one JSON line per item")
+    e.add_argument("--model", default="tiny")
+    e.add_argument("--mode", choices=["disc", "gen"], default="disc")
+    e.add_argument("--text", action="append", default=[], help="repeatable; paired with --image by position")
+    e.add_argument("--image", action="append", default=[], help="image path, repeatable")
+    e.add_argument("--instruction", default=None)
+    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.set_defaults(func=_cmd_embed)
+
+    d = sub.add_parser("data", help="make datasets: procedural benchmark, MMEB-V2 import")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser("synth", help="generate the procedural benchmark (train/val/test parquet)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--train", type=int, default=200, help="queries per task in train (0 = skip split)")
+    s.add_argument("--val", type=int, default=50)
+    s.add_argument("--test", type=int, default=50)
+    s.add_argument("--tasks", default=None, help="comma list; default all: t2i,i2t,cls,vqa,composed,referring")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=84)
+    m = dsub.add_parser("import-mmeb", help="convert MMEB eval files (.jsonl/.parquet) into rime's schema")
+    m.add_argument("files", nargs="+")
+    m.add_argument("--image-root", required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--split", default="test")
+    d.set_defaults(func=_cmd_data)
+
+    v = sub.add_parser("eval", help="retrieval eval (Hit@1/5, NDCG@5, MRR) in any query/candidate mode pair")
+    v.add_argument("--model", default="tiny")
+    v.add_argument("--data", required=True, help="dataset folder with <split>/queries.parquet and candidates.parquet")
+    v.add_argument("--split", default="test")
+    v.add_argument("--query-mode", default="disc,gen", help="comma list of disc, gen, oracle, latent")
+    v.add_argument("--cand-mode", default="disc,gen", help="comma list of disc, gen")
+    v.add_argument("--tasks", default=None)
+    v.add_argument("--max-queries-per-task", type=int, default=None)
+    v.add_argument("--batch-size", type=int, default=16)
+    v.add_argument("--max-new-tokens", type=int, default=32)
+    v.add_argument("--metric", default="hit@1", choices=["hit@1", "hit@5", "ndcg@5", "mrr"])
+    v.add_argument("--out", default="runs/eval/report.json")
+    v.add_argument("--mlflow", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI; none = no tracking)")
+    v.add_argument("--experiment", default="rime-eval")
+    v.set_defaults(func=_cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (InputError, ValueError, FileNotFoundError) as e:
+        print(f"rime {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""rime's data package: procedural multimodal scenes (and, next, records, pipelines and metrics)."""

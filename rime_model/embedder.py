@@ -1,0 +1,292 @@
+"""The RIME embedder: discriminative (one pass) and generative (rewrite, then embed) modes.
+
+One class serves inference (``embed``), the reward service (``embed_with_rewrite``, teacher
+forced) and the learners (``build_*_batch`` + ``encode`` keep gradients). Embeddings are the
+final-layer hidden state read AT the special token (not the position after it, UME-R1's
+off-by-one), L2-normalised in float32.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import PreTrainedModel
+from transformers.processing_utils import ProcessorMixin
+
+from .families import FAMILIES, ModelFamily
+from .inputs import normalize_inputs
+from .prompts import PromptTemplate
+from .tokens import SpecialTokens, add_special_tokens
+
+EMBEDDER_CONFIG = "rime_embedder.json"
+MODES = ("disc", "gen")
+
+Item = tuple[str, Image.Image | None, str]
+
+
+@dataclass
+class ModelBatch:
+    """Model inputs plus, per row, where to read the embedding and which tokens carry CE loss."""
+
+    inputs: dict[str, torch.Tensor]
+    read_pos: torch.Tensor  # [B] index of <disc_emb>/<gen_emb>
+    labels: torch.Tensor | None = None  # [B, T], -100 outside the teacher-forced completion
+
+
+@dataclass
+class Rewrite:
+    """One generated rewrite: decoded text, generated ids (stop token included) and format check."""
+
+    text: str
+    token_ids: list[int]
+    well_formed: bool  # emitted ``</rewrite><gen_emb>`` before stopping
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class EmbeddingResult:
+    """L2-normalised float32 vectors, plus the rewrites in gen mode."""
+
+    vectors: np.ndarray
+    mode: str
+    rewrites: list[Rewrite] | None = None
+
+    @property
+    def rewrite_texts(self) -> list[str] | None:
+        return None if self.rewrites is None else [r.text for r in self.rewrites]
+
+    @property
+    def rewrite_token_counts(self) -> list[int] | None:
+        return None if self.rewrites is None else [r.num_tokens for r in self.rewrites]
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling settings of the rewrite; greedy by default (deterministic eval and serving)."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Embedder:
+    """An image-text-to-text model with rime's special tokens, producing embeddings in any mode."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        processor: ProcessorMixin,
+        family: ModelFamily,
+        tokens: SpecialTokens | None = None,
+        template: PromptTemplate | None = None,
+    ):
+        self.model = model
+        self.processor = processor
+        self.family = family
+        self.tokens = tokens or SpecialTokens()
+        self.template = template or PromptTemplate()
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            raise ValueError("tokenizer has no pad_token; set one before building the Embedder")
+        add_special_tokens(self.tokenizer, self.model, self.tokens)
+        self.token_id = {name: self.tokenizer.convert_tokens_to_ids(t) for name, t in self.tokens.to_dict().items() if isinstance(t, str)}
+        self.stop_ids = [self.token_id["gen_emb"], self.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in self.stop_ids:
+            self.stop_ids.append(self.tokenizer.eos_token_id)
+        self.reserved = tuple(self.tokens.all()) + family.control_tokens
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    # ------------------------------------------------------------------ inputs
+    def prepare(self, inputs: Iterable[Any]) -> list[Item]:
+        """Validate and decode user items (raises ``InputError`` naming the bad item)."""
+        return normalize_inputs(inputs, self.template.default_instruction, self.reserved)
+
+    def _media(self, image: Image.Image | None) -> str:
+        return self.family.image_placeholder if image is not None else ""
+
+    def _encode_texts(self, texts: list[str], images: list[Image.Image | None]) -> dict[str, torch.Tensor]:
+        present = [im for im in images if im is not None]
+        enc = self.processor(
+            text=texts, images=present or None, padding=True, return_tensors="pt", add_special_tokens=False
+        )
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def _read_positions(self, input_ids: torch.Tensor, token: str) -> torch.Tensor:
+        """Index of the LAST occurrence of ``token`` per row (the template's own one)."""
+        tid = self.token_id[token]
+        hits = input_ids == tid
+        if not bool(hits.any(dim=1).all()):
+            raise RuntimeError(f"{token} missing from a built sequence; the prompt template lost it")
+        idx = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return torch.where(hits, idx, -1).max(dim=1).values
+
+    def build_disc_batch(self, items: Sequence[Item]) -> ModelBatch:
+        texts = [self.template.disc(self._media(im), ins, txt, self.tokens) for txt, im, ins in items]
+        enc = self._encode_texts(texts, [im for _, im, _ in items])
+        return ModelBatch(enc, self._read_positions(enc["input_ids"], "disc_emb"))
+
+    def build_gen_batch(self, items: Sequence[Item], rewrites: Sequence[str]) -> ModelBatch:
+        """Teacher-forced gen sequences; labels cover the completion (rewrite + end markers)."""
+        if len(rewrites) != len(items):
+            raise ValueError(f"rewrites: got {len(rewrites)} for {len(items)} inputs; give one rewrite per input")
+        prompts = [self.template.gen_prompt(self._media(im), ins, txt, self.tokens) for txt, im, ins in items]
+        completions = []
+        for i, r in enumerate(rewrites):
+            if not isinstance(r, str):
+                raise ValueError(f"rewrites[{i}]: must be a string, got {type(r).__name__}")
+            for tok in self.reserved:
+                if tok in r:
+                    raise ValueError(f"rewrites[{i}]: contains the reserved control token {tok!r}; remove it")
+            completions.append(self.template.gen_completion(r.strip(), self.tokens))
+        enc = self._encode_texts([p + c for p, c in zip(prompts, completions)], [im for _, im, _ in items])
+        ids = enc["input_ids"]
+        comp_lens = [len(self.tokenizer(c, add_special_tokens=False).input_ids) for c in completions]
+        labels = torch.full_like(ids, -100)
+        for b, n in enumerate(comp_lens):
+            labels[b, ids.shape[1] - n :] = ids[b, ids.shape[1] - n :]
+        return ModelBatch(enc, self._read_positions(ids, "gen_emb"), labels)
+
+    def build_gen_prompt_batch(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:
+        prompts = [self.template.gen_prompt(self._media(im), ins, txt, self.tokens) for txt, im, ins in items]
+        return self._encode_texts(prompts, [im for _, im, _ in items])
+
+    # ------------------------------------------------------------------ forward
+    def hidden_states(self, batch: ModelBatch) -> torch.Tensor:
+        """Final-layer hidden states [B, T, D] (the backbone only: no vocab-sized logits)."""
+        out = self.model.model(**batch.inputs, use_cache=False)
+        return out.last_hidden_state
+
+    def encode(self, batch: ModelBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised embeddings [B, D] in float32; differentiable (learners call it)."""
+        h = self.hidden_states(batch) if hidden is None else hidden
+        rows = torch.arange(h.shape[0], device=h.device)
+        return F.normalize(h[rows, batch.read_pos].float(), dim=-1)
+
+    # ------------------------------------------------------------------ inference API
+    @torch.no_grad()
+    def embed(
+        self,
+        inputs: Iterable[Any],
+        mode: str = "disc",
+        batch_size: int = 16,
+        generation: GenerationConfig | None = None,
+    ) -> EmbeddingResult:
+        """Embed items in ``disc`` (one pass) or ``gen`` (generate a rewrite, then embed) mode."""
+        if mode not in MODES:
+            raise ValueError(f"mode: {mode!r} is not one of {MODES}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        items = self.prepare(inputs)
+        if mode == "disc":
+            vecs = [self.encode(self.build_disc_batch(items[i : i + batch_size])) for i in range(0, len(items), batch_size)]
+            return EmbeddingResult(torch.cat(vecs).cpu().numpy(), "disc")
+        rewrites = self.generate_rewrites(items, batch_size=batch_size, generation=generation)
+        vecs = self._embed_items_with_rewrites(items, [r.text for r in rewrites], batch_size)
+        return EmbeddingResult(vecs, "gen", rewrites)
+
+    @torch.no_grad()
+    def embed_with_rewrite(self, inputs: Iterable[Any], rewrites: Sequence[str], batch_size: int = 16) -> EmbeddingResult:
+        """Gen-mode embedding of given rewrites, teacher-forced (no sampling)."""
+        items = self.prepare(inputs)
+        return EmbeddingResult(self._embed_items_with_rewrites(items, list(rewrites), batch_size), "gen")
+
+    def _embed_items_with_rewrites(self, items: list[Item], rewrites: list[str], batch_size: int) -> np.ndarray:
+        if len(rewrites) != len(items):
+            raise ValueError(f"rewrites: got {len(rewrites)} for {len(items)} inputs; give one rewrite per input")
+        vecs = [
+            self.encode(self.build_gen_batch(items[i : i + batch_size], rewrites[i : i + batch_size]))
+            for i in range(0, len(items), batch_size)
+        ]
+        return torch.cat(vecs).cpu().numpy()
+
+    @torch.no_grad()
+    def generate_rewrites(
+        self, items: list[Item], batch_size: int = 16, generation: GenerationConfig | None = None, num_samples: int = 1
+    ) -> list[Rewrite]:
+        """Generate ``num_samples`` rewrites per item (item-major order), left-padded batches."""
+        g = generation or GenerationConfig()
+        if g.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {g.max_new_tokens}")
+        if g.seed is not None:
+            torch.manual_seed(g.seed)
+        out: list[Rewrite] = []
+        for i in range(0, len(items), batch_size):
+            enc = self.build_gen_prompt_batch(items[i : i + batch_size])
+            sampling = dict(do_sample=True, temperature=g.temperature, top_p=g.top_p) if g.do_sample else dict(do_sample=False)
+            seqs = self.model.generate(
+                **enc,
+                max_new_tokens=g.max_new_tokens,
+                num_return_sequences=num_samples,
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **sampling,
+                **g.extra,
+            )
+            new = seqs[:, enc["input_ids"].shape[1] :].tolist()
+            out.extend(self.parse_rewrite(ids) for ids in new)
+        return out
+
+    def parse_rewrite(self, generated: list[int]) -> Rewrite:
+        """Cut generated ids at the first stop token; the text is what precedes ``</rewrite>``."""
+        ids: list[int] = []
+        for t in generated:
+            if t == self.tokenizer.pad_token_id and t not in self.stop_ids:
+                break
+            ids.append(t)
+            if t in self.stop_ids:
+                break
+        end = self.token_id["rewrite_end"]
+        body = ids[: ids.index(end)] if end in ids else [t for t in ids if t not in self.stop_ids]
+        well_formed = len(ids) >= 2 and ids[-1] == self.token_id["gen_emb"] and ids[-2] == end
+        text = self.tokenizer.decode(body, skip_special_tokens=True).strip()
+        return Rewrite(text=text, token_ids=ids, well_formed=well_formed)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        """Write model, tokenizer, image processor and rime's own settings to one folder."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(path))
+        self.family.save_processor(self.processor, path)
+        meta = {"family": self.family.name, "tokens": self.tokens.to_dict(), "template": self.template.to_dict()}
+        (path / EMBEDDER_CONFIG).write_text(json.dumps(meta, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None) -> "Embedder":
+        """Load a folder written by ``save`` (model, processor and settings) in one call."""
+        path = Path(path)
+        meta_file = path / EMBEDDER_CONFIG
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{meta_file} not found: {path} is not a saved rime embedder (Embedder.save writes it)")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("family") not in FAMILIES:
+            raise ValueError(f"{meta_file}: family {meta.get('family')!r} unknown; known: {sorted(FAMILIES)}")
+        family = FAMILIES[meta["family"]]
+        model = family.load_model(str(path), dtype).eval()
+        if device:
+            model.to(device)
+        processor = family.load_processor(str(path))
+        return cls(model, processor, family, SpecialTokens.from_dict(meta["tokens"]), PromptTemplate.from_dict(meta["template"]))

@@ -1,0 +1,118 @@
+"""The embedder's contract: normalised vectors, read AT the special token, padding-invariant."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rime_data.scenes import png_bytes, random_scene, render
+from rime_model import GenerationConfig
+
+
+def _items(n: int = 4):
+    import random
+
+    rng = random.Random(3)
+    scenes = [random_scene(rng) for _ in range(n)]
+    out = []
+    for i, s in enumerate(scenes):
+        if i % 3 == 0:
+            out.append({"text": s.caption()})
+        elif i % 3 == 1:
+            out.append({"image": render(s), "instruction": "Represent the picture."})
+        else:
+            out.append({"image": png_bytes(render(s)), "text": "what is in the picture? " * (i + 1)})
+    return out
+
+
+@pytest.mark.parametrize("mode", ["disc", "gen"])
+def test_shapes_and_normalisation(tiny, mode):
+    res = tiny.embed(_items(3), mode=mode, generation=GenerationConfig(max_new_tokens=6))
+    assert res.vectors.shape == (3, tiny.dim) == (3, 128)
+    assert res.vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(res.vectors, axis=1), 1.0, atol=1e-5)
+    if mode == "gen":
+        assert len(res.rewrites) == 3
+        assert all(1 <= n <= 6 for n in res.rewrite_token_counts)
+    else:
+        assert res.rewrites is None
+
+
+def test_disc_reads_hidden_state_at_the_special_token(tiny):
+    """Fails on UME-R1's off-by-one: the vector must be h[<disc_emb>], not h[<disc_emb> + 1]."""
+    items = tiny.prepare([{"text": "a red circle"}])
+    batch = tiny.build_disc_batch(items)
+    ids = batch.inputs["input_ids"][0]
+    pos = int((ids == tiny.token_id["disc_emb"]).nonzero()[-1])
+    assert int(batch.read_pos[0]) == pos
+    assert pos < ids.shape[0] - 1, "template must put tokens after <disc_emb> for this test to bite"
+    with torch.no_grad():
+        h = tiny.hidden_states(batch)[0]
+    vec = tiny.embed([{"text": "a red circle"}], mode="disc").vectors[0]
+    at = torch.nn.functional.normalize(h[pos], dim=-1).numpy()
+    after = torch.nn.functional.normalize(h[pos + 1], dim=-1).numpy()
+    np.testing.assert_allclose(vec, at, atol=1e-6)
+    assert np.abs(vec - after).max() > 1e-2
+    # Causality check: dropping every token after <disc_emb> leaves the embedding unchanged.
+    cut = {k: v[:, : pos + 1] for k, v in batch.inputs.items() if v.dim() == 2 and v.shape[1] == ids.shape[0]}
+    with torch.no_grad():
+        h_cut = tiny.model.model(**cut, use_cache=False).last_hidden_state[0, -1]
+    np.testing.assert_allclose(vec, torch.nn.functional.normalize(h_cut, dim=-1).numpy(), atol=1e-5)
+
+
+def test_gen_reads_at_gen_emb_and_labels_cover_completion(tiny):
+    items = tiny.prepare(["a blue square"])
+    batch = tiny.build_gen_batch(items, ["blue square"])
+    ids = batch.inputs["input_ids"][0]
+    assert int(ids[batch.read_pos[0]]) == tiny.token_id["gen_emb"]
+    labelled = ids[batch.labels[0] != -100].tolist()
+    text = tiny.tokenizer.decode(labelled)
+    assert text == "blue square</rewrite><gen_emb><|im_end|>"
+
+
+def test_gen_mode_matches_teacher_forced_rewrite(tiny):
+    items = _items(3)
+    res = tiny.embed(items, mode="gen", generation=GenerationConfig(max_new_tokens=5))
+    tf = tiny.embed_with_rewrite(items, res.rewrite_texts)
+    np.testing.assert_allclose(res.vectors, tf.vectors, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["disc", "gen"])
+def test_batched_equals_single(tiny, mode):
+    items = _items(5)
+    gen = GenerationConfig(max_new_tokens=5)
+    batched = tiny.embed(items, mode=mode, batch_size=5, generation=gen)
+    singles = [tiny.embed([it], mode=mode, generation=gen) for it in items]
+    np.testing.assert_allclose(batched.vectors, np.concatenate([s.vectors for s in singles]), atol=1e-4)
+    if mode == "gen":
+        assert [r.token_ids for r in batched.rewrites] == [s.rewrites[0].token_ids for s in singles]
+
+
+def test_teacher_forced_batch_equals_single(tiny):
+    items = _items(4)
+    rewrites = ["a red circle", "two shapes", "blue", "a green cross left of a yellow square"]
+    batched = tiny.embed_with_rewrite(items, rewrites, batch_size=4).vectors
+    singles = np.concatenate([tiny.embed_with_rewrite([it], [r]).vectors for it, r in zip(items, rewrites)])
+    np.testing.assert_allclose(batched, singles, atol=1e-4)
+
+
+def test_sampling_is_seeded(tiny):
+    items = _items(2)
+    cfg = GenerationConfig(max_new_tokens=6, do_sample=True, temperature=1.0, seed=7)
+    a = tiny.generate_rewrites(tiny.prepare(items), generation=cfg, num_samples=3)
+    b = tiny.generate_rewrites(tiny.prepare(items), generation=cfg, num_samples=3)
+    assert len(a) == 6
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+
+
+def test_parse_rewrite_format_flag(tiny):
+    t = tiny.token_id
+    words = tiny.tokenizer("a red circle", add_special_tokens=False).input_ids
+    good = tiny.parse_rewrite(words + [t["rewrite_end"], t["gen_emb"], 11, 12])
+    assert good.well_formed and good.text == "a red circle" and good.num_tokens == len(words) + 2
+    no_end = tiny.parse_rewrite(words + [t["gen_emb"]])
+    assert not no_end.well_formed and no_end.text == "a red circle"
+    truncated = tiny.parse_rewrite(words)
+    assert not truncated.well_formed and truncated.num_tokens == len(words)
