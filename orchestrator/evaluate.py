@@ -1,0 +1,234 @@
+"""``rime eval``: MMEB-protocol retrieval evaluation in any query/candidate mode pair.
+
+Candidates are embedded once per candidate mode (and cached on disk for saved models), queries
+once per query mode; every requested pair is then scored from those vectors. Query modes:
+``disc``, ``gen`` (the model writes its rewrite), ``oracle`` (gen embedding of the record's ideal
+rewrite, teacher-forced: the ceiling a perfect rewriter reaches with this encoder) and ``latent``
+(PLUME). Rows that cannot be embedded are counted, reported with their ids, and left out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from rime_data.metrics import METRICS, aggregate, query_metrics
+from rime_data.schema import read_table, split_paths, validate_candidate, validate_query
+from rime_model import Embedder, GenerationConfig, InputError
+
+QUERY_MODES = ("disc", "gen", "oracle", "latent")
+CAND_MODES = ("disc", "gen")
+
+
+@dataclass
+class EvalResult:
+    """Metrics per mode pair plus the bookkeeping a reader needs to trust them."""
+
+    pairs: dict[str, dict]  # "qmode->cmode" -> aggregate(...) output
+    n_queries: int
+    n_candidates: int
+    skipped: list[dict] = field(default_factory=list)
+    rewrite_tokens_mean: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "pairs": self.pairs, "n_queries": self.n_queries, "n_candidates": self.n_candidates,
+            "skipped": self.skipped, "n_skipped": len(self.skipped),
+            "rewrite_tokens_mean": self.rewrite_tokens_mean, "timings": self.timings,
+        }
+
+    def flat_metrics(self) -> dict[str, float]:
+        """``<qmode>_<cmode>/<metric>`` (overall) and ``.../<task>/<metric>`` for MLflow."""
+        out = {}
+        for pair, agg in self.pairs.items():
+            key = pair.replace("->", "_to_")
+            out.update({f"{key}/{m}": v for m, v in agg["all"].items()})
+            for task, ms in agg["tasks"].items():
+                out.update({f"{key}/{task}/{m}": ms[m] for m in METRICS})
+        return out
+
+
+def _query_item(r: dict) -> dict:
+    return {"text": r.get("qry_text"), "image": r.get("qry_image"), "instruction": r.get("qry_inst") or None}
+
+
+def _cand_item(r: dict) -> dict:
+    return {"text": r.get("cand_text"), "image": r.get("cand_image"), "instruction": r.get("cand_inst") or None}
+
+
+def _usable(emb: Embedder, rows: list[dict], to_item, id_key: str, check, skipped: list[dict]) -> list[dict]:
+    """Rows that pass schema checks and decode; the rest go to ``skipped`` with the reason."""
+    good = []
+    for r in rows:
+        why = check(r)
+        if why is None:
+            try:
+                emb.prepare([to_item(r)])
+            except InputError as e:
+                why = str(e).replace("inputs[0].", "")
+        if why is None:
+            good.append(r)
+        else:
+            skipped.append({"id": r.get(id_key), "error": why})
+    return good
+
+
+def embed_rows(emb: Embedder, items: list[dict], mode: str, batch_size: int, gen: GenerationConfig,
+               rewrites: list[str] | None = None, desc: str = "") -> tuple[np.ndarray, list[int]]:
+    """Vectors of ``items`` in ``mode`` with a progress bar; also the rewrite token counts (gen)."""
+    vecs, counts = [], []
+    for i in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch", leave=False):
+        chunk = items[i : i + batch_size]
+        if mode == "oracle":
+            res = emb.embed_with_rewrite(chunk, rewrites[i : i + batch_size], batch_size=batch_size)
+        else:
+            res = emb.embed(chunk, mode=mode, batch_size=batch_size, generation=gen)
+            counts += res.rewrite_token_counts or []
+        vecs.append(res.vectors)
+    return (np.concatenate(vecs) if vecs else np.zeros((0, emb.dim), np.float32)), counts
+
+
+def _cache_file(cache_dir: Path | None, model_tag: str | None, cand_path: Path, mode: str, gen: GenerationConfig) -> Path | None:
+    if cache_dir is None or model_tag is None:
+        return None
+    st = cand_path.stat()
+    key = f"{model_tag}\0{cand_path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{mode}\0{gen.max_new_tokens}"
+    return cache_dir / f"cands-{hashlib.sha1(key.encode()).hexdigest()[:20]}.npz"
+
+
+def evaluate(
+    emb: Embedder,
+    data: str | Path,
+    split: str = "test",
+    query_modes: tuple[str, ...] = ("disc", "gen"),
+    cand_modes: tuple[str, ...] = ("disc", "gen"),
+    batch_size: int = 16,
+    generation: GenerationConfig | None = None,
+    tasks: tuple[str, ...] | None = None,
+    max_queries_per_task: int | None = None,
+    cache_dir: str | Path | None = None,
+    model_tag: str | None = None,
+) -> EvalResult:
+    """Score every (query mode, candidate mode) pair on one split of a rime dataset."""
+    for m in query_modes:
+        if m not in QUERY_MODES:
+            raise ValueError(f"query_mode: {m!r} is not one of {QUERY_MODES}")
+    for m in cand_modes:
+        if m not in CAND_MODES:
+            raise ValueError(f"cand_mode: {m!r} is not one of {CAND_MODES}")
+    gen = generation or GenerationConfig(max_new_tokens=32)
+    q_path, c_path = split_paths(data, split)
+    queries = read_table(q_path).to_pylist()
+    cands = read_table(c_path).to_pylist()
+    if tasks:
+        queries = [q for q in queries if q["task"] in tasks]
+        cands = [c for c in cands if c["task"] in tasks]
+    if max_queries_per_task:
+        kept: dict[str, int] = {}
+        limited = []
+        for q in queries:
+            if kept.get(q["task"], 0) < max_queries_per_task:
+                kept[q["task"]] = kept.get(q["task"], 0) + 1
+                limited.append(q)
+        queries = limited
+    skipped: list[dict] = []
+    queries = _usable(emb, queries, _query_item, "query_id", validate_query, skipped)
+    cands = _usable(emb, cands, _cand_item, "cand_id", validate_candidate, skipped)
+    if "oracle" in query_modes:
+        missing = [q["query_id"] for q in queries if not q.get("rewrite")]
+        if missing:
+            raise ValueError(f"query_mode 'oracle' needs a rewrite on every query; {len(missing)} lack one (e.g. {missing[0]})")
+    cand_index = {c["cand_id"]: i for i, c in enumerate(cands)}
+    by_task: dict[str, list[int]] = {}
+    for i, c in enumerate(cands):
+        by_task.setdefault(c["task"], []).append(i)
+
+    timings: dict[str, float] = {}
+    cvecs: dict[str, np.ndarray] = {}
+    for m in cand_modes:
+        t = time.perf_counter()
+        cache = _cache_file(Path(cache_dir) if cache_dir else None, model_tag, c_path, m, gen)
+        if cache is not None and cache.is_file():
+            z = np.load(cache, allow_pickle=False)
+            if list(z["ids"]) == [c["cand_id"] for c in cands]:
+                cvecs[m] = z["vecs"]
+        if m not in cvecs:
+            cvecs[m], _ = embed_rows(emb, [_cand_item(c) for c in cands], m, batch_size, gen, desc=f"candidates[{m}]")
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(cache, ids=np.array([c["cand_id"] for c in cands]), vecs=cvecs[m])
+        timings[f"cand_{m}_s"] = round(time.perf_counter() - t, 3)
+
+    qvecs: dict[str, np.ndarray] = {}
+    token_counts: list[int] = []
+    rewrites = [q.get("rewrite") or "" for q in queries]
+    for m in query_modes:
+        t = time.perf_counter()
+        qvecs[m], counts = embed_rows(emb, [_query_item(q) for q in queries], m, batch_size, gen, rewrites, desc=f"queries[{m}]")
+        token_counts += counts
+        timings[f"query_{m}_s"] = round(time.perf_counter() - t, 3)
+
+    pairs = {}
+    for qm in query_modes:
+        for cm in cand_modes:
+            rows = []
+            for qi, q in enumerate(queries):
+                idx = [cand_index[c] for c in q["cand_ids"] if c in cand_index] if q.get("cand_ids") else by_task.get(q["task"], [])
+                grades = dict(zip(q["positive_ids"], q.get("positive_grades") or [1.0] * len(q["positive_ids"])))
+                rel = [grades.get(cands[i]["cand_id"], 0.0) for i in idx]
+                if not idx or not any(rel):
+                    skipped.append({"id": q["query_id"], "error": "no usable relevant candidate left to rank"})
+                    continue
+                rows.append((q["task"], query_metrics(cvecs[cm][idx] @ qvecs[qm][qi], rel)))
+            pairs[f"{qm}->{cm}"] = aggregate(rows, {t: "image" for t in by_task})
+    mean_tokens = float(np.mean(token_counts)) if token_counts else None
+    return EvalResult(pairs, len(queries), len(cands), _dedupe(skipped), mean_tokens, timings)
+
+
+def _dedupe(rows: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for r in rows:
+        k = (r["id"], r["error"])
+        if k not in seen:
+            seen.add(k)
+            out.append(r)
+    return out
+
+
+def format_table(result: EvalResult, metric: str = "hit@1") -> str:
+    """Tasks as rows, mode pairs as columns, plus the MMEB average."""
+    pairs = list(result.pairs)
+    tasks = sorted({t for agg in result.pairs.values() for t in agg["tasks"]})
+    width = max([len(p) for p in pairs] + [8])
+    lines = [f"{metric:12s}" + "".join(f"{p:>{width + 2}s}" for p in pairs)]
+    for t in tasks:
+        lines.append(f"{t:12s}" + "".join(f"{result.pairs[p]['tasks'].get(t, {}).get(metric, float('nan')):>{width + 2}.3f}" for p in pairs))
+    lines.append(f"{'ALL (mean)':12s}" + "".join(f"{result.pairs[p]['all'][metric]:>{width + 2}.3f}" for p in pairs))
+    return "\n".join(lines)
+
+
+def log_to_mlflow(result: EvalResult, report_path: Path, params: dict[str, Any], run_name: str = "eval") -> str:
+    """Log metrics, params and the JSON report to the current MLflow tracking URI; returns the run id."""
+    import mlflow
+
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.log_params({k: str(v) for k, v in params.items()})
+        mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in result.flat_metrics().items()})
+        mlflow.log_metric("eval/n_skipped", len(result.skipped))
+        mlflow.log_artifact(str(report_path))
+        return run.info.run_id
+
+
+def write_report(result: EvalResult, path: str | Path, extra: dict | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**(extra or {}), **result.to_dict()}, indent=2))
+    return path

@@ -1,0 +1,119 @@
+"""Import MMEB(-V2) evaluation files (JSONL or parquet) into rime's record schema.
+
+Accepted columns per row (VLM2Vec / MMEB eval layout):
+  qry_inst (optional), qry_text, qry_img_path   the query; an empty path means text-only
+  tgt_inst (optional), tgt_text (list), tgt_img_path or tgt_img_paths (list)
+                                                the candidate list, positive FIRST
+  task (optional)                               else the file name's stem
+Image paths are relative to ``image_root``. MMEB's inline image markers (``<|image_1|>``,
+``<image>``) are stripped from texts: rime places media itself. Identical candidates shared by
+many queries (class labels, a common corpus) are stored once. A row that cannot be used
+(missing column, unreadable image) is skipped, counted and written with its row number and
+reason to ``errors.jsonl``; it never stops the import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow.parquet as pq
+
+from .schema import CANDIDATE_SCHEMA, QUERY_SCHEMA, write_table
+
+IMAGE_MARKERS = re.compile(r"<\|image_\d+\|>|<image>")
+
+
+def _rows(path: Path) -> Iterator[dict[str, Any]]:
+    if path.suffix == ".jsonl":
+        with path.open() as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as e:
+                        yield {"__error__": f"not valid JSON ({e.msg} at column {e.colno})"}
+    elif path.suffix == ".parquet":
+        yield from pq.read_table(str(path)).to_pylist()
+    else:
+        raise ValueError(f"data: {path} has suffix {path.suffix!r}; MMEB files must be .jsonl or .parquet")
+
+
+def _clean(text: Any) -> str:
+    return IMAGE_MARKERS.sub("", text or "").strip()
+
+
+def _as_list(v: Any) -> list:
+    if v is None:
+        return []
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _image(root: Path, rel: str | None, field: str) -> bytes | None:
+    if not rel:
+        return None
+    p = root / rel
+    if not p.is_file():
+        raise ValueError(f"{field}: image file not found: {p}")
+    return p.read_bytes()
+
+
+def import_mmeb(files: list[str | Path], image_root: str | Path, out: str | Path, split: str = "test") -> dict:
+    """Convert MMEB files into ``out/<split>/{queries,candidates}.parquet``; returns counts and errors."""
+    root = Path(image_root)
+    queries: list[dict] = []
+    cands: dict[str, dict] = {}
+    errors: list[dict] = []
+    for file in map(Path, files):
+        for n, row in enumerate(_rows(file)):
+            try:
+                q, row_cands = _convert(row, file, n, root)
+            except ValueError as e:
+                errors.append({"file": str(file), "row": n, "error": str(e)})
+                continue
+            queries.append(q)
+            for c in row_cands:
+                cands.setdefault(c["cand_id"], c)
+    out_dir = Path(out) / split
+    write_table(queries, QUERY_SCHEMA, out_dir / "queries.parquet")
+    write_table(cands.values(), CANDIDATE_SCHEMA, out_dir / "candidates.parquet")
+    err_file = out_dir / "errors.jsonl"
+    err_file.write_text("".join(json.dumps(e) + "\n" for e in errors))
+    return {"queries": len(queries), "candidates": len(cands), "errors": len(errors), "errors_file": str(err_file)}
+
+
+def _convert(row: dict, file: Path, n: int, root: Path) -> tuple[dict, list[dict]]:
+    if "__error__" in row:
+        raise ValueError(row["__error__"])
+    task = row.get("task") or file.stem
+    for col in ("qry_text", "tgt_text"):
+        if col not in row:
+            raise ValueError(f"{col}: column missing; MMEB rows need qry_text, qry_img_path, tgt_text, tgt_img_path")
+    texts = _as_list(row.get("tgt_text"))
+    paths = _as_list(row.get("tgt_img_path", row.get("tgt_img_paths")))
+    if not texts and not paths:
+        raise ValueError("tgt_text/tgt_img_path: both empty; the positive target must come first")
+    k = max(len(texts), len(paths))
+    texts, paths = texts + [""] * (k - len(texts)), paths + [""] * (k - len(paths))
+    tgt_inst = _clean(row.get("tgt_inst"))
+    row_cands = []
+    for j, (t, p) in enumerate(zip(texts, paths)):
+        img = _image(root, p, f"tgt_img_path[{j}]")
+        text = _clean(t)
+        if not text and img is None:
+            raise ValueError(f"tgt_text[{j}]/tgt_img_path[{j}]: both empty")
+        digest = hashlib.sha1(f"{task}\0{tgt_inst}\0{text}\0{p}".encode()).hexdigest()[:16]
+        row_cands.append(dict(cand_id=f"{task}/{digest}", task=task, cand_inst=tgt_inst, cand_text=text or None, cand_image=img))
+    qry_img = _image(root, row.get("qry_img_path"), "qry_img_path")
+    qry_text = _clean(row.get("qry_text"))
+    if not qry_text and qry_img is None:
+        raise ValueError("qry_text/qry_img_path: both empty")
+    ids = list(dict.fromkeys(c["cand_id"] for c in row_cands))  # keep order, drop in-row duplicates
+    query = dict(
+        query_id=f"{task}/{file.stem}/{n}", task=task, qry_inst=_clean(row.get("qry_inst")), qry_text=qry_text or None,
+        qry_image=qry_img, positive_ids=[ids[0]], cand_ids=ids,
+    )
+    return query, row_cands

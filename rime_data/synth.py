@@ -1,0 +1,236 @@
+"""Procedural benchmark modelled on MMEB task kinds, where a good rewrite measurably helps.
+
+Tasks (all "image" group):
+  t2i        caption -> image                    (task corpus; positives = images with that caption)
+  i2t        image -> caption                    (task corpus of caption texts)
+  cls        image -> shape of the leftmost object (local list: the shape labels)
+  vqa        image + question -> answer          (local list: colours or counts)
+  composed   reference image + edit text -> edited image (task corpus)
+  referring  reference image + "pictures containing the object left of the yellow square"
+             -> single-object pictures of the referred object (task corpus). The raw text names
+             the *anchor*, so matching it literally retrieves the wrong picture; the ideal rewrite
+             ("a blue triangle") names the target. This is the gap Refine-RL must learn to close.
+
+Every query carries its ideal rewrite and four explicit reasoning segments (PLUME curriculum).
+Splits are assigned by a stable hash of the query's content key, so no caption, edit or
+reference scene appears in two splits whatever the sizes asked for, and a seed fixes everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from .scenes import COLORS, SHAPES, Scene, SceneObject, png_bytes, random_scene, render, with_article
+from .schema import CANDIDATE_SCHEMA, QUERY_SCHEMA, SPLITS, write_table
+
+TASKS = ("t2i", "i2t", "cls", "vqa", "composed", "referring")
+SPLIT_BUCKETS = {"train": range(0, 8), "val": range(8, 9), "test": range(9, 10)}  # of 10 hash buckets
+IMAGE_INST = "Represent the given image."
+NUMBERS = {1: "one", 2: "two", 3: "three"}
+
+
+@dataclass
+class SplitData:
+    queries: list[dict]
+    candidates: list[dict]
+
+
+def split_of(key: str) -> str:
+    """Stable split of a content key: 80/10/10 by a hash bucket (independent of sizes and seed)."""
+    bucket = int(hashlib.sha1(key.encode()).hexdigest(), 16) % 10
+    return next(s for s, r in SPLIT_BUCKETS.items() if bucket in r)
+
+
+def _scene_key(s: Scene) -> str:
+    return "|".join(f"{o.color}-{o.shape}@{o.col}{o.row}" for o in sorted(s.objects, key=lambda o: o.col))
+
+
+def _img(scene: Scene, size: int) -> bytes:
+    return png_bytes(render(scene, size))
+
+
+def _draw(rng: random.Random, split: str, key_fn: Callable[[Scene], str], **kw) -> Scene:
+    """Draw scenes until one whose content key hashes into ``split``."""
+    while True:
+        s = random_scene(rng, **kw)
+        if split_of(key_fn(s)) == split:
+            return s
+
+
+def _reasoning(first: str, second: str, third: str, answer: str) -> list[str]:
+    return [first, second, third, f"So the answer is {answer}."]
+
+
+# ----------------------------------------------------------------------------- tasks
+def _t2i(rng, split, n, size, data: SplitData) -> None:
+    by_caption: dict[str, list[str]] = defaultdict(list)
+    rows = []
+    for i in range(n):
+        s = _draw(rng, split, lambda x: "t2i:" + x.caption())
+        cid = f"t2i/{split}/img{i}"
+        data.candidates.append(dict(cand_id=cid, task="t2i", cand_inst=IMAGE_INST, cand_image=_img(s, size), rewrite=s.caption()))
+        by_caption[s.caption()].append(cid)
+        rows.append((i, s))
+    for i, s in rows:
+        cap = s.caption()
+        data.queries.append(dict(
+            query_id=f"t2i/{split}/q{i}", task="t2i", qry_inst="Find an image that matches the given caption.",
+            qry_text=cap, positive_ids=by_caption[cap], rewrite=cap,
+            reasoning=_reasoning(f"The caption lists {NUMBERS[len(s.objects)]} object(s).", "Their order is left to right.",
+                                 f"The picture must show exactly {cap}.", cap),
+        ))
+
+
+def _i2t(rng, split, n, size, data: SplitData) -> None:
+    caption_ids: dict[str, str] = {}
+    for i in range(n):
+        s = _draw(rng, split, lambda x: "i2t:" + x.caption())
+        cap = s.caption()
+        if cap not in caption_ids:
+            caption_ids[cap] = f"i2t/{split}/cap{len(caption_ids)}"
+            data.candidates.append(dict(cand_id=caption_ids[cap], task="i2t", cand_inst="Represent the given caption.", cand_text=cap, rewrite=cap))
+        data.queries.append(dict(
+            query_id=f"i2t/{split}/q{i}", task="i2t", qry_inst="Find a caption describing the given image.",
+            qry_image=_img(s, size), positive_ids=[caption_ids[cap]], rewrite=cap,
+            reasoning=_reasoning(f"I see {NUMBERS[len(s.objects)]} object(s).", "I read them from left to right.",
+                                 f"They are {cap}.", cap),
+        ))
+
+
+def _label_candidates(task: str, split: str, labels: list[str], data: SplitData, inst: str) -> dict[str, str]:
+    ids = {}
+    for lab in labels:
+        ids[lab] = f"{task}/{split}/label/{lab.replace(' ', '_')}"
+        data.candidates.append(dict(cand_id=ids[lab], task=task, cand_inst=inst, cand_text=lab, rewrite=lab))
+    return ids
+
+
+def _cls(rng, split, n, size, data: SplitData) -> None:
+    labels = {sh: with_article(sh) for sh in SHAPES}
+    ids = _label_candidates("cls", split, list(labels.values()), data, "Represent the given class label.")
+    for i in range(n):
+        s = _draw(rng, split, lambda x: "cls:" + _scene_key(x))
+        left = min(s.objects, key=lambda o: o.col)
+        lab = labels[left.shape]
+        data.queries.append(dict(
+            query_id=f"cls/{split}/q{i}", task="cls", qry_inst="Classify the shape of the leftmost object in the image.",
+            qry_image=_img(s, size), positive_ids=[ids[lab]], cand_ids=list(ids.values()), rewrite=lab,
+            reasoning=_reasoning(f"The image shows {s.caption()}.", "The leftmost object comes first.",
+                                 f"It is {left.a_name}.", lab),
+        ))
+
+
+def _vqa(rng, split, n, size, data: SplitData) -> None:
+    colours = _label_candidates("vqa", split, list(COLORS), data, "Represent the given answer.")
+    counts = _label_candidates("vqa", split, list(NUMBERS.values()), data, "Represent the given answer.")
+    for i in range(n):
+        s = _draw(rng, split, lambda x: "vqa:" + _scene_key(x))
+        if rng.random() < 0.5:
+            obj = rng.choice(s.objects)
+            others = [o for o in s.objects if o.shape == obj.shape and o is not obj]
+            where = " leftmost" if others else ""
+            if others:
+                obj = min([obj, *others], key=lambda o: o.col)
+            question, answer, cands = f"What colour is the{where} {obj.shape}?", obj.color, colours
+            third = f"The{where} {obj.shape} is {obj.color}."
+        else:
+            k = len(s.objects)
+            question, answer, cands = "How many objects are in the picture?", NUMBERS[k], counts
+            third = f"Counting them gives {NUMBERS[k]}."
+        data.queries.append(dict(
+            query_id=f"vqa/{split}/q{i}", task="vqa", qry_inst="Answer the question about the image.",
+            qry_text=question, qry_image=_img(s, size), positive_ids=[cands[answer]], cand_ids=list(cands.values()),
+            rewrite=answer, reasoning=_reasoning(f"The image shows {s.caption()}.", f"The question: {question}", third, answer),
+        ))
+
+
+def _composed(rng, split, n, size, data: SplitData) -> None:
+    kinds = [(sh, c) for sh in SHAPES for c in COLORS]
+    by_key: dict[str, list[str]] = defaultdict(list)
+    pending = []
+    for i in range(n):
+        while True:
+            s = random_scene(rng)
+            obj = rng.choice(s.objects)
+            free = [k for k in kinds if k not in {(o.shape, o.color) for o in s.objects}]
+            shape, color = rng.choice(free)
+            new = SceneObject(shape, color, obj.col, obj.row)
+            target = replace(s, objects=tuple(new if o is obj else o for o in s.objects))
+            edit = f"Replace the {obj.name} with {new.a_name}."
+            if split_of("composed:" + _scene_key(s) + edit) == split:
+                break
+        cid = f"composed/{split}/img{i}"
+        data.candidates.append(dict(cand_id=cid, task="composed", cand_inst=IMAGE_INST, cand_image=_img(target, size), rewrite=target.caption()))
+        by_key[target.caption()].append(cid)
+        pending.append((i, s, edit, target, obj, new))
+    for i, s, edit, target, obj, new in pending:
+        data.queries.append(dict(
+            query_id=f"composed/{split}/q{i}", task="composed", qry_inst="Find the image that results from the edit.",
+            qry_text=edit, qry_image=_img(s, size), positive_ids=by_key[target.caption()], rewrite=target.caption(),
+            reasoning=_reasoning(f"The reference shows {s.caption()}.", f"The edit removes the {obj.name}.",
+                                 f"{new.a_name.capitalize()} takes its place.", target.caption()),
+        ))
+
+
+def _referring(rng, split, n, size, data: SplitData) -> None:
+    ids = {}
+    for sh in SHAPES:
+        for c in COLORS:
+            one = Scene((SceneObject(sh, c, 1, 1),), background=rng.randrange(3))
+            ids[(sh, c)] = f"referring/{split}/img/{c}-{sh}"
+            data.candidates.append(dict(cand_id=ids[(sh, c)], task="referring", cand_inst=IMAGE_INST,
+                                        cand_image=_img(one, size), rewrite=with_article(f"{c} {sh}")))
+    for i in range(n):
+        while True:
+            s = random_scene(rng, n_objects=rng.choice((2, 3)))
+            anchor = rng.choice(s.objects)
+            side = rng.choice(("left", "right"))
+            near = [o for o in s.objects if (o.col < anchor.col if side == "left" else o.col > anchor.col)]
+            if not near:
+                continue
+            target = max(near, key=lambda o: o.col) if side == "left" else min(near, key=lambda o: o.col)
+            text = f"Pictures containing the object {side} of the {anchor.name}."
+            if split_of("referring:" + _scene_key(s) + text) == split:
+                break
+        answer = target.a_name
+        data.queries.append(dict(
+            query_id=f"referring/{split}/q{i}", task="referring",
+            qry_inst="Find pictures of the object the text refers to in the image.",
+            qry_text=text, qry_image=_img(s, size), positive_ids=[ids[(target.shape, target.color)]], rewrite=answer,
+            reasoning=_reasoning(f"The image shows {s.caption()}.", f"The anchor is the {anchor.name}.",
+                                 f"The nearest object to its {side} is the {target.name}.", answer),
+        ))
+
+
+TASK_BUILDERS = {"t2i": _t2i, "i2t": _i2t, "cls": _cls, "vqa": _vqa, "composed": _composed, "referring": _referring}
+
+
+def synth_split(split: str, n_per_task: int, seed: int = 0, tasks=TASKS, image_size: int = 84) -> SplitData:
+    """Generate one split: ``n_per_task`` queries for each task, with their candidates."""
+    if split not in SPLITS:
+        raise ValueError(f"split: {split!r} is not one of {SPLITS}")
+    unknown = set(tasks) - set(TASKS)
+    if unknown:
+        raise ValueError(f"tasks: unknown {sorted(unknown)}; choose from {TASKS}")
+    data = SplitData([], [])
+    for task in tasks:
+        rng = random.Random(f"{seed}:{split}:{task}")
+        TASK_BUILDERS[task](rng, split, n_per_task, image_size, data)
+    return data
+
+
+def write_synth(out: str | Path, sizes: dict[str, int], seed: int = 0, tasks=TASKS, image_size: int = 84) -> dict:
+    """Write every split under ``out``; returns {split: {queries, candidates}} counts."""
+    counts = {}
+    for split, n in sizes.items():
+        d = synth_split(split, n, seed, tasks, image_size)
+        counts[split] = {
+            "queries": write_table(d.queries, QUERY_SCHEMA, Path(out) / split / "queries.parquet"),
+            "candidates": write_table(d.candidates, CANDIDATE_SCHEMA, Path(out) / split / "candidates.parquet"),
+        }
+    return counts

@@ -1,0 +1,100 @@
+"""MMEB-format import (fixture written here) and `rime eval` on it and on a generated split."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from rime_data.mmeb import import_mmeb
+
+
+@pytest.fixture()
+def mmeb_fixture(tmp_path):
+    """Two MMEB-style tasks: an image->text classification (shared labels) and a text->image retrieval."""
+    root = tmp_path / "images"
+    (root / "cls").mkdir(parents=True)
+    colours = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
+    for name, rgb in colours.items():
+        Image.new("RGB", (48, 48), rgb).save(root / "cls" / f"{name}.png")
+    rows = [
+        {"qry_inst": "<|image_1|> Represent the given image for classification", "qry_text": "", "qry_img_path": f"cls/{c}.png",
+         "tgt_inst": "Represent the class label", "tgt_text": [c] + [o for o in colours if o != c], "tgt_img_path": ["", "", ""]}
+        for c in colours
+    ]
+    rows.append({"qry_text": "x", "qry_img_path": "cls/missing.png", "tgt_text": ["red"], "tgt_img_path": [""]})
+    (tmp_path / "ColourCls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
+    t2i = [{"qry_text": f"a {c} picture", "qry_img_path": "", "tgt_text": ["", ""],
+            "tgt_img_path": [f"cls/{c}.png", f"cls/{'red' if c != 'red' else 'blue'}.png"]} for c in colours]
+    (tmp_path / "ColourT2I.jsonl").write_text("".join(json.dumps(r) + "\n" for r in t2i))
+    return tmp_path, root
+
+
+def test_import_mmeb_rows_candidates_and_errors(mmeb_fixture, tmp_path):
+    src, root = mmeb_fixture
+    summary = import_mmeb([src / "ColourCls.jsonl", src / "ColourT2I.jsonl"], root, tmp_path / "out")
+    assert summary["queries"] == 6 and summary["errors"] == 2
+    errors = [json.loads(l) for l in open(summary["errors_file"])]
+    assert {e["row"] for e in errors} == {3, 4}
+    assert any("qry_img_path: image file not found" in e["error"] for e in errors)
+    assert any("not valid JSON" in e["error"] for e in errors)
+    q = pq.read_table(tmp_path / "out" / "test" / "queries.parquet").to_pylist()
+    c = {r["cand_id"]: r for r in pq.read_table(tmp_path / "out" / "test" / "candidates.parquet").to_pylist()}
+    cls = [r for r in q if r["task"] == "ColourCls"]
+    assert len(c) == 3 + 3  # shared labels stored once; 3 distinct images in the t2i task
+    assert all(r["positive_ids"][0] == r["cand_ids"][0] for r in cls)  # positive first
+    assert [c[r["positive_ids"][0]]["cand_text"] for r in cls] == ["red", "green", "blue"]
+    assert cls[0]["qry_inst"] == "Represent the given image for classification"  # marker stripped
+    assert cls[0]["qry_image"][:4] == b"\x89PNG"
+
+
+def _rime(*args):
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
+                          env={**os.environ}, timeout=900)
+
+
+def test_rime_eval_on_mmeb_fixture_all_pairs(zoo_cache, mmeb_fixture, tmp_path):
+    src, root = mmeb_fixture
+    import_mmeb([src / "ColourCls.jsonl", src / "ColourT2I.jsonl"], root, tmp_path / "ds")
+    out = tmp_path / "report.json"
+    r = _rime("eval", "--data", str(tmp_path / "ds"), "--max-new-tokens", "4", "--out", str(out),
+              "--mlflow", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert set(rep["pairs"]) == {"disc->disc", "disc->gen", "gen->disc", "gen->gen"}
+    assert rep["n_queries"] == 6 and rep["pairs"]["disc->disc"]["tasks"]["ColourCls"]["n"] == 3
+    assert "disc->disc" in r.stdout and "ALL (mean)" in r.stdout
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["rime-eval"])
+    assert len(runs) == 1
+    assert "metrics.disc_to_disc/hit_at_1" in runs.columns
+
+
+def test_evaluate_counts_bad_rows_and_oracle_mode(tiny, tmp_path):
+    """A corrupt image is skipped and reported, never fatal; oracle mode uses the ideal rewrites."""
+    from rime_data.schema import CANDIDATE_SCHEMA, QUERY_SCHEMA, write_table
+    from rime_data.synth import synth_split
+    from orchestrator.evaluate import evaluate, format_table
+
+    d = synth_split("test", 4, seed=0, tasks=("referring", "vqa"))
+    d.queries[0]["qry_image"] = b"garbage"
+    write_table(d.queries, QUERY_SCHEMA, tmp_path / "test" / "queries.parquet")
+    write_table(d.candidates, CANDIDATE_SCHEMA, tmp_path / "test" / "candidates.parquet")
+    res = evaluate(tiny, tmp_path, query_modes=("disc", "oracle"), cand_modes=("disc",))
+    assert res.n_queries == 7 and len(res.skipped) == 1
+    assert res.skipped[0]["id"] == d.queries[0]["query_id"] and "cannot decode" in res.skipped[0]["error"]
+    assert set(res.pairs) == {"disc->disc", "oracle->disc"}
+    table = format_table(res)
+    assert "referring" in table and "vqa" in table
+    with pytest.raises(ValueError, match="query_mode"):
+        evaluate(tiny, tmp_path, query_modes=("nope",))
+    with pytest.raises(FileNotFoundError, match="splits present"):
+        evaluate(tiny, tmp_path, split="train")
