@@ -44,21 +44,35 @@ CANDIDATE_SCHEMA = pa.schema(
 SPLITS = ("train", "val", "test")
 
 
+def _has_text(v: Any) -> bool:
+    """Non-empty string (pandas turns missing strings into NaN floats, which count as absent)."""
+    return isinstance(v, str) and bool(v.strip())
+
+
+def _has_bytes(v: Any) -> bool:
+    return isinstance(v, (bytes, bytearray)) and len(v) > 0
+
+
+def _seq(v: Any) -> list | None:
+    """A list-valued cell as a list; None/NaN (pandas' missing value) as None."""
+    return None if v is None or isinstance(v, float) else list(v)
+
+
 def validate_query(row: dict[str, Any]) -> str | None:
     """Why a query row is unusable, or None. Image bytes are checked by the pipeline (decoding)."""
     if not row.get("query_id"):
         return "query_id: missing; every query needs a unique id"
     if not row.get("task"):
         return "task: missing; name the task the query belongs to"
-    if not (row.get("qry_text") or "").strip() and not row.get("qry_image"):
+    if not _has_text(row.get("qry_text")) and not _has_bytes(row.get("qry_image")):
         return "qry_text/qry_image: both empty; a query needs text, an image, or both"
-    pos = row.get("positive_ids")
+    pos = _seq(row.get("positive_ids"))  # lists arrive as numpy arrays from pandas batches
     if not pos:
         return "positive_ids: empty; a query needs at least one relevant candidate id"
-    grades = row.get("positive_grades")
+    grades = _seq(row.get("positive_grades"))
     if grades is not None and len(grades) != len(pos):
         return f"positive_grades: {len(grades)} grades for {len(pos)} positive_ids; give one grade per id"
-    cands = row.get("cand_ids")
+    cands = _seq(row.get("cand_ids"))
     if cands is not None and not set(pos) <= set(cands):
         return "cand_ids: does not contain every positive id; add the positives to the candidate list"
     return None
@@ -69,7 +83,7 @@ def validate_candidate(row: dict[str, Any]) -> str | None:
         return "cand_id: missing; every candidate needs a unique id"
     if not row.get("task"):
         return "task: missing"
-    if not (row.get("cand_text") or "").strip() and not row.get("cand_image"):
+    if not _has_text(row.get("cand_text")) and not _has_bytes(row.get("cand_image")):
         return "cand_text/cand_image: both empty; a candidate needs text, an image, or both"
     return None
 

@@ -19,3 +19,15 @@ def tiny(zoo_cache):
     from rime_model import load_embedder
 
     return load_embedder("tiny")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for the session: 2 CPUs, no dashboard, token auth off (loopback only)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
