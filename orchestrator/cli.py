@@ -103,6 +103,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(args.config, args.set)
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    print(json.dumps({k: v for k, v in summary.items() if k in ("run_dir", "mlflow_run_id", "steps", "baseline", "final", "model_uri", "bad_rows")}, indent=2))
+    return 0
+
+
 def _model_tag(spec: str) -> str | None:
     """Identity of a model on disk for the candidate cache (zoo names are seeded and fixed)."""
     from pathlib import Path
@@ -143,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=32)
     e.set_defaults(func=_cmd_embed)
 
+    t = sub.add_parser("train", help="run the stages of a YAML config (local Ray in-process unless cluster.address)")
+    t.add_argument("config")
+    t.add_argument("--resume", action="store_true", help="continue the run dir's latest checkpoint (same step, same MLflow run)")
+    t.add_argument("--overwrite", action="store_true", help="delete an existing run dir of the same name first")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    t.set_defaults(func=_cmd_train)
+
     d = sub.add_parser("data", help="make datasets: procedural benchmark, MMEB-V2 import")
     dsub = d.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("synth", help="generate the procedural benchmark (train/val/test parquet)")
@@ -182,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (InputError, ValueError, FileNotFoundError) as e:
+    except (InputError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"rime {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -85,7 +85,7 @@ def embed_rows(emb: Embedder, items: list[dict], mode: str, batch_size: int, gen
                rewrites: list[str] | None = None, desc: str = "") -> tuple[np.ndarray, list[int]]:
     """Vectors of ``items`` in ``mode`` with a progress bar; also the rewrite token counts (gen)."""
     vecs, counts = [], []
-    for i in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch", leave=False):
+    for i in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch", leave=False, disable=None):
         chunk = items[i : i + batch_size]
         if mode == "oracle":
             res = emb.embed_with_rewrite(chunk, rewrites[i : i + batch_size], batch_size=batch_size)

@@ -105,7 +105,7 @@ class CleanBatches:
             rows = df.to_dict("records")
             bad = [r for r in rows if r.get(ERROR_COL)]
             if bad:
-                self._log(bad)
+                self.log_bad(bad)
             for r in rows:
                 if not r.get(ERROR_COL):
                     r.pop(ERROR_COL, None)
@@ -118,7 +118,8 @@ class CleanBatches:
             self.n_good += len(pending)
             yield pending
 
-    def _log(self, bad: list[dict]) -> None:
+    def log_bad(self, bad: list[dict]) -> None:
+        """Count rows (carrying an ``_error`` reason) and append them to the errors file."""
         self.n_bad += len(bad)
         self.bad_ids += [str(r.get(self.id_column)) for r in bad]
         if self.errors_file is not None:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The main job on embedded defaults: set up, then run it (local, CPU, offline tiny model, generated data).
+# The main job on embedded defaults: set up, then train (local Ray in-process, CPU, offline tiny
+# model, generated data, sqlite MLflow in the run dir): generate data -> baseline eval -> CMA on
+# 2 DeepSpeed learners -> final eval -> MLflow model. Extra args go to `rime train`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/rime quickstart "$@"
+exec .venv/bin/rime train configs/tiny-cpu.yaml --overwrite "$@"

@@ -1,0 +1,245 @@
+"""Typed run configuration: YAML -> frozen dataclasses, with errors that name the key and the fix.
+
+Unknown keys, wrong types and out-of-range values are rejected before anything starts (no Ray,
+no model), so a typo never costs a cluster launch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message starts with the dotted key."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "tiny-cpu"
+    seed: int = 0
+    out_dir: str = "runs"  # the run directory is <out_dir>/<name>
+    stages: tuple[str, ...] = ("cma",)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    spec: str = "tiny"  # zoo name, hf:<repo-or-path>, or a saved embedder folder
+    dtype: str = "float32"
+    freeze_vision: bool = False  # on real checkpoints the vision tower is usually frozen
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = "data/synth"  # dataset folder; generated there when missing and synth_* > 0
+    synth_train: int = 200  # queries per task per split when generating
+    synth_val: int = 20
+    synth_test: int = 40
+    synth_tasks: tuple[str, ...] = ("t2i", "i2t", "cls", "vqa", "composed", "referring")
+    train_split: str = "train"
+    eval_split: str = "test"
+    shuffle_buffer: int = 512
+    batch_by_task: bool = True  # one task per batch: hard in-batch negatives (VLM2Vec-style sampling)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    address: str = ""  # "" = start a local Ray in-process; "auto" or ray://… to join one
+    num_cpus: int = 0  # local Ray only; 0 = all cores
+    placement_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    num_learners: int = 2
+    cpus_per_learner: float = 0.5
+    gpus_per_learner: float = 0.0
+    zero_stage: int = 1
+    offload_optimizer: bool = False
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    micro_batch_size: int = 8  # pairs per learner per micro-batch
+    grad_accum_steps: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 10
+    torch_threads: int = 1
+
+
+@dataclass(frozen=True)
+class CMAConfig:
+    steps: int = 200
+    lambda_cma: float = 1.0
+    temperature: float = 0.02
+    ce_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_steps: int = 0  # 0 = only at the end of each stage
+    query_modes: tuple[str, ...] = ("disc", "gen")
+    cand_modes: tuple[str, ...] = ("disc", "gen")
+    max_queries_per_task: int = 40
+    max_new_tokens: int = 16
+    batch_size: int = 32
+    before_training: bool = True  # also evaluate the starting model (the baseline)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 50
+    keep_last: int = 2
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<run dir>/mlflow.db
+    experiment: str = "rime"
+    log_model: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    learners: LearnerConfig = field(default_factory=LearnerConfig)
+    cma: CMAConfig = field(default_factory=CMAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``section.key`` -> value, for MLflow params."""
+        return {f"{s}.{k}": (",".join(v) if isinstance(v, tuple) else v) for s, d in self.to_dict().items() for k, v in d.items()}
+
+
+STAGES = ("cma",)  # refine-rl (#5) and plume (#8) join as they land
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "learners.precision": ("fp32", "bf16", "fp16"),
+    "learners.zero_stage": (0, 1, 2, 3),
+}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (inner, _) = typing.get_args(tp)
+        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")  # pragma: no cover - schema bug
+
+
+def _section(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ConfigError(f"{prefix}.{unknown[0]}: unknown key; valid keys in '{prefix}': {', '.join(sorted(fields))}")
+    kwargs = {}
+    for k, v in raw.items():
+        kwargs[k] = _coerce(v, hints[k], f"{prefix}.{k}")
+    return cls(**kwargs)
+
+
+def parse_config(raw: dict | None) -> Config:
+    """Validate a config mapping (as loaded from YAML) into ``Config``."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
+    hints = typing.get_type_hints(Config)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section; valid sections: {', '.join(hints)}")
+    cfg = Config(**{k: _section(hints[k], raw.get(k), k) for k in hints})
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        sec, name = key.split(".")
+        v = getattr(getattr(cfg, sec), name)
+        if v not in allowed:
+            raise ConfigError(f"{key}: {v!r} is not one of {allowed}")
+    for s in cfg.run.stages:
+        if s not in STAGES:
+            raise ConfigError(f"run.stages: unknown stage {s!r}; available: {STAGES}")
+    positive = {
+        "learners.num_learners": cfg.learners.num_learners, "learners.micro_batch_size": cfg.learners.micro_batch_size,
+        "learners.grad_accum_steps": cfg.learners.grad_accum_steps, "cma.steps": cfg.cma.steps,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last, "learners.torch_threads": cfg.learners.torch_threads,
+    }
+    for k, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"{k}: must be >= 1, got {v}")
+    if cfg.cma.temperature <= 0:
+        raise ConfigError(f"cma.temperature: must be > 0, got {cfg.cma.temperature}")
+    if cfg.learners.cpus_per_learner < 0 or cfg.learners.gpus_per_learner < 0:
+        raise ConfigError("learners.cpus_per_learner/gpus_per_learner: must be >= 0")
+    if cfg.learners.offload_optimizer and cfg.learners.zero_stage == 0:
+        raise ConfigError("learners.offload_optimizer: needs learners.zero_stage >= 1")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read YAML, apply ``section.key=value`` overrides (YAML-typed), validate."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config: file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config: {p} is not valid YAML: {e}") from e
+    for ov in overrides or []:
+        if "=" not in ov or "." not in ov.split("=", 1)[0]:
+            raise ConfigError(f"override {ov!r}: use section.key=value, e.g. cma.steps=20")
+        key, val = ov.split("=", 1)
+        sec, name = key.split(".", 1)
+        raw.setdefault(sec, {})
+        if not isinstance(raw[sec], dict):
+            raise ConfigError(f"{sec}: expected a mapping")
+        raw[sec][name] = yaml.safe_load(val)
+    return parse_config(raw)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    d = cfg.to_dict()
+    d = {s: {k: (list(v) if isinstance(v, tuple) else v) for k, v in sec.items()} for s, sec in d.items()}
+    Path(path).write_text(yaml.safe_dump(d, sort_keys=False))

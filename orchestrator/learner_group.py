@@ -1,0 +1,67 @@
+"""The driver's handle on K learner actors: create them in a placement group, fan calls out, gather."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from actors.learner import Learner
+
+from .config import Config
+from .placement import RoleRequest, reserve
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LearnerGroup:
+    """K ``Learner`` actors forming one data-parallel group (rank 0 is the reporting rank)."""
+
+    def __init__(self, cfg: Config, model_path: str, stage_cfg: dict, reserve_cpus: float = 0.5):
+        import dataclasses
+
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        lc = cfg.learners
+        self.size = lc.num_learners
+        self.pg = reserve([RoleRequest("learner", lc.num_learners, lc.cpus_per_learner, lc.gpus_per_learner)],
+                          cfg.cluster.placement_timeout_s, reserve_cpus=reserve_cpus)
+        remote = ray.remote(Learner)
+        port = free_port()
+        addr = "127.0.0.1" if not cfg.cluster.address else ray.util.get_node_ip_address()
+        self.actors = [
+            remote.options(
+                num_cpus=lc.cpus_per_learner, num_gpus=lc.gpus_per_learner,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(lc.torch_threads), "TOKENIZERS_PARALLELISM": "false"}},
+            ).remote(i, lc.num_learners, addr, port, model_path, dataclasses.asdict(lc), stage_cfg, cfg.run.seed,
+                     cfg.model.freeze_vision)
+            for i in range(lc.num_learners)
+        ]
+        ray.get([a.ping.remote() for a in self.actors])
+
+    def call(self, method: str, *args: Any, per_rank: list[tuple] | None = None) -> list[Any]:
+        """Call ``method`` on every rank (same args, or ``per_rank`` arg tuples) and wait for all."""
+        import ray
+
+        if per_rank is not None:
+            refs = [getattr(a, method).remote(*pa) for a, pa in zip(self.actors, per_rank)]
+        else:
+            refs = [getattr(a, method).remote(*args) for a in self.actors]
+        return ray.get(refs)
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        try:
+            ray.get([a.shutdown.remote() for a in self.actors], timeout=60)
+        except (ray.exceptions.RayError, TimeoutError):  # a dead rank cannot join the barrier: kill anyway
+            pass
+        for a in self.actors:
+            ray.kill(a)
+        remove_placement_group(self.pg)

@@ -1,0 +1,44 @@
+"""The trained embedder as an MLflow pyfunc model: ``mlflow.pyfunc.load_model(uri).predict(df)``.
+
+Input: a DataFrame with any of ``text``, ``image`` (encoded bytes, a path or a data URL),
+``instruction``; params ``mode`` (disc|gen) and ``max_new_tokens``. Output: one float32 vector
+per row (L2-normalised).
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+
+class EmbedderPyfunc(mlflow.pyfunc.PythonModel):
+    """Loads the saved embedder folder logged as the ``embedder`` artifact."""
+
+    def load_context(self, context) -> None:
+        from rime_model import load_embedder
+
+        self.emb = load_embedder(context.artifacts["embedder"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
+        from rime_model import GenerationConfig
+
+        params = params or {}
+        cols = [c for c in ("text", "image", "instruction") if c in model_input.columns]
+        items = [{c: (r[c] if isinstance(r[c], (str, bytes)) else None) for c in cols} for r in model_input.to_dict("records")]
+        res = self.emb.embed(items, mode=params.get("mode", "disc"),
+                             generation=GenerationConfig(max_new_tokens=int(params.get("max_new_tokens", 32))))
+        return res.vectors
+
+
+def log_embedder_model(embedder_dir: str, name: str = "embedder") -> str:
+    """Log ``embedder_dir`` as a pyfunc model in the active run; returns its model URI."""
+    from mlflow.models import infer_signature
+
+    example = pd.DataFrame({"text": ["a red circle"], "instruction": ["Represent the given input for retrieval."]})
+    sig = infer_signature(example, np.zeros((1, 4), np.float32), params={"mode": "disc", "max_new_tokens": 32})
+    info = mlflow.pyfunc.log_model(
+        name=name, python_model=EmbedderPyfunc(), artifacts={"embedder": embedder_dir}, signature=sig,
+        pip_requirements=["rime"],  # the project itself; its pinned stack comes with it (constraints.txt)
+    )
+    return info.model_uri

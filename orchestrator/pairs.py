@@ -1,0 +1,121 @@
+"""Training pairs streamed from Ray Data, in an order that a resumed run reproduces exactly.
+
+Ray Data reads and validates the query parquet (``rime_data.pipeline``) with order preserved; a
+seeded shuffle buffer (seed, epoch) mixes rows; each query joins its positive candidate. The
+position is (epoch, batches consumed in that epoch), so a resume re-reads the epoch and skips what
+was already trained on, across epoch boundaries too, instead of restarting or skipping data.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from rime_data.pipeline import CleanBatches, PipelineConfig, query_dataset
+from rime_data.schema import read_table, split_paths
+
+
+@dataclass
+class StreamPosition:
+    epoch: int = 0
+    offset: int = 0  # batches already trained on in this epoch
+
+
+def to_pair(q: dict, cand: dict, target_id: int) -> dict:
+    """A (query, positive) training pair with both sides' ideal rewrites (CMA's CE and gen targets)."""
+    return {
+        "q": {"text": q.get("qry_text"), "image": q.get("qry_image"), "instruction": q.get("qry_inst") or None},
+        "t": {"text": cand.get("cand_text"), "image": cand.get("cand_image"), "instruction": cand.get("cand_inst") or None},
+        "q_rewrite": q.get("rewrite") or (q.get("qry_text") or ""),
+        "t_rewrite": cand.get("rewrite") or (cand.get("cand_text") or ""),
+        "target_id": target_id,
+        "query_id": q["query_id"],
+        "task": q["task"],
+    }
+
+
+class PairStream:
+    """Endless, epoch-numbered stream of training pairs with an exact resume position."""
+
+    def __init__(self, data_dir: str | Path, split: str, seed: int, shuffle_buffer: int, errors_file: Path,
+                 pipeline: PipelineConfig | None = None, group_by_task: bool = True):
+        q_path, c_path = split_paths(data_dir, split)
+        self.q_path = q_path
+        self.cands = {c["cand_id"]: c for c in read_table(c_path).to_pylist()}
+        self.target_ids = {cid: i for i, cid in enumerate(sorted(self.cands))}
+        self.seed, self.buffer, self.errors_file = seed, max(1, shuffle_buffer), errors_file
+        self.pipeline = pipeline or PipelineConfig()
+        self.pos = StreamPosition()
+        self._source: CleanBatches | None = None
+        self.group_by_task = group_by_task
+        self.dropped_pairs = 0
+        self._it: Iterator[dict] | None = None
+        self._it_epoch = -1
+
+    def _epoch(self, epoch: int) -> Iterator[dict]:
+        import ray
+
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        rng = random.Random(f"{self.seed}:{epoch}")
+        source = CleanBatches(query_dataset(self.q_path, self.pipeline), batch_size=64,
+                              errors_file=self.errors_file if epoch == 0 else None)
+        self._source = source
+        buf: list[dict] = []
+        for batch in source:
+            for q in batch:
+                cand = self.cands.get(q["positive_ids"][0])
+                if cand is None:
+                    source.log_bad([{**q, "_error": f"positive_ids[0]: candidate {q['positive_ids'][0]!r} not in the split's candidates"}])
+                    continue
+                buf.append(to_pair(q, cand, self.target_ids[cand["cand_id"]]))
+                if len(buf) >= self.buffer:
+                    yield buf.pop(rng.randrange(len(buf)))
+        rng.shuffle(buf)
+        yield from buf
+
+    def close(self) -> None:
+        """Stop the Ray Data iterator now (not at garbage collection, after Ray may be gone)."""
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+
+    @property
+    def bad_rows(self) -> int:
+        """Bad rows met so far in the current epoch (the same rows recur each epoch; logged once)."""
+        return self._source.n_bad if self._source else 0
+
+    def _epoch_batches(self, epoch: int, n: int) -> Iterator[list[dict]]:
+        """Batches of ``n`` pairs; with ``group_by_task`` every batch comes from one task, so in-batch
+        negatives are hard ones (as VLM2Vec/MMEB training samples per dataset). An epoch's last
+        partial batches are dropped and counted in ``dropped_pairs`` (never silently)."""
+        buckets: dict[str, list[dict]] = {}
+        for pair in self._epoch(epoch):
+            key = pair["task"] if self.group_by_task else ""
+            bucket = buckets.setdefault(key, [])
+            bucket.append(pair)
+            if len(bucket) == n:
+                yield bucket
+                buckets[key] = []
+        self.dropped_pairs += sum(len(b) for b in buckets.values())
+
+    def next_batch(self, n: int) -> list[dict]:
+        """The next batch of ``n`` pairs from ``self.pos`` (epochs roll over; a resumed run replays the
+        epoch's deterministic order and skips the ``pos.offset`` batches it already trained on)."""
+        while True:
+            if self._it is None or self._it_epoch != self.pos.epoch:
+                self.close()
+                self._it, self._it_epoch = self._epoch_batches(self.pos.epoch, n), self.pos.epoch
+                for _ in range(self.pos.offset):
+                    next(self._it)
+            try:
+                batch = next(self._it)
+                self.pos.offset += 1
+                return batch
+            except StopIteration:
+                if self.pos.offset == 0:
+                    raise RuntimeError(f"data: fewer than {n} usable training pairs per batch in {self.q_path} "
+                                       f"(see {self.errors_file}); lower learners.micro_batch_size") from None
+                self._it = None
+                self.pos = StreamPosition(self.pos.epoch + 1, 0)

@@ -1,0 +1,61 @@
+"""Placement: turn per-role resource requests into a placement group, or fail fast saying why.
+
+A request the cluster can never satisfy (more CPUs/GPUs than it has) is rejected before any actor
+is created; a satisfiable one that does not become ready within ``timeout_s`` (other jobs hold
+the resources) fails with the same kind of message instead of hanging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot host the requested roles."""
+
+
+@dataclass(frozen=True)
+class RoleRequest:
+    role: str
+    count: int
+    cpus: float
+    gpus: float = 0.0
+
+    def bundle(self) -> dict[str, float]:
+        b = {"CPU": self.cpus}
+        if self.gpus:
+            b["GPU"] = self.gpus
+        return b
+
+
+def check_fits(requests: list[RoleRequest], available: dict[str, float], reserve_cpus: float = 0.0) -> None:
+    """Raise ``PlacementError`` naming the role and the config keys to change if the totals exceed the cluster."""
+    for res in ("CPU", "GPU"):
+        need = sum(r.count * (r.cpus if res == "CPU" else r.gpus) for r in requests) + (reserve_cpus if res == "CPU" else 0)
+        have = float(available.get(res, 0.0))
+        if need > have + 1e-9:
+            detail = ", ".join(f"{r.role}: {r.count} x {r.cpus if res == 'CPU' else r.gpus:g}" for r in requests)
+            extra = f" + {reserve_cpus:g} kept free for data tasks" if res == "CPU" and reserve_cpus else ""
+            raise PlacementError(
+                f"placement: the roles need {need:g} {res} ({detail}{extra}) but the cluster has {have:g}. "
+                f"Lower learners.num_learners / learners.{'cpus' if res == 'CPU' else 'gpus'}_per_learner, "
+                "or point cluster.address at a bigger cluster."
+            )
+
+
+def reserve(requests: list[RoleRequest], timeout_s: float, reserve_cpus: float = 0.0):
+    """Check totals, then create one PACK placement group (one bundle per actor) and wait for it."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    check_fits(requests, ray.cluster_resources(), reserve_cpus)
+    bundles = [r.bundle() for r in requests for _ in range(r.count)]
+    pg = placement_group(bundles, strategy="PACK")
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        raise PlacementError(
+            f"placement: {len(bundles)} bundles {bundles} not ready after {timeout_s:g}s; the cluster has "
+            f"{ray.available_resources()} free. Free resources, lower the requests, or raise cluster.placement_timeout_s."
+        )
+    return pg

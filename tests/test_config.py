@@ -1,0 +1,48 @@
+"""Config validation: every error names the key and says what to do."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.config import ConfigError, load_config, parse_config
+
+
+def test_shipped_config_parses():
+    cfg = load_config("configs/tiny-cpu.yaml")
+    assert cfg.learners.num_learners == 2 and cfg.learners.cpus_per_learner == 0.5
+    assert cfg.run.stages == ("cma",) and cfg.model.spec == "tiny"
+    assert cfg.flat()["learners.zero_stage"] == 1
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ({"learners": {"num_learner": 2}}, r"learners\.num_learner: unknown key; valid keys in 'learners'"),
+        ({"learnerz": {}}, r"learnerz: unknown section"),
+        ({"learners": {"num_learners": "two"}}, r"learners\.num_learners: expected an integer, got str"),
+        ({"learners": {"lr": True}}, r"learners\.lr: expected a number"),
+        ({"learners": {"zero_stage": 4}}, r"learners\.zero_stage: 4 is not one of"),
+        ({"learners": {"num_learners": 0}}, r"learners\.num_learners: must be >= 1"),
+        ({"run": {"stages": ["cma", "sft"]}}, r"run\.stages: unknown stage 'sft'"),
+        ({"cma": {"temperature": 0}}, r"cma\.temperature: must be > 0"),
+        ({"model": {"freeze_vision": "yes"}}, r"model\.freeze_vision: expected true or false"),
+        ({"learners": {"offload_optimizer": True, "zero_stage": 0}}, r"learners\.offload_optimizer: needs"),
+        ({"eval": 3}, r"eval: expected a mapping"),
+    ],
+)
+def test_bad_configs_name_the_key(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config(raw)
+
+
+def test_overrides_are_typed_and_checked(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("cma:\n  steps: 5\n")
+    cfg = load_config(p, ["cma.steps=7", "learners.lr=0.01", "eval.query_modes=disc,gen"])
+    assert cfg.cma.steps == 7 and cfg.learners.lr == 0.01 and cfg.eval.query_modes == ("disc", "gen")
+    with pytest.raises(ConfigError, match="use section.key=value"):
+        load_config(p, ["steps=3"])
+    with pytest.raises(ConfigError, match=r"cma\.stepz: unknown key"):
+        load_config(p, ["cma.stepz=3"])
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")

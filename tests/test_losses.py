@@ -1,0 +1,89 @@
+"""Losses against hand-computed values, and the cross-learner gather (2 gloo processes)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rime_model.losses import cma_loss, completion_ce, info_nce
+
+
+def _unit(*rows):
+    return F.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
+
+
+def test_info_nce_hand_computed():
+    q = _unit([1.0, 0.0], [0.0, 1.0])
+    t = _unit([1.0, 0.0], [1.0, 1.0])
+    tau = 0.5
+    s = 1 / math.sqrt(2)
+    # q->t: row0 logits [1, s]/tau target 0; row1 logits [0, s]/tau target 1
+    l_qt = (-(1 / tau) + math.log(math.exp(1 / tau) + math.exp(s / tau))
+            - (s / tau) + math.log(math.exp(0) + math.exp(s / tau))) / 2
+    # t->q: t0 vs q: [1, 0] target 0; t1 vs q: [s, s] target 1
+    l_tq = (-(1 / tau) + math.log(math.exp(1 / tau) + 1) + math.log(2)) / 2
+    assert info_nce(q, t, tau).item() == pytest.approx(0.5 * (l_qt + l_tq), rel=1e-5)
+
+
+def test_duplicate_targets_are_not_negatives():
+    q = _unit([1.0, 0.0], [0.9, 0.1])
+    t = _unit([1.0, 0.0], [1.0, 0.0])  # two queries of the same class label
+    masked = info_nce(q, t, 0.1, target_ids=[7, 7])
+    # with the duplicate masked, each row has one logit left: loss 0
+    assert masked.item() == pytest.approx(0.0, abs=1e-6)
+    assert info_nce(q, t, 0.1).item() > 0.5
+
+
+def test_completion_ce_only_on_labelled_positions():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(4, 10, bias=False)
+    h = torch.randn(1, 5, 4)
+    labels = torch.tensor([[-100, -100, 3, 9, -100]])
+    logits = head(h[0])
+    want = (F.cross_entropy(logits[1:2], torch.tensor([3])) + F.cross_entropy(logits[2:3], torch.tensor([9]))) / 2
+    assert completion_ce(h, labels, head).item() == pytest.approx(want.item(), rel=1e-6)
+    assert completion_ce(h, torch.full_like(labels, -100), head).item() == 0.0
+
+
+def test_cma_loss_is_the_weighted_sum():
+    torch.manual_seed(1)
+    d_q, d_t, g_q, g_t = (F.normalize(torch.randn(4, 8), dim=-1) for _ in range(4))
+    ce = torch.tensor(2.0)
+    out = cma_loss(d_q, d_t, g_q, g_t, ce, lambda_cma=0.5, temperature=0.05, ce_weight=0.3)
+    want = 0.3 * 2.0 + out["nce_disc"] + out["nce_gen"] + 0.5 * (out["nce_gen_disc"] + out["nce_disc_gen"])
+    assert out["loss"].item() == pytest.approx(want.item(), rel=1e-6)
+    assert out["nce_gen_disc"].item() == pytest.approx(info_nce(g_q, d_t, 0.05).item(), rel=1e-6)
+
+
+def _worker(rank: int, world: int, port: int, q_all, t_all, out):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    n = q_all.shape[0] // world
+    q = q_all[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+    t = t_all[rank * n:(rank + 1) * n].clone()
+    loss = info_nce(q, t, 0.1)
+    loss.backward()
+    out[rank] = (loss.item(), q.grad.clone())
+    dist.destroy_process_group()
+
+
+def test_gathered_negatives_across_two_ranks():
+    """Mean of the rank losses equals the one-process loss on the whole batch; grads stay local."""
+    import torch.multiprocessing as mp
+
+    from orchestrator.learner_group import free_port
+
+    torch.manual_seed(2)
+    q_all, t_all = F.normalize(torch.randn(6, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
+    out = mp.Manager().dict()
+    mp.spawn(_worker, args=(2, free_port(), q_all, t_all, out), nprocs=2, join=True)
+    full = info_nce(q_all, t_all, 0.1, gather=False).item()
+    assert (out[0][0] + out[1][0]) / 2 == pytest.approx(full, rel=1e-5)
+    assert out[0][1].shape == (3, 8) and out[0][1].abs().sum() > 0

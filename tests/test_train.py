@@ -1,0 +1,96 @@
+"""`rime train` end to end: a driver killed mid-run resumes to the same final step, same MLflow run,
+and the same weights as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+STEPS = 12
+
+
+def _cmd(tmp: Path, name: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "orchestrator.cli", "train", "configs/tiny-cpu.yaml",
+            "--set", f"run.name={name}", "--set", f"run.out_dir={tmp / 'runs'}", "--set", f"data.path={tmp / 'data'}",
+            "--set", "data.synth_train=20", "--set", "data.synth_test=4", "--set", "data.synth_val=0",
+            "--set", f"cma.steps={STEPS}", "--set", "checkpoint.every_steps=4", "--set", "learners.micro_batch_size=4",
+            "--set", "eval.max_queries_per_task=3", "--set", "eval.max_new_tokens=4",
+            "--set", "eval.before_training=false", "--set", "tracking.log_model=false", *extra]
+
+
+def _run(cmd, **kw):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ}, **kw)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, zoo_cache):
+    tmp = tmp_path_factory.mktemp("train")
+    r = _run(_cmd(tmp, "straight"))
+    assert r.returncode == 0, r.stderr[-4000:]
+    return tmp, json.loads((tmp / "runs" / "straight" / "summary.json").read_text())
+
+
+def test_run_writes_summary_eval_and_mlflow(uninterrupted):
+    tmp, summary = uninterrupted
+    run_dir = tmp / "runs" / "straight"
+    assert summary["steps"] == STEPS and summary["bad_rows"] == 0
+    assert set(summary["final"]) == {"disc->disc", "disc->gen", "gen->disc", "gen->gen"}
+    assert summary["checksums"][0] == summary["checksums"][1]
+    assert (run_dir / "final" / "rime_embedder.json").is_file() and (run_dir / "config.yaml").is_file()
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    hist = client.get_metric_history(summary["mlflow_run_id"], "train/loss")
+    assert [m.step for m in hist] == list(range(1, STEPS + 1))
+    assert hist[-1].value < hist[0].value
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.params["learners.num_learners"] == "2"
+    assert "eval/gen_to_disc/hit@1".replace("@", "_at_") in run.data.metrics
+
+
+def test_killed_driver_resumes_to_same_step_run_and_weights(uninterrupted, tmp_path):
+    ref_tmp, ref = uninterrupted
+    cmd = _cmd(ref_tmp, "killed")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ}, start_new_session=True)
+    state = ref_tmp / "runs" / "killed" / "state.json"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if state.is_file() and json.loads(state.read_text()).get("checkpoint") in ("step4", "step8"):
+            break
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.5)
+    else:
+        pytest.fail("no checkpoint appeared in time")
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
+    killed_at = json.loads(state.read_text())
+    assert killed_at["step"] < STEPS and not killed_at["finished"]
+
+    r = _run(cmd + ["--resume"])
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "resumed from step" in r.stdout + r.stderr
+    done = json.loads(state.read_text())
+    summary = json.loads((ref_tmp / "runs" / "killed" / "summary.json").read_text())
+    assert done["finished"] and done["step"] == STEPS
+    assert done["mlflow_run_id"] == killed_at["mlflow_run_id"] == summary["mlflow_run_id"]
+    assert summary["checksums"] == pytest.approx(ref["checksums"], rel=1e-9)  # exact resume: same data, same state
+
+
+def test_bad_config_and_existing_run_dir_fail_fast(uninterrupted, tmp_path):
+    ref_tmp, _ = uninterrupted
+    t = time.time()
+    r = _run([sys.executable, "-m", "orchestrator.cli", "train", "configs/tiny-cpu.yaml", "--set", "learners.zero_stag=1"])
+    assert r.returncode == 2 and "learners.zero_stag: unknown key" in r.stderr
+    r = _run(_cmd(ref_tmp, "straight"))
+    assert r.returncode == 2 and "exists; pass --resume" in r.stderr
+    r = _run(_cmd(ref_tmp, "huge", "--set", "learners.cpus_per_learner=8"))
+    assert r.returncode == 2 and "placement: the roles need" in r.stderr
+    assert time.time() - t < 120
