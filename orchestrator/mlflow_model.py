@@ -33,10 +33,15 @@ class EmbedderPyfunc(mlflow.pyfunc.PythonModel):
 
 def log_embedder_model(embedder_dir: str, name: str = "embedder") -> str:
     """Log ``embedder_dir`` as a pyfunc model in the active run; returns its model URI."""
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-    example = pd.DataFrame({"text": ["a red circle"], "instruction": ["Represent the given input for retrieval."]})
-    sig = infer_signature(example, np.zeros((1, 4), np.float32), params={"mode": "disc", "max_new_tokens": 32})
+    sig = ModelSignature(
+        inputs=Schema([ColSpec("string", "text", required=False), ColSpec("binary", "image", required=False),
+                       ColSpec("string", "instruction", required=False)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),
+        params=ParamSchema([ParamSpec("mode", "string", "disc"), ParamSpec("max_new_tokens", "long", 32)]),
+    )
     info = mlflow.pyfunc.log_model(
         name=name, python_model=EmbedderPyfunc(), artifacts={"embedder": embedder_dir}, signature=sig,
         pip_requirements=["rime"],  # the project itself; its pinned stack comes with it (constraints.txt)

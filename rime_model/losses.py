@@ -1,8 +1,8 @@
 """Losses of the CMA stage: bidirectional InfoNCE across learners, CE on rewrite tokens.
 
-InfoNCE gathers the other learners' embeddings as extra negatives without gradient; the local
-slice is put back with its graph, so each learner's gradient flows only through its own shard
-and the usual data-parallel gradient averaging completes the picture (as in CLIP/VLM2Vec).
+InfoNCE gathers the other learners' embeddings without gradient; the local slice is put back
+with its graph, so each learner's gradient flows only through its own shard, and the
+data-parallel gradient average reassembles the exact full-batch gradient (see ``info_nce``).
 """
 
 from __future__ import annotations
@@ -44,24 +44,25 @@ def info_nce(
 ) -> torch.Tensor:
     """Bidirectional InfoNCE between paired rows of ``q`` and ``t`` (L2-normalised), in-batch negatives.
 
-    ``target_ids`` (one per row) marks rows whose targets are the same item (e.g. two queries of
-    one class label): such pairs are not used as negatives of each other.
+    Across learners, every rank computes the loss of the WHOLE gathered batch; only its own rows
+    carry gradient, so the gradient it produces is exactly the full-batch gradient with respect to
+    its own embeddings, and data-parallel averaging reassembles the full-batch gradient (the
+    OpenCLIP scheme, without a gradient all-gather). ``target_ids`` (one per row) marks rows whose
+    targets are the same item (two queries of one class label): they are not each other's negatives.
     """
     if q.shape != t.shape:
         raise ValueError(f"info_nce: q {tuple(q.shape)} and t {tuple(t.shape)} must have the same shape")
-    all_q, off = gather_with_local_grad(q) if gather else (q, 0)
+    all_q, _ = gather_with_local_grad(q) if gather else (q, 0)
     all_t, _ = gather_with_local_grad(t) if gather else (t, 0)
-    n = q.shape[0]
-    rows = torch.arange(n, device=q.device) + off
-    logits_qt = q @ all_t.T / temperature  # local queries vs every target
-    logits_tq = t @ all_q.T / temperature  # local targets vs every query
+    n = all_q.shape[0]
+    labels = torch.arange(n, device=q.device)
+    logits = all_q @ all_t.T / temperature
     if target_ids is not None:
         ids = torch.tensor(gather_ids(target_ids) if gather else list(target_ids), device=q.device)
-        dup = ids[rows].unsqueeze(1) == ids.unsqueeze(0)
-        dup[torch.arange(n), rows] = False
-        logits_qt = logits_qt.masked_fill(dup, float("-inf"))
-        logits_tq = logits_tq.masked_fill(dup, float("-inf"))
-    return 0.5 * (F.cross_entropy(logits_qt, rows) + F.cross_entropy(logits_tq, rows))
+        dup = ids.unsqueeze(1) == ids.unsqueeze(0)
+        dup.fill_diagonal_(False)
+        logits = logits.masked_fill(dup, float("-inf"))
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
 def completion_ce(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:

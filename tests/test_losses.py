@@ -67,15 +67,16 @@ def _worker(rank: int, world: int, port: int, q_all, t_all, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     n = q_all.shape[0] // world
     q = q_all[rank * n:(rank + 1) * n].clone().requires_grad_(True)
-    t = t_all[rank * n:(rank + 1) * n].clone()
-    loss = info_nce(q, t, 0.1)
+    t = t_all[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+    loss = info_nce(q, t, 0.1, target_ids=[0, 1, 2] if rank == 0 else [3, 3, 5])
     loss.backward()
-    out[rank] = (loss.item(), q.grad.clone())
+    out[rank] = (loss.item(), q.grad.clone(), t.grad.clone())
     dist.destroy_process_group()
 
 
 def test_gathered_negatives_across_two_ranks():
-    """Mean of the rank losses equals the one-process loss on the whole batch; grads stay local."""
+    """Each rank's loss is the whole-batch loss, and the local gradients together are exactly the
+    whole-batch gradient (so averaging across ranks loses no cross-rank term)."""
     import torch.multiprocessing as mp
 
     from orchestrator.learner_group import free_port
@@ -84,6 +85,9 @@ def test_gathered_negatives_across_two_ranks():
     q_all, t_all = F.normalize(torch.randn(6, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
     out = mp.Manager().dict()
     mp.spawn(_worker, args=(2, free_port(), q_all, t_all, out), nprocs=2, join=True)
-    full = info_nce(q_all, t_all, 0.1, gather=False).item()
-    assert (out[0][0] + out[1][0]) / 2 == pytest.approx(full, rel=1e-5)
-    assert out[0][1].shape == (3, 8) and out[0][1].abs().sum() > 0
+    q_ref, t_ref = q_all.clone().requires_grad_(True), t_all.clone().requires_grad_(True)
+    full = info_nce(q_ref, t_ref, 0.1, target_ids=[0, 1, 2, 3, 3, 5], gather=False)
+    full.backward()
+    assert out[0][0] == pytest.approx(full.item(), rel=1e-5) and out[1][0] == pytest.approx(full.item(), rel=1e-5)
+    torch.testing.assert_close(torch.cat([out[0][1], out[1][1]]), q_ref.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.cat([out[0][2], out[1][2]]), t_ref.grad, rtol=1e-4, atol=1e-6)
