@@ -22,14 +22,12 @@ def main() -> None:
 
     from orchestrator.config import parse_config
     from orchestrator.learner_group import LearnerGroup
-    from orchestrator.pairs import to_pair
+    from orchestrator.pairs import make_pairs
     from rime_data.synth import synth_split
     from rime_model.zoo import ensure_zoo_model
 
     d = synth_split("train", 20, seed=0)
-    cands = {c["cand_id"]: c for c in d.candidates}
-    ids = {cid: i for i, cid in enumerate(sorted(cands))}
-    pairs = [to_pair(q, cands[q["positive_ids"][0]], ids[q["positive_ids"][0]]) for q in d.queries]
+    pairs = make_pairs(d.queries, d.candidates)
     path = str(ensure_zoo_model("tiny"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     results = {}

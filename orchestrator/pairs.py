@@ -36,6 +36,18 @@ def to_pair(q: dict, cand: dict, target_id: int) -> dict:
     }
 
 
+def target_id_map(cand_ids) -> dict[str, int]:
+    """Stable small-int id per candidate (duplicate-target masking in InfoNCE compares these)."""
+    return {cid: i for i, cid in enumerate(sorted(cand_ids))}
+
+
+def make_pairs(queries: list[dict], candidates: list[dict]) -> list[dict]:
+    """In-memory pairs of a small split (tests, benchmarks); training streams them with ``PairStream``."""
+    cands = {c["cand_id"]: c for c in candidates}
+    ids = target_id_map(cands)
+    return [to_pair(q, cands[q["positive_ids"][0]], ids[q["positive_ids"][0]]) for q in queries]
+
+
 class PairStream:
     """Endless, epoch-numbered stream of training pairs with an exact resume position."""
 
@@ -44,7 +56,7 @@ class PairStream:
         q_path, c_path = split_paths(data_dir, split)
         self.q_path = q_path
         self.cands = {c["cand_id"]: c for c in read_table(c_path).to_pylist()}
-        self.target_ids = {cid: i for i, cid in enumerate(sorted(self.cands))}
+        self.target_ids = target_id_map(self.cands)
         self.seed, self.buffer, self.errors_file = seed, max(1, shuffle_buffer), errors_file
         self.pipeline = pipeline or PipelineConfig()
         self.pos = StreamPosition()

@@ -6,16 +6,14 @@ import pytest
 import torch
 
 from orchestrator.config import parse_config
-from orchestrator.pairs import to_pair
+from orchestrator.pairs import make_pairs
 from orchestrator.placement import PlacementError, RoleRequest, check_fits
 from rime_data.synth import synth_split
 
 
 def _pairs(n: int):
     d = synth_split("train", 6, seed=0, tasks=("t2i", "i2t", "cls"))
-    cands = {c["cand_id"]: c for c in d.candidates}
-    ids = {cid: i for i, cid in enumerate(sorted(cands))}
-    return [to_pair(q, cands[q["positive_ids"][0]], ids[q["positive_ids"][0]]) for q in d.queries][:n]
+    return make_pairs(d.queries, d.candidates)[:n]
 
 
 @pytest.mark.parametrize("zero_stage", [1, 3])
