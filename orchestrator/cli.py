@@ -113,6 +113,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serving import run_server
+
+    run_server(model=args.model, config=args.config, host=args.host, port=args.port, replicas=args.replicas,
+               block=not args.no_block)
+    return 0
+
+
 def _model_tag(spec: str) -> str | None:
     """Identity of a model on disk for the candidate cache (zoo names are seeded and fixed)."""
     from pathlib import Path
@@ -159,6 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="delete an existing run dir of the same name first")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     t.set_defaults(func=_cmd_train)
+
+    sv = sub.add_parser("serve", help="serve /v1/embeddings on Ray Serve (local Ray in-process, 127.0.0.1 by default)")
+    sv.add_argument("--model", default=None, help="zoo name, hf:<repo-or-path>, saved folder or MLflow models:/ URI; overrides the config")
+    sv.add_argument("--config", default="configs/serve.yaml", help="Ray Serve config file")
+    sv.add_argument("--host", default=None)
+    sv.add_argument("--port", type=int, default=None)
+    sv.add_argument("--replicas", type=int, default=None, help="fixed replica count instead of the config's autoscaling")
+    sv.add_argument("--no-block", action="store_true", help="deploy and return (for scripts)")
+    sv.set_defaults(func=_cmd_serve)
 
     d = sub.add_parser("data", help="make datasets: procedural benchmark, MMEB-V2 import")
     dsub = d.add_subparsers(dest="data_command", required=True)

@@ -1,0 +1,107 @@
+"""Ray Serve deployment of the embedder: ``/v1/embeddings`` (OpenAI shape), ``/v1/models``, ``/health``.
+
+Each mode has its own ``@serve.batch`` queue and its own worker thread, so cheap disc requests
+are batched with each other and never wait behind a generating gen batch (torch releases the
+GIL while it computes). Batch sizes, wait timeouts and limits come from the application args;
+replicas and autoscaling from the Serve config (``serve.yaml``). Client errors are 4xx JSON
+bodies naming the field; the replica keeps serving.
+"""
+
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from rime_model.inputs import InputError
+
+from .embedding_api import ApiError, Limits, parse_body, parse_request, response
+
+app = FastAPI(title="rime embeddings", version="1")
+
+
+@serve.deployment(name="EmbedderServer", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+@serve.ingress(app)
+class EmbedderServer:
+    """One replica: the embedder, two batch queues (disc, gen), and request validation."""
+
+    def __init__(self, model: str, model_name: str = "", torch_threads: int = 1, limits: dict | None = None,
+                 disc_batch: dict | None = None, gen_batch: dict | None = None, max_new_tokens: int = 32):
+        import torch
+
+        from rime_model import GenerationConfig, load_embedder
+
+        torch.set_num_threads(torch_threads)
+        self.emb = load_embedder(model)
+        self.model_name = model_name or model
+        self.limits = Limits(**(limits or {}))
+        self.generation = GenerationConfig(max_new_tokens=max_new_tokens)
+        self.pools = {"disc": ThreadPoolExecutor(1, thread_name_prefix="disc"), "gen": ThreadPoolExecutor(1, thread_name_prefix="gen")}
+        for method, cfg in ((self._disc_batch, disc_batch or {}), (self._gen_batch, gen_batch or {})):
+            method.set_max_batch_size(int(cfg.get("max_batch_size", 16)))
+            method.set_batch_wait_timeout_s(float(cfg.get("batch_wait_timeout_s", 0.01)))
+        from ray.serve.metrics import Counter
+
+        self.requests = Counter("rime_embedding_requests", description="embedding requests", tag_keys=("mode", "status"))
+        self.items = Counter("rime_embedding_items", description="items embedded", tag_keys=("mode",))
+
+    # ------------------------------------------------------------------ batch queues
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _disc_batch(self, items: list[dict]) -> list[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        res = await loop.run_in_executor(self.pools["disc"], lambda: self.emb.embed(items, mode="disc", batch_size=len(items)))
+        return list(res.vectors)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _gen_batch(self, items: list[dict]) -> list[tuple[np.ndarray, Any]]:
+        loop = asyncio.get_running_loop()
+        res = await loop.run_in_executor(
+            self.pools["gen"], lambda: self.emb.embed(items, mode="gen", batch_size=len(items), generation=self.generation))
+        return list(zip(res.vectors, res.rewrites))
+
+    # ------------------------------------------------------------------ routes
+    @app.post("/v1/embeddings")
+    async def embeddings(self, request: Request) -> JSONResponse:
+        mode = "unknown"
+        try:
+            req = parse_request(parse_body(await request.body(), self.limits), self.limits)
+            mode = req.mode
+            for i, item in enumerate(req.items):  # decode + validate before queueing: a bad item fails only its request
+                try:
+                    self.emb.prepare([item])
+                except InputError as e:
+                    raise ApiError(400, f"input[{i}].{e.field}", str(e).split(": ", 1)[-1]) from e
+        except ApiError as e:
+            self.requests.inc(tags={"mode": mode, "status": str(e.status)})
+            return JSONResponse(e.body(), status_code=e.status)
+        if req.mode == "disc":
+            vectors = await asyncio.gather(*[self._disc_batch(it) for it in req.items])
+            rewrites = None
+        else:
+            outs = await asyncio.gather(*[self._gen_batch(it) for it in req.items])
+            vectors, rewrites = [o[0] for o in outs], [o[1] for o in outs]
+        tokens = sum(len(self.emb.tokenizer(it.get("text") or "", add_special_tokens=False).input_ids) for it in req.items)
+        self.requests.inc(tags={"mode": mode, "status": "200"})
+        self.items.inc(len(req.items), tags={"mode": mode})
+        return JSONResponse(response(vectors, req, self.model_name, rewrites, tokens))
+
+    @app.get("/v1/models")
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "rime",
+                                            "dimensions": self.emb.dim, "modes": ["disc", "gen"]}]}
+
+    @app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+
+def build_app(args: dict) -> serve.Application:
+    """Serve config entry point (``import_path: actors.serve_app:build_app``); ``args`` are the
+    constructor's keyword arguments (``model`` required)."""
+    if "model" not in args:
+        raise ValueError("args.model: required (zoo name, hf:<repo-or-path>, saved folder or mlflow models:/ URI)")
+    return EmbedderServer.bind(**args)
