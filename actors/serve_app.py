@@ -72,9 +72,10 @@ class EmbedderServer:
             mode = req.mode
             for i, item in enumerate(req.items):  # decode + validate before queueing: a bad item fails only its request
                 try:
-                    self.emb.prepare([item])
+                    (text, image, instruction), = self.emb.prepare([item])
                 except InputError as e:
                     raise ApiError(400, f"input[{i}].{e.field}", str(e).split(": ", 1)[-1]) from e
+                req.items[i] = {"text": text, "image": image, "instruction": instruction}  # decoded once, here
         except ApiError as e:
             self.requests.inc(tags={"mode": mode, "status": str(e.status)})
             return JSONResponse(e.body(), status_code=e.status)

@@ -10,6 +10,14 @@ from actors.learner import Learner
 from .config import Config
 from .placement import RoleRequest, reserve
 
+DATA_TASK_CPUS = 0.5  # kept free beside the learners for Ray Data map tasks (PipelineConfig.task_cpus)
+
+
+def learner_request(cfg: Config) -> RoleRequest:
+    """The learner role's resources as the config states them."""
+    lc = cfg.learners
+    return RoleRequest("learner", lc.num_learners, lc.cpus_per_learner, lc.gpus_per_learner)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -20,7 +28,7 @@ def free_port() -> int:
 class LearnerGroup:
     """K ``Learner`` actors forming one data-parallel group (rank 0 is the reporting rank)."""
 
-    def __init__(self, cfg: Config, model_path: str, stage_cfg: dict, reserve_cpus: float = 0.5):
+    def __init__(self, cfg: Config, model_path: str, stage_cfg: dict, reserve_cpus: float = DATA_TASK_CPUS):
         import dataclasses
 
         import ray
@@ -28,8 +36,7 @@ class LearnerGroup:
 
         lc = cfg.learners
         self.size = lc.num_learners
-        self.pg = reserve([RoleRequest("learner", lc.num_learners, lc.cpus_per_learner, lc.gpus_per_learner)],
-                          cfg.cluster.placement_timeout_s, reserve_cpus=reserve_cpus)
+        self.pg = reserve([learner_request(cfg)], cfg.cluster.placement_timeout_s, reserve_cpus=reserve_cpus)
         remote = ray.remote(Learner)
         port = free_port()
         addr = "127.0.0.1" if not cfg.cluster.address else ray.util.get_node_ip_address()

@@ -163,18 +163,19 @@ class Trainer:
         """Fail before any tracking or eval work when the cluster can never host the learners."""
         import ray
 
-        from .placement import RoleRequest, check_fits
+        from .learner_group import DATA_TASK_CPUS, learner_request
+        from .placement import check_fits
 
-        lc = self.cfg.learners
         try:
-            check_fits([RoleRequest("learner", lc.num_learners, lc.cpus_per_learner, lc.gpus_per_learner)],
-                       ray.cluster_resources(), reserve_cpus=0.5)
+            check_fits([learner_request(self.cfg)], ray.cluster_resources(), reserve_cpus=DATA_TASK_CPUS)
         except Exception:
             ray.shutdown()
             raise
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
+        import ray
+
         from .learner_group import LearnerGroup
 
         cfg = self.cfg
@@ -184,8 +185,6 @@ class Trainer:
         self._check_placement()
         self.mlflow = self._start_mlflow()
         summary: dict[str, Any] = {"run_dir": str(self.run_dir), "mlflow_run_id": self.state["mlflow_run_id"]}
-        import ray
-
         try:
             if cfg.eval.before_training and not self.state["baseline_done"]:
                 summary["baseline"] = self._evaluate(model_path, "baseline", 0)

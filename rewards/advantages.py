@@ -1,0 +1,35 @@
+"""Group advantages through verl's estimator registry (grpo, rloo, reinforce_plus_plus, …).
+
+rime's rewards are one scalar per rewrite; verl's estimators take token-level rewards with a
+response mask. This adapter puts each scalar on the rewrite's last token, calls the registered
+estimator by name, and returns one advantage per rewrite (outcome estimators broadcast it over
+the response).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, group_ids: list, response_lengths: list[int], estimator: str = "grpo",
+                     **kwargs) -> torch.Tensor:
+    """Per-rewrite advantages [N] from scalar rewards [N], rewrites of one query sharing a group id."""
+    from verl.trainer.ppo.core_algos import get_adv_estimator_fn
+
+    n = rewards.shape[0]
+    if len(group_ids) != n or len(response_lengths) != n:
+        raise ValueError(f"group_advantages: {n} rewards, {len(group_ids)} group ids, {len(response_lengths)} lengths")
+    width = max(1, max(response_lengths))
+    mask = torch.zeros(n, width)
+    token_rewards = torch.zeros(n, width)
+    for i, length in enumerate(response_lengths):
+        length = max(1, length)
+        mask[i, :length] = 1.0
+        token_rewards[i, length - 1] = rewards[i]
+    try:
+        fn = get_adv_estimator_fn(estimator)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"advantage estimator {estimator!r} is not registered in verl ({e})") from e
+    adv, _ = fn(token_level_rewards=token_rewards, response_mask=mask, index=np.asarray(group_ids, dtype=object), **kwargs)
+    return adv[:, 0]
