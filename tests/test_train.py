@@ -25,8 +25,14 @@ def _cmd(tmp: Path, name: str, *extra: str) -> list[str]:
             "--set", "eval.before_training=false", "--set", "tracking.log_model=false", *extra]
 
 
+def _env() -> dict:
+    """The test process's env minus MLFLOW_TRACKING_URI (mlflow.set_tracking_uri in other tests exports
+    it), so runs use their default sqlite store in the run dir, which these tests read."""
+    return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+
+
 def _run(cmd, **kw):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ}, **kw)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=_env(), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +65,7 @@ def test_run_writes_summary_eval_and_mlflow(uninterrupted):
 def test_killed_driver_resumes_to_same_step_run_and_weights(uninterrupted, tmp_path):
     ref_tmp, ref = uninterrupted
     cmd = _cmd(ref_tmp, "killed")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ}, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
     state = ref_tmp / "runs" / "killed" / "state.json"
     deadline = time.time() + 600
     while time.time() < deadline:
