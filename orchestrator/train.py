@@ -203,7 +203,7 @@ class Trainer:
         return summary
 
     def _train_loop(self, group) -> dict:
-        cfg, lc = self.cfg, self.cfg.learners
+        cfg = self.cfg
         stream = PairStream(self.data_dir, cfg.data.train_split, cfg.run.seed, cfg.data.shuffle_buffer,
                             self.run_dir / "data_errors.jsonl", group_by_task=cfg.data.batch_by_task)
         if self.state["checkpoint"]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from rime_data.scenes import png_bytes, random_scene, render
 from rime_model import GenerationConfig

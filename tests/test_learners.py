@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from orchestrator.config import parse_config
 from orchestrator.pairs import make_pairs

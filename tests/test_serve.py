@@ -4,7 +4,6 @@ requests with the field named, and the replica still serving afterwards."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import urllib.error
 import urllib.request
