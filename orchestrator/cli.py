@@ -209,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--mlflow", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI; none = no tracking)")
     v.add_argument("--experiment", default="rime-eval")
     v.set_defaults(func=_cmd_eval)
+
+    from .mlflow_server import add_parser as add_mlflow_server_parser
+    from .submit import add_parsers as add_submit_parsers
+
+    add_submit_parsers(sub)  # submit, jobs, profile (Ray Jobs API, clusters/profiles)
+    add_mlflow_server_parser(sub)  # mlflow-server
     return p
 
 

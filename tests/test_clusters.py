@@ -1,0 +1,301 @@
+"""Cluster manifests, schema level: every YAML under clusters/ and ray_cluster.yaml parses, has the keys
+its consumer needs, and its resources add up to the profile it claims (pods = profile nodes, the RayJob
+entrypoint = the profile's config overrides, RayService replicas = the profile's serving role, the
+launcher's node types can host the largest profile). Profiles name only keys of orchestrator.config."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.config import Config, ConfigError, load_config
+from orchestrator.submit import (
+    ROLE_KEYS, NodeGroup, ProfileError, Role, check_fits, load_profile, pack, profile_overrides,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = sorted((ROOT / "clusters" / "profiles").glob("*.yaml"))
+ALL_YAML = sorted((ROOT / "clusters").rglob("*.yaml")) + [ROOT / "ray_cluster.yaml"]
+BASE_CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
+
+
+def _k8s_quantity(q) -> float:
+    """'16' -> 16, '500m' -> 0.5, '32Gi' -> 32 (GiB)."""
+    s = str(q)
+    if s.endswith("m"):
+        return float(s[:-1]) / 1000
+    if s.endswith("Gi"):
+        return float(s[:-2])
+    if s.endswith("Mi"):
+        return float(s[:-2]) / 1024
+    return float(s)
+
+
+def _config_keys() -> set[str]:
+    return {f"{f.name}.{g.name}" for f in dataclasses.fields(Config) for g in dataclasses.fields(f.default_factory())}
+
+
+def _sets(entrypoint: str) -> tuple[str, list[str]]:
+    """(config path, --set values) of a `python -m orchestrator.cli train CONFIG --set …` entrypoint."""
+    argv = shlex.split(entrypoint.split("&&")[-1])
+    i = argv.index("train")
+    sets = [argv[j + 1] for j, a in enumerate(argv) if a == "--set"]
+    return argv[i + 1], sets
+
+
+def _pods(cluster_spec: dict) -> list[tuple[str, bool, int, int, dict]]:
+    """(group, is_head, min pods, max pods, resource limits) for a KubeRay rayClusterSpec."""
+    head = cluster_spec["headGroupSpec"]
+    out = [("head", True, 1, 1, head["template"]["spec"]["containers"][0]["resources"]["limits"])]
+    for g in cluster_spec.get("workerGroupSpecs") or []:
+        lim = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+        out.append((g["groupName"], False, g.get("minReplicas", g["replicas"]), g.get("maxReplicas", g["replicas"]), lim))
+    return out
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_yaml_parses_to_mappings(path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert docs and all(isinstance(d, dict) for d in docs)
+
+
+def test_there_are_profiles_for_each_size_and_manifests_for_each_gpu_profile():
+    names = {load_profile(p).name for p in PROFILES}
+    assert {"cpu-2", "1gpu", "8gpu", "2x8gpu"} <= names
+    for p in PROFILES:
+        prof = load_profile(p)
+        if prof.total["GPU"]:
+            assert set(prof.kuberay) == {"rayjob", "rayservice"}, p.name
+            assert all((ROOT / v).is_file() for v in prof.kuberay.values()), prof.kuberay
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
+def test_profile_maps_roles_onto_config_keys_and_fits_its_nodes(path):
+    prof = load_profile(path)
+    sets = profile_overrides(prof)
+    keys = [s.split("=", 1)[0] for s in sets]
+    unknown = sorted(set(keys) - _config_keys())
+    assert not unknown, f"{path.name} names keys orchestrator/config.py does not have: {unknown}"
+    cfg = load_config(BASE_CONFIG, sets)  # types and value checks too
+    lr = prof.roles["learners"]
+    assert (cfg.learners.num_learners, cfg.learners.cpus_per_learner, cfg.learners.gpus_per_learner) == (lr.count, lr.cpus, lr.gpus)
+    assert cfg.cluster.address == "auto"
+    # resource arithmetic: totals within the cluster, and every actor on some node (first-fit packing)
+    for res, attr in (("CPU", "cpus"), ("GPU", "gpus")):
+        need = sum(r.count * getattr(r, attr) for r in prof.roles.values()) + (prof.driver_cpus if res == "CPU" else 0)
+        assert need <= prof.total[res] + 1e-9, (path.name, res, need, prof.total[res])
+    placed = check_fits(prof)
+    assert sum(len(v) for v in placed.values()) == sum(r.count for r in prof.roles.values())
+    if prof.serving:
+        assert prof.serving.min_replicas <= prof.serving.max_replicas
+        biggest = max(n.gpus for n in prof.nodes)
+        assert prof.serving.gpus <= biggest and prof.serving.cpus <= max(n.cpus for n in prof.nodes)
+
+
+def test_profile_keys_unknown_to_the_config_fail_loudly(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump({"name": "bad", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 4}],
+                                 "roles": {"learners": {"count": 1, "cpus": 1}}, "overrides": {"learners.zero_stag": 1}}))
+    with pytest.raises(ConfigError, match=r"learners\.zero_stag: unknown key"):
+        load_config(BASE_CONFIG, profile_overrides(load_profile(p)))
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"name": "x", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}],
+      "roles": {"learners": {"count": 3, "cpus": 1}}}, r"roles\.learners: actor 1 \(1 CPU, 0 GPU\) fits on no node; free after the larger actors: h\[0\]: 0.5 CPU"),
+    ({"name": "x", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}],
+      "roles": {"learners": {"count": 1, "cpus": 1}, "critics": {"count": 1, "cpus": 1}}}, r"roles\.critics: unknown role"),
+    ({"name": "x", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}],
+      "roles": {"learners": {"count": 1, "cpu": 1}}}, r"roles\.learners\.cpu: unknown key"),
+    ({"name": "x", "nodes": [{"name": "h", "count": 1, "cpus": 2}], "roles": {"learners": {"count": 1, "cpus": 1}}},
+     r"exactly one node group with head: true"),
+    ({"name": "x", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}],
+      "roles": {"learners": {"count": 1, "cpus": 1}}, "overrides": {"learners.num_learners": 4}},
+     r"overrides\.learners\.num_learners: set by roles"),
+    ({"name": "x", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}],
+      "roles": {"learners": {"count": 1, "cpus": "two"}}}, r"roles\.learners\.cpus: expected a number"),
+])
+def test_bad_profiles_are_rejected_naming_the_key(tmp_path, raw, match):
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ProfileError, match=match):
+        load_profile(p)
+
+
+def test_packing_is_per_node_not_just_totals():
+    nodes = [NodeGroup("gpu", 2, cpus=32, gpus=4)]
+    # 8 GPUs asked of 8 GPUs in total, but two 3-GPU actors leave 1 + 1 free: the 2-GPU actor fits nowhere
+    with pytest.raises(ProfileError, match=r"roles\.b: actor 0 \(1 CPU, 2 GPU\) fits on no node"):
+        pack([Role("a", 2, 1, 3), Role("b", 1, 1, 2)], nodes)
+    placed = pack([Role("a", 2, 1, 2), Role("b", 2, 1, 2)], nodes)
+    assert sorted(len(v) for v in placed.values()) == [2, 2]
+
+
+def test_role_table_covers_the_resource_keys_of_each_role():
+    for role, (section, keys) in ROLE_KEYS.items():
+        assert {"count", "cpus", "gpus"} <= set(keys), role
+        assert all(re.fullmatch(r"[a-z_]+", k) for k in keys.values())
+        assert section in ("learners", "rollout", "reward")
+
+
+# --------------------------------------------------------------------------- KubeRay
+def _profiles_with(kind: str):
+    return [load_profile(p) for p in PROFILES if kind in load_profile(p).kuberay]
+
+
+@pytest.mark.parametrize("prof", _profiles_with("rayjob"), ids=lambda p: p.name)
+def test_rayjob_pods_and_entrypoint_match_the_profile(prof):
+    job = yaml.safe_load((ROOT / prof.kuberay["rayjob"]).read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    for key in ("entrypoint", "rayClusterSpec", "shutdownAfterJobFinishes"):
+        assert key in spec, key
+    import ray
+
+    assert spec["rayClusterSpec"]["rayVersion"] == ray.__version__
+    # pods = the profile's node groups, resource for resource
+    pods = {name: (head, lo, hi, lim) for name, head, lo, hi, lim in _pods(spec["rayClusterSpec"])}
+    assert len(pods) == len(prof.nodes)
+    for n in prof.nodes:
+        head, lo, hi, lim = pods["head" if n.head else n.name]
+        assert head == n.head and lo == hi == n.count, n
+        assert _k8s_quantity(lim["cpu"]) == n.cpus and _k8s_quantity(lim["memory"]) == n.memory_gib, n
+        assert _k8s_quantity(lim.get("nvidia.com/gpu", 0)) == n.gpus, n
+    # entrypoint = `rime train` with exactly the profile's overrides (+ run paths), valid for the config
+    cfg_path, sets = _sets(spec["entrypoint"])
+    assert "python -m orchestrator.cli train" in spec["entrypoint"]
+    assert dict(s.split("=", 1) for s in profile_overrides(prof)).items() <= dict(s.split("=", 1) for s in sets).items()
+    cfg = load_config(ROOT / cfg_path, sets)
+    assert cfg.cluster.address == "auto" and Path(cfg.run.out_dir).is_absolute() and Path(cfg.data.path).is_absolute()
+    # the driver logs to the in-cluster MLflow Service
+    env = {e["name"]: e.get("value") for e in spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MLFLOW_TRACKING_URI"] == _mlflow_service_uri()
+
+
+@pytest.mark.parametrize("prof", _profiles_with("rayservice"), ids=lambda p: p.name)
+def test_rayservice_replicas_match_the_serving_role_and_fit_the_pods(prof):
+    svc = yaml.safe_load((ROOT / prof.kuberay["rayservice"]).read_text())
+    assert svc["apiVersion"] == "ray.io/v1" and svc["kind"] == "RayService"
+    serve_cfg = yaml.safe_load(svc["spec"]["serveConfigV2"])
+    (app,) = serve_cfg["applications"]
+    assert app["import_path"] == "actors.serve_app:build_app"
+    assert "model" in app["args"] and set(app["args"]) <= _embedder_server_params()
+    (dep,) = app["deployments"]
+    opts, auto = dep["ray_actor_options"], dep["autoscaling_config"]
+    sv = prof.serving
+    assert (opts["num_cpus"], opts.get("num_gpus", 0)) == (sv.cpus, sv.gpus)
+    assert (auto["min_replicas"], auto["max_replicas"]) == (sv.min_replicas, sv.max_replicas)
+    cluster = svc["spec"]["rayClusterConfig"]
+    head_cpus = cluster["headGroupSpec"].get("rayStartParams", {}).get("num-cpus")
+
+    def replicas_per_pod(lim, head):
+        cpus = float(head_cpus) if head and head_cpus is not None else _k8s_quantity(lim["cpu"])
+        gpus = _k8s_quantity(lim.get("nvidia.com/gpu", 0))
+        fit = int(cpus // sv.cpus) if sv.cpus else 10**6
+        return min(fit, int(gpus // sv.gpus)) if sv.gpus else fit
+
+    pods = _pods(cluster)
+    at_max = sum(hi * replicas_per_pod(lim, head) for _, head, _, hi, lim in pods)
+    at_min = sum(lo * replicas_per_pod(lim, head) for _, head, lo, _, lim in pods)
+    assert at_max >= sv.max_replicas, f"{prof.name}: pods host {at_max} replicas at most, serving wants {sv.max_replicas}"
+    assert at_min >= sv.min_replicas
+    if any(hi > lo for _, _, lo, hi, _ in pods):
+        assert cluster.get("enableInTreeAutoscaling") is True  # pods follow the replicas
+
+
+def _embedder_server_params() -> set[str]:
+    tree = ast.parse((ROOT / "actors" / "serve_app.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "EmbedderServer")
+    init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    return {a.arg for a in init.args.args[1:] + init.args.kwonlyargs}
+
+
+def _mlflow_docs() -> dict[str, dict]:
+    return {d["kind"]: d for d in yaml.safe_load_all((ROOT / "clusters" / "kuberay" / "mlflow.yaml").read_text())}
+
+
+def _mlflow_service_uri() -> str:
+    svc = _mlflow_docs()["Service"]
+    return f"http://{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local:{svc['spec']['ports'][0]['port']}"
+
+
+def test_mlflow_manifest_runs_rime_mlflow_server_on_the_service_port():
+    from orchestrator.cli import build_parser
+
+    docs = _mlflow_docs()
+    assert {"Deployment", "Service", "PersistentVolumeClaim"} <= set(docs)
+    (c,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert c["command"][:2] == ["rime", "mlflow-server"]
+    args = build_parser().parse_args(c["command"][1:])  # the real CLI accepts it
+    svc = docs["Service"]
+    assert args.port == svc["spec"]["ports"][0]["targetPort"] == c["ports"][0]["containerPort"]
+    assert args.host == "0.0.0.0"
+    host = _mlflow_service_uri().split("//")[1]
+    assert host in args.allowed_hosts.split(","), "the Service DNS name must pass MLflow's Host check"
+    assert docs["Deployment"]["spec"]["selector"]["matchLabels"].items() <= svc["spec"]["selector"].items()
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert args.dir in mounts, "the sqlite store and artifacts must live on the PVC"
+
+
+# --------------------------------------------------------------------------- ray_cluster.yaml
+def _launcher() -> dict:
+    return yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+
+
+def test_ray_cluster_yaml_passes_rays_launcher_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = _launcher()
+    validate_config(prepare_config(cfg))
+    bad = dict(cfg, available_node_types={**cfg["available_node_types"], "head": {**cfg["available_node_types"]["head"], "min_workerz": 0}})
+    with pytest.raises(Exception, match="min_workerz"):
+        validate_config(prepare_config(bad))
+
+
+def test_ray_cluster_yaml_bounds_setup_and_mlflow_on_the_head():
+    cfg = _launcher()
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types
+    assert sum(t["max_workers"] for n, t in types.items() if n != cfg["head_node_type"]) <= cfg["max_workers"]
+    for name, t in types.items():
+        assert 0 <= t.get("min_workers", 0) <= t["max_workers"], name
+    gpu_types = [n for n, t in types.items() if t["resources"].get("GPU")]
+    assert len(gpu_types) >= 2  # learner and rollout pools
+    # base environment everywhere, installed with the constraints file; vLLM only in .venv-vllm on rollout nodes
+    assert any("-c constraints.txt -e ." in c for c in cfg["setup_commands"])
+    vllm_cmds = [c for t in types.values() for c in t.get("worker_setup_commands", []) if "vllm" in c.split("#")[0]]
+    assert vllm_cmds and all(".venv-vllm/bin/pip install" in c for c in vllm_cmds)
+    assert not any("vllm" in c for c in cfg["setup_commands"] + cfg.get("head_setup_commands", []))
+    # MLflow server on the head, and its URI exported before Ray starts (job drivers inherit it)
+    head_cmds = cfg["head_start_ray_commands"]
+    mlflow_i = next(i for i, c in enumerate(head_cmds) if "rime mlflow-server" in c)
+    ray_i = next(i for i, c in enumerate(head_cmds) if "ray start --head" in c)
+    assert mlflow_i < ray_i and "MLFLOW_TRACKING_URI=" in head_cmds[ray_i] and "--dashboard-host=0.0.0.0" in head_cmds[ray_i]
+    from orchestrator.cli import build_parser
+
+    argv = shlex.split(head_cmds[mlflow_i].split("&&")[-1].split(">")[0])
+    args = build_parser().parse_args(argv[argv.index("mlflow-server"):])
+    assert args.host == "0.0.0.0" and f":{args.port}" in head_cmds[ray_i]
+    for excluded in (".venv", "runs", "data"):
+        assert excluded in cfg["rsync_exclude"]
+
+
+def test_ray_cluster_yaml_hosts_the_largest_profile_at_max_workers():
+    cfg = _launcher()
+    types = cfg["available_node_types"]
+    nodes = [NodeGroup(n, 1 if n == cfg["head_node_type"] else t["max_workers"], t["resources"]["CPU"],
+                       t["resources"].get("GPU", 0), head=n == cfg["head_node_type"]) for n, t in types.items()
+             if n == cfg["head_node_type"] or t["max_workers"]]
+    biggest = max((load_profile(p) for p in PROFILES), key=lambda p: p.total["GPU"])
+    assert biggest.name == "2x8gpu"
+    pack(list(biggest.roles.values()), nodes, biggest.driver_cpus)
+    # and each of the profile's GPU node groups has a launcher node type at least as large
+    for g in (n for n in biggest.nodes if n.gpus):
+        assert any(t["resources"]["GPU"] >= g.gpus and t["resources"]["CPU"] >= g.cpus and t["max_workers"] >= g.count
+                   for t in types.values()), g
