@@ -34,7 +34,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # What never goes into the uploaded working dir (gitignore syntax, relative to it; Ray also applies
 # .gitignore by default, these hold even where it is missing or RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1).
 EXCLUDES = [
-    ".git", ".venv", ".venv-*", "__pycache__", "*.pyc", ".pytest_cache", "*.egg-info", ".rime_cache",
+    ".git", ".venv", ".venv-*", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache", "*.egg-info", ".rime_cache",
     "/runs", "/data", "/mlruns", "/mlartifacts", "*.db", "/build", "/dist",
 ]
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI",)  # copied from the submitting shell unless given with --env
