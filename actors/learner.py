@@ -16,9 +16,12 @@ from typing import Any
 import torch
 
 from rime_model import Embedder
-from rime_model.losses import cma_loss, completion_ce
+from rime_model.losses import cma_loss, completion_ce, info_nce
+from rime_model.policy_loss import PolicyLossConfig, policy_loss
 
-Pair = dict[str, Any]  # {"q": item, "t": item, "q_rewrite": str, "t_rewrite": str, "target_id": int}
+Pair = dict[str, Any]  # CMA: {"q": item, "t": item, "q_rewrite": str, "t_rewrite": str, "target_id": int}
+Sample = dict[str, Any]  # Refine-RL: {"q": item, "token_ids", "logprobs", "advantage", "anchor": [D], "target_id"}
+LEARNER_STAGES = ("cma", "refine-rl")
 
 
 def deepspeed_config(lc: dict, world_size: int) -> dict:
@@ -73,6 +76,34 @@ class Learner:
                                                     lr_scheduler=schedule, config=ds_cfg)
         self.emb.model = self.engine.module
         self.step = 0
+        self.stage = "cma"
+        self.ref: Embedder | None = None
+
+    # ------------------------------------------------------------------ stages
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        opt = self.engine.optimizer
+        return getattr(opt, "optimizer", opt)  # ZeRO wraps the client optimizer; its state lives inside
+
+    def begin_stage(self, stage: str, stage_cfg: dict, lr: float, warmup_steps: int, ref_path: str | None = None,
+                    reset_optimizer: bool = True) -> None:
+        """Switch the loss to ``stage``: new learning rate and warm-up, optimizer state reset (METHOD.md:
+        stage changes restart Adam), and for Refine-RL a frozen reference policy for the KL term."""
+        if stage not in LEARNER_STAGES:
+            raise ValueError(f"stage {stage!r} has no learner loss; known: {LEARNER_STAGES}")
+        self.stage, self.stage_cfg = stage, stage_cfg
+        opt = self._torch_optimizer()
+        if reset_optimizer:
+            opt.state.clear()
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] = lr
+        warm = max(1, warmup_steps)
+        self.engine.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        self.ref = None
+        if stage == "refine-rl" and stage_cfg["policy"]["kl_coef"] > 0:
+            if ref_path is None:
+                raise ValueError("begin_stage('refine-rl'): kl_coef > 0 needs ref_path (the stage's starting model)")
+            self.ref = Embedder.load(ref_path)
+            self.ref.model.requires_grad_(False)
 
     # ------------------------------------------------------------------ training
     def train_step(self, micro_batches: list[list[Pair]]) -> dict[str, float]:
@@ -81,11 +112,11 @@ class Learner:
             raise ValueError(f"train_step: got {len(micro_batches)} micro-batches, expected grad_accum_steps={self.lc['grad_accum_steps']}")
         sums: dict[str, float] = {}
         for mb in micro_batches:
-            terms = self._cma_terms(mb)
+            terms = self._cma_terms(mb) if self.stage == "cma" else self._grpo_terms(mb)
             self.engine.backward(terms["loss"])
             self.engine.step()
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+                sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
         self.step += 1
         out = {k: v / len(micro_batches) for k, v in sums.items()}
         gn = self.engine.get_global_grad_norm()
@@ -107,6 +138,38 @@ class Learner:
         n = len(pairs)
         return cma_loss(d[:n], d[n:], g[:n], g[n:], ce, lambda_cma=cfg["lambda_cma"], temperature=cfg["temperature"],
                         ce_weight=cfg["ce_weight"], target_ids=[p["target_id"] for p in pairs])
+
+    def _grpo_terms(self, samples: list[Sample]) -> dict[str, Any]:
+        """Clipped surrogate + KL to the reference (verl's registry) + λ·InfoNCE(g, frozen anchors).
+
+        One forward pass gives both the rewrite tokens' log-probs and the gen embedding ``g`` at
+        ``<gen_emb>``, so generation and embedding are optimised jointly (METHOD.md, Stage 2)."""
+        emb, cfg = self.emb, self.stage_cfg
+        items = emb.prepare([s["q"] for s in samples])
+        batch = emb.build_rollout_batch(items, [s["token_ids"] for s in samples])
+        span = max(1, max(len(s["token_ids"]) + len(emb.forced_suffix(s["token_ids"])) for s in samples))
+        h = emb.hidden_states(batch)
+        logp, entropy, mask = emb.action_logprobs(h, batch.labels, span)
+        old = torch.zeros_like(logp)
+        for b, s in enumerate(samples):
+            old[b, mask[b].bool()] = torch.tensor(s["logprobs"], dtype=old.dtype)
+        ref = None
+        if self.ref is not None:
+            with torch.no_grad():
+                ref, _, _ = self.ref.action_logprobs(self.ref.hidden_states(batch), batch.labels, span)
+        adv = torch.tensor([s["advantage"] for s in samples], dtype=logp.dtype)
+        pg_loss, pm = policy_loss(logp, old, ref, adv, mask, PolicyLossConfig(**cfg["policy"]))
+        g = emb.encode(batch, hidden=h)
+        anchors = torch.tensor([s["anchor"] for s in samples], dtype=g.dtype)
+        nce = info_nce(g, anchors, cfg["nce_temperature"], [s["target_id"] for s in samples])
+        n_tok = mask.sum().clamp(min=1)
+        out: dict[str, Any] = {
+            "loss": pg_loss + cfg["lambda_nce"] * nce, "nce": nce, "entropy": (entropy.detach() * mask).sum() / n_tok,
+            "logprob_mismatch": ((logp.detach() - old).abs() * mask).sum() / n_tok,
+            "response_tokens": float(mask.sum()),
+        }
+        out.update({k.replace("actor/", ""): v for k, v in pm.items()})
+        return out
 
     # ------------------------------------------------------------------ state
     def param_checksum(self) -> float:

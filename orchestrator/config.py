@@ -80,6 +80,60 @@ class CMAConfig:
 
 
 @dataclass(frozen=True)
+class RolloutConfig:
+    """Rollout workers (Refine-RL): who samples the G rewrites per query, and how."""
+
+    backend: str = "hf"  # hf | vllm (vllm: GPU clusters; on CPU needs `bash scripts/setup_vllm.sh`)
+    num_workers: int = 2
+    cpus_per_worker: float = 0.1
+    gpus_per_worker: float = 0.0
+    group_size: int = 4  # G rewrites per query (METHOD.md: 8 on real models)
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 16  # prompts per generate call (hf backend)
+    torch_threads: int = 1
+    max_restarts: int = 3  # Ray restarts a dead worker and re-issues its rollouts
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """The frozen discriminative-anchor reward service and the reward's weights (METHOD.md, Stage 2)."""
+
+    num_actors: int = 1
+    cpus_per_actor: float = 0.1
+    gpus_per_actor: float = 0.0
+    query_encoder: str = "frozen"  # frozen | policy: which weights embed (query, rewrite)
+    top_k: int = 1  # acc = positive within the top k of the candidates
+    neg_temperature: float = 0.05  # softmax over hard negatives
+    format_weight: float = 0.1
+    length_weight: float = 0.0
+    length_target: int = 24
+    max_restarts: int = 3
+
+
+@dataclass(frozen=True)
+class RefineRLConfig:
+    """GRPO over rewrites: verl's estimators and policy losses, λ·InfoNCE(g, anchors) on the learners."""
+
+    steps: int = 60
+    queries_per_step: int = 8
+    lr: float = 2e-5
+    warmup_steps: int = 5
+    estimator: str = "grpo"  # any name in verl's advantage registry (grpo, rloo, reinforce_plus_plus, …)
+    policy_loss: str = "vanilla"  # any name in verl's policy-loss registry (vanilla = clipped surrogate, gspo, …)
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.28
+    loss_agg_mode: str = "token-mean"
+    kl_coef: float = 0.04
+    kl_type: str = "low_var_kl"
+    lambda_nce: float = 0.1
+    nce_temperature: float = 0.02
+    max_staleness: int = 0  # 1 = rollouts of step t+1 overlap the update of step t (one-step-stale)
+    batch_by_task: bool = False
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     every_steps: int = 0  # 0 = only at the end of each stage
     query_modes: tuple[str, ...] = ("disc", "gen")
@@ -111,6 +165,9 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     learners: LearnerConfig = field(default_factory=LearnerConfig)
     cma: CMAConfig = field(default_factory=CMAConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    refine_rl: RefineRLConfig = field(default_factory=RefineRLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -127,8 +184,12 @@ class Config:
         return {f"{s}.{k}": (",".join(v) if isinstance(v, tuple) else v) for s, d in self.to_dict().items() for k, v in d.items()}
 
 
-STAGES = ("cma",)  # refine-rl (#5) and plume (#8) join as they land
+STAGES = ("cma", "refine-rl")  # plume (#8) joins when it lands
 CHOICES = {
+    "rollout.backend": ("hf", "vllm"),
+    "reward.query_encoder": ("frozen", "policy"),
+    "refine_rl.loss_agg_mode": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+    "refine_rl.max_staleness": (0, 1),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "learners.precision": ("fp32", "bf16", "fp16"),
     "learners.zero_stage": (0, 1, 2, 3),
@@ -207,9 +268,26 @@ def _check(cfg: Config) -> None:
         "learners.grad_accum_steps": cfg.learners.grad_accum_steps, "cma.steps": cfg.cma.steps,
         "checkpoint.keep_last": cfg.checkpoint.keep_last, "learners.torch_threads": cfg.learners.torch_threads,
     }
+    rl = cfg.refine_rl
+    positive.update({"refine_rl.steps": rl.steps, "refine_rl.queries_per_step": rl.queries_per_step,
+                     "rollout.num_workers": cfg.rollout.num_workers, "rollout.group_size": cfg.rollout.group_size,
+                     "rollout.max_new_tokens": cfg.rollout.max_new_tokens, "reward.num_actors": cfg.reward.num_actors,
+                     "reward.top_k": cfg.reward.top_k})
     for k, v in positive.items():
         if v < 1:
             raise ConfigError(f"{k}: must be >= 1, got {v}")
+    shards = cfg.learners.num_learners * cfg.learners.grad_accum_steps
+    if "refine-rl" in cfg.run.stages and (rl.queries_per_step * cfg.rollout.group_size) % shards:
+        raise ConfigError(f"refine_rl.queries_per_step: {rl.queries_per_step} queries x rollout.group_size "
+                          f"{cfg.rollout.group_size} must split evenly over learners.num_learners x grad_accum_steps = {shards}")
+    if "refine-rl" in cfg.run.stages and rl.estimator in ("grpo", "rloo") and cfg.rollout.group_size < 2:
+        raise ConfigError(f"rollout.group_size: {rl.estimator} compares rewrites within a group; use >= 2")
+    for k, v in {"rollout.temperature": cfg.rollout.temperature, "refine_rl.nce_temperature": rl.nce_temperature,
+                 "reward.neg_temperature": cfg.reward.neg_temperature}.items():
+        if v < 0 or (v == 0 and k != "rollout.temperature"):
+            raise ConfigError(f"{k}: must be > 0, got {v}")
+    if not 0 < cfg.rollout.top_p <= 1:
+        raise ConfigError(f"rollout.top_p: must be in (0, 1], got {cfg.rollout.top_p}")
     if cfg.cma.temperature <= 0:
         raise ConfigError(f"cma.temperature: must be > 0, got {cfg.cma.temperature}")
     if cfg.learners.cpus_per_learner < 0 or cfg.learners.gpus_per_learner < 0:

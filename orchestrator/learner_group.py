@@ -10,7 +10,7 @@ from actors.learner import Learner
 from .config import Config
 from .placement import RoleRequest, reserve
 
-DATA_TASK_CPUS = 0.5  # kept free beside the learners for Ray Data map tasks (PipelineConfig.task_cpus)
+DATA_TASK_CPUS = 1.0  # kept free beside the actors for Ray Data: its parquet ListFiles task asks a whole CPU
 
 
 def learner_request(cfg: Config) -> RoleRequest:

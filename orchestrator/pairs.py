@@ -33,7 +33,14 @@ def to_pair(q: dict, cand: dict, target_id: int) -> dict:
         "target_id": target_id,
         "query_id": q["query_id"],
         "task": q["task"],
+        "positive_ids": [str(x) for x in q["positive_ids"]],
+        "cand_ids": None if _missing(q.get("cand_ids")) else [str(x) for x in q["cand_ids"]],
     }
+
+
+def _missing(v) -> bool:
+    """None, or pandas' NaN for a missing list cell (Ray Data batches come through pandas/numpy)."""
+    return v is None or isinstance(v, float)
 
 
 def target_id_map(cand_ids) -> dict[str, int]:

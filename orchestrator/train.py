@@ -1,4 +1,4 @@
-"""``rime train CONFIG``: the stage loop on Ray (CMA now; Refine-RL and PLUME join it).
+"""``rime train CONFIG``: the stages (cma, refine-rl) in sequence on one set of Ray learner actors.
 
 The driver owns the order of work, verl-style: it streams pairs from Ray Data, hands each
 learner its shard of the step's batch through the object store, gathers loss terms, logs them to
@@ -91,7 +91,8 @@ class Trainer:
         self.cfg, self.run_dir = cfg, cfg.run_dir
         self.state = prepare_run_dir(cfg, resume, overwrite) or {
             "mlflow_run_id": None, "step": 0, "position": asdict(StreamPosition()), "checkpoint": None,
-            "baseline_done": False, "finished": False,
+            "baseline_done": False, "finished": False, "stage": None, "stage_step": 0, "stages_done": [],
+            "stage_models": {},
         }
         dump_config(cfg, self.run_dir / "config.yaml")
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -147,11 +148,11 @@ class Trainer:
         self.mlflow.log_artifact(str(report), artifact_path="eval")
         return {p: agg["all"] for p, agg in result.pairs.items()}
 
-    def _checkpoint(self, group, stream: PairStream) -> None:
+    def _checkpoint(self, group, position: StreamPosition) -> None:
         tag = f"step{self.state['step']}"
         t = time.perf_counter()
-        group.call("save_checkpoint", str(self.ckpt_dir), tag, {"position": asdict(stream.pos)})
-        self.state.update(checkpoint=tag, position=asdict(stream.pos))
+        group.call("save_checkpoint", str(self.ckpt_dir), tag, {"position": asdict(position), "stage": self.state["stage"]})
+        self.state.update(checkpoint=tag, position=asdict(position))
         self._save_state()
         tags = sorted((p for p in self.ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step")),
                       key=lambda p: int(p.name[4:]))
@@ -160,14 +161,16 @@ class Trainer:
         self.mlflow.log_metric("time/checkpoint_s", time.perf_counter() - t, step=self.state["step"])
 
     def _check_placement(self) -> None:
-        """Fail before any tracking or eval work when the cluster can never host the learners."""
+        """Fail before any tracking or eval work when the cluster can never host every role of the run."""
         import ray
 
         from .learner_group import DATA_TASK_CPUS, learner_request
         from .placement import check_fits
+        from .rl_actors import rl_requests
 
+        roles = [learner_request(self.cfg)] + (rl_requests(self.cfg) if "refine-rl" in self.cfg.run.stages else [])
         try:
-            check_fits([learner_request(self.cfg)], ray.cluster_resources(), reserve_cpus=DATA_TASK_CPUS)
+            check_fits(roles, ray.cluster_resources(), reserve_cpus=DATA_TASK_CPUS)
         except Exception:
             ray.shutdown()
             raise
@@ -180,20 +183,20 @@ class Trainer:
 
         cfg = self.cfg
         self.data_dir = ensure_data(cfg)
-        model_path = resolve_model(cfg)
+        self.model_path = resolve_model(cfg)
         self._start_ray()
         self._check_placement()
         self.mlflow = self._start_mlflow()
         summary: dict[str, Any] = {"run_dir": str(self.run_dir), "mlflow_run_id": self.state["mlflow_run_id"]}
         try:
             if cfg.eval.before_training and not self.state["baseline_done"]:
-                summary["baseline"] = self._evaluate(model_path, "baseline", 0)
+                summary["baseline"] = self._evaluate(self.model_path, "baseline", 0)
                 self.state["baseline_done"] = True
                 self._save_state()
             stage = {"lambda_cma": cfg.cma.lambda_cma, "temperature": cfg.cma.temperature, "ce_weight": cfg.cma.ce_weight}
-            group = LearnerGroup(cfg, model_path, stage)
+            group = LearnerGroup(cfg, self.model_path, stage)
             try:
-                summary.update(self._train_loop(group))
+                summary.update(self._stages(group))
             finally:
                 group.shutdown()
         finally:
@@ -202,24 +205,105 @@ class Trainer:
         _write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
 
-    def _train_loop(self, group) -> dict:
+    def _stage_settings(self, stage: str) -> tuple[dict, float, int, int]:
+        """(learner stage config, lr, warm-up steps, steps) of a stage."""
         cfg = self.cfg
-        stream = PairStream(self.data_dir, cfg.data.train_split, cfg.run.seed, cfg.data.shuffle_buffer,
-                            self.run_dir / "data_errors.jsonl", group_by_task=cfg.data.batch_by_task)
-        if self.state["checkpoint"]:
-            client = group.call("load_checkpoint", str(self.ckpt_dir), self.state["checkpoint"])[0]
-            stream.pos = StreamPosition(**client["position"])
-            print(f"[rime] resumed from {self.state['checkpoint']} at step {self.state['step']}, data position {stream.pos}")
+        if stage == "cma":
+            return ({"lambda_cma": cfg.cma.lambda_cma, "temperature": cfg.cma.temperature, "ce_weight": cfg.cma.ce_weight},
+                    cfg.learners.lr, cfg.learners.warmup_steps, cfg.cma.steps)
+        from .refine_rl import stage_config
+
+        rl = cfg.refine_rl
+        return stage_config(cfg), rl.lr, rl.warmup_steps, rl.steps
+
+    def _stages(self, group) -> dict:
+        """Run the configured stages in order on the same learners; a resume re-enters the current one."""
+        st, out = self.state, {"stages": {}}
+        st.setdefault("stages_done", [])
+        st.setdefault("stage_models", {})
+        st.setdefault("stage", None)
+        st.setdefault("stage_step", 0)
+        pending_load = st["checkpoint"]  # learners start from the base model; a resume loads this first
+        prev_model = self.model_path
+        for i, stage in enumerate(self.cfg.run.stages):
+            last = i == len(self.cfg.run.stages) - 1
+            final_dir = self.run_dir / ("final" if last else f"stages/{stage}")
+            if stage in st["stages_done"]:
+                prev_model = str(final_dir)
+                continue
+            if st["stage"] != stage:
+                st.update(stage=stage, stage_step=0, position=asdict(StreamPosition()))
+            start_model = st["stage_models"].setdefault(stage, prev_model)
+            self._save_state()
+            stage_cfg, lr, warmup, _ = self._stage_settings(stage)
+            begin = ("begin_stage", stage, stage_cfg, lr, warmup, start_model)
+            if pending_load and st["stage_step"] == 0:  # resumed at a stage boundary: weights of the stage before
+                self._load(group, pending_load)
+                group.call(*begin)
+            elif pending_load:  # resumed mid-stage: same loss/scheduler layout, then optimizer + weights
+                group.call(*begin)
+                self._load(group, pending_load)
+            else:
+                group.call(*begin)
+            pending_load = None
+            print(f"[rime] stage {stage}: {self._stage_settings(stage)[3]} steps from {start_model}")
+            if stage == "cma":
+                out.update(self._run_cma(group))
+            else:
+                out.update(self._run_refine_rl(group, start_model))
+            group.call("save_embedder", str(final_dir))
+            out["stages"][stage] = self._evaluate(str(final_dir), "final" if last else f"after-{stage}", st["step"])
+            st["stages_done"].append(stage)
+            self._save_state()
+            prev_model = str(final_dir)
+        out["final"] = out["stages"].get(self.cfg.run.stages[-1]) or self._evaluate(prev_model, "final", st["step"])
+        out["checksums"] = group.call("param_checksum")
+        if self.cfg.tracking.log_model:
+            from .mlflow_model import log_embedder_model
+
+            out["model_uri"] = log_embedder_model(prev_model)
+        out.update(steps=st["step"], final_model=prev_model)
+        st["finished"] = True
+        self._save_state()
+        return out
+
+    def _load(self, group, tag: str) -> None:
+        client = group.call("load_checkpoint", str(self.ckpt_dir), tag)[0]
+        self.state["position"] = client["position"]
+        print(f"[rime] resumed from {tag} at step {self.state['step']} (stage {self.state['stage']} step "
+              f"{self.state['stage_step']}), data position {client['position']}")
+
+    def _stream(self, by_task: bool) -> PairStream:
+        stream = PairStream(self.data_dir, self.cfg.data.train_split, self.cfg.run.seed, self.cfg.data.shuffle_buffer,
+                            self.run_dir / "data_errors.jsonl", group_by_task=by_task)
+        stream.pos = StreamPosition(**self.state["position"])
+        return stream
+
+    def _after_step(self, group, metrics: dict, position: StreamPosition, steps: int) -> None:
+        """Log, then checkpoint / evaluate on schedule (never on a stage's last step: the stage end does)."""
+        st, cfg = self.state, self.cfg
+        self.mlflow.log_metrics(metrics, step=st["step"])
+        if st["stage_step"] == steps:
+            self._checkpoint(group, position)
+            return
+        if st["stage_step"] % cfg.checkpoint.every_steps == 0:
+            self._checkpoint(group, position)
+        if cfg.eval.every_steps and st["stage_step"] % cfg.eval.every_steps == 0:
+            group.call("save_embedder", str(self.run_dir / "eval_model"))
+            self._evaluate(str(self.run_dir / "eval_model"), f"step{st['step']}", st["step"])
+
+    def _run_cma(self, group) -> dict:
+        stream = self._stream(self.cfg.data.batch_by_task)
         try:
-            return self._steps(group, stream)
+            return self._cma_steps(group, stream)
         finally:
             stream.close()
 
-    def _steps(self, group, stream: PairStream) -> dict:
-        cfg, lc = self.cfg, self.cfg.learners
+    def _cma_steps(self, group, stream: PairStream) -> dict:
+        cfg, lc, st = self.cfg, self.cfg.learners, self.state
         per_rank = lc.micro_batch_size * lc.grad_accum_steps
         out: dict[str, Any] = {}
-        while self.state["step"] < cfg.cma.steps:
+        while st["stage_step"] < cfg.cma.steps:
             t0 = time.perf_counter()
             pairs = stream.next_batch(per_rank * group.size)
             t_data = time.perf_counter() - t0
@@ -229,37 +313,49 @@ class Trainer:
                 for r in range(group.size)
             ]
             terms = group.call("train_step", per_rank=shards)
-            self.state["step"] += 1
-            step = self.state["step"]
+            st["step"] += 1
+            st["stage_step"] += 1
             dt = time.perf_counter() - t0
             metrics = {f"train/{k}": sum(t[k] for t in terms) / len(terms) for k in terms[0] if k != "pairs"}
             metrics.update({"perf/samples_per_s": len(pairs) / dt, "perf/step_time_s": dt, "perf/data_time_s": t_data,
                             "data/bad_rows": stream.bad_rows, "data/epoch": stream.pos.epoch,
                             "data/dropped_remainder_pairs": stream.dropped_pairs})
-            self.mlflow.log_metrics(metrics, step=step)
-            if step % 10 == 0 or step == 1:
-                print(f"[rime] step {step}/{cfg.cma.steps} loss {metrics['train/loss']:.3f} "
+            if st["stage_step"] % 10 == 0 or st["stage_step"] == 1:
+                print(f"[rime] cma step {st['stage_step']}/{cfg.cma.steps} loss {metrics['train/loss']:.3f} "
                       f"(nce_disc {metrics['train/nce_disc']:.3f}, nce_gen {metrics['train/nce_gen']:.3f}, ce {metrics['train/ce']:.3f}) "
                       f"{metrics['perf/samples_per_s']:.1f} pairs/s")
-            if step % cfg.checkpoint.every_steps == 0 and step < cfg.cma.steps:
-                self._checkpoint(group, stream)
-            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.cma.steps:
-                group.call("save_embedder", str(self.run_dir / "eval_model"))
-                self._evaluate(str(self.run_dir / "eval_model"), f"step{step}", step)
+            self._after_step(group, metrics, stream.pos, cfg.cma.steps)
             out["final_loss"] = metrics["train/loss"]
-        final = self.run_dir / "final"
-        group.call("save_embedder", str(final))
-        self._checkpoint(group, stream)
-        out["checksums"] = group.call("param_checksum")
-        out["final"] = self._evaluate(str(final), "final", self.state["step"])
-        if cfg.tracking.log_model:
-            from .mlflow_model import log_embedder_model
-
-            out["model_uri"] = log_embedder_model(str(final))
-        out.update(steps=self.state["step"], bad_rows=stream.bad_rows, final_model=str(final))
-        self.state["finished"] = True
-        self._save_state()
+        out["bad_rows"] = stream.bad_rows
         return out
+
+    def _run_refine_rl(self, group, start_model: str) -> dict:
+        from .learner_group import DATA_TASK_CPUS
+        from .refine_rl import RefineRL
+
+        cfg, st = self.cfg, self.state
+        stream = self._stream(cfg.refine_rl.batch_by_task)
+        rl = RefineRL(cfg, group, stream, start_model, str(self.data_dir), reserve_cpus=DATA_TASK_CPUS)
+        self.refine_rl = rl  # monitoring hook for tests
+        history: list[float] = []
+        try:
+            rl.sync_weights(st["stage_step"])  # a resumed stage starts from the learners' weights, not the folder's
+            while st["stage_step"] < cfg.refine_rl.steps:
+                metrics = rl.step(st["stage_step"])
+                st["step"] += 1
+                st["stage_step"] += 1
+                history.append(metrics["reward/reward_mean"])
+                if st["stage_step"] % 5 == 0 or st["stage_step"] == 1:
+                    print(f"[rime] refine-rl step {st['stage_step']}/{cfg.refine_rl.steps} reward {metrics['reward/reward_mean']:.3f} "
+                          f"(acc {metrics['reward/acc_mean']:.2f}, well-formed {metrics['rollout/well_formed_frac']:.2f}, "
+                          f"len {metrics['rollout/rewrite_tokens_mean']:.1f}) kl {metrics.get('train/kl', 0.0):.4f} "
+                          f"time roll/rew/learn/sync {metrics['time/rollout_s']:.1f}/{metrics['time/reward_s']:.1f}/"
+                          f"{metrics['time/learn_s']:.1f}/{metrics['time/sync_s']:.2f}s")
+                self._after_step(group, metrics, rl.trained_position, cfg.refine_rl.steps)
+            return {"rl_reward_history": history, "bad_rows": stream.bad_rows}
+        finally:
+            rl.shutdown()
+            stream.close()
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:

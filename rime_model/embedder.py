@@ -82,6 +82,27 @@ class GenerationConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def cut_at_stop(generated: Sequence[int], pad_id: int | None, stop_ids: Sequence[int]) -> list[int]:
+    """Generated ids up to and including the first stop token (padding after an early stop dropped)."""
+    ids: list[int] = []
+    for t in generated:
+        if t == pad_id and t not in stop_ids:
+            break
+        ids.append(t)
+        if t in stop_ids:
+            break
+    return ids
+
+
+def parse_generated(generated: Sequence[int], tokenizer, stop_ids: Sequence[int], rewrite_end_id: int, gen_emb_id: int) -> Rewrite:
+    """A ``Rewrite`` from generated ids; shared by the HF path and the vLLM rollout backend."""
+    ids = cut_at_stop(generated, tokenizer.pad_token_id, stop_ids)
+    body = ids[: ids.index(rewrite_end_id)] if rewrite_end_id in ids else [t for t in ids if t not in stop_ids]
+    well_formed = len(ids) >= 2 and ids[-1] == gen_emb_id and ids[-2] == rewrite_end_id
+    text = tokenizer.decode(body, skip_special_tokens=True).strip()
+    return Rewrite(text=text, token_ids=ids, well_formed=well_formed)
+
+
 class Embedder:
     """An image-text-to-text model with rime's special tokens, producing embeddings in any mode."""
 
@@ -250,18 +271,95 @@ class Embedder:
 
     def parse_rewrite(self, generated: list[int]) -> Rewrite:
         """Cut generated ids at the first stop token; the text is what precedes ``</rewrite>``."""
-        ids: list[int] = []
-        for t in generated:
-            if t == self.tokenizer.pad_token_id and t not in self.stop_ids:
-                break
-            ids.append(t)
-            if t in self.stop_ids:
-                break
-        end = self.token_id["rewrite_end"]
-        body = ids[: ids.index(end)] if end in ids else [t for t in ids if t not in self.stop_ids]
-        well_formed = len(ids) >= 2 and ids[-1] == self.token_id["gen_emb"] and ids[-2] == end
-        text = self.tokenizer.decode(body, skip_special_tokens=True).strip()
-        return Rewrite(text=text, token_ids=ids, well_formed=well_formed)
+        return parse_generated(generated, self.tokenizer, self.stop_ids, self.token_id["rewrite_end"], self.token_id["gen_emb"])
+
+    # ------------------------------------------------------------------ Refine-RL (rollouts scored by the learner)
+    def forced_suffix(self, completion: Sequence[int]) -> list[int]:
+        """Tokens appended (without loss) so every rollout ends AT ``<gen_emb>``: a truncated or
+        malformed rewrite still gets an embedding, read where a well-formed one would be."""
+        end, gen = self.token_id["rewrite_end"], self.token_id["gen_emb"]
+        ids = list(completion)
+        if ids and ids[-1] == gen:
+            return []
+        if ids and ids[-1] in self.stop_ids:  # stopped on <|im_end|>/eos without the markers
+            return [end, gen]
+        return [gen] if ids and ids[-1] == end else [end, gen]
+
+    def build_rollout_batch(self, items: Sequence[Item], completions: Sequence[Sequence[int]]) -> ModelBatch:
+        """Gen prompt + the EXACT generated token ids (no decode/re-encode round trip) + forced suffix,
+        left-padded. ``labels`` mark the generated tokens (the policy's actions); the embedding is
+        read at the final ``<gen_emb>``."""
+        if len(completions) != len(items):
+            raise ValueError(f"completions: got {len(completions)} for {len(items)} inputs")
+        enc = self.build_gen_prompt_batch(items)
+        ids, att = enc["input_ids"].tolist(), enc["attention_mask"].tolist()
+        rows, acts = [], []
+        for b, comp in enumerate(completions):
+            prompt = [t for t, m in zip(ids[b], att[b]) if m]
+            comp = [int(t) for t in comp]
+            suffix = self.forced_suffix(comp)
+            rows.append(prompt + comp + suffix)
+            acts.append((len(prompt), len(comp)))
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for b, row in enumerate(rows):
+            off = width - len(row)
+            input_ids[b, off:] = torch.tensor(row)
+            attention[b, off:] = 1
+            start, n = acts[b]
+            labels[b, off + start : off + start + n] = input_ids[b, off + start : off + start + n]
+        inputs = {**enc, "input_ids": input_ids.to(self.device), "attention_mask": attention.to(self.device)}
+        for key, val in enc.items():  # other per-token tensors (mm_token_type_ids): re-aligned, 0 on new tokens
+            if key not in ("input_ids", "attention_mask") and val.dim() == 2 and val.shape == enc["input_ids"].shape:
+                col = torch.zeros_like(input_ids)
+                for b in range(len(rows)):
+                    kept = val[b][enc["attention_mask"][b].bool()].cpu()
+                    col[b, width - len(rows[b]) : width - len(rows[b]) + len(kept)] = kept
+                inputs[key] = col.to(self.device)
+        return ModelBatch(inputs, self._read_positions(inputs["input_ids"], "gen_emb"), labels.to(self.device))
+
+    def action_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor, span: int | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-prob and entropy of each labelled token under the model, over the last ``span`` columns
+        (rollout batches are right-aligned, so the actions live there): (logp, entropy, mask), [B, span].
+        The lm head only runs on those columns, never on the whole sequence."""
+        mask_full = labels != -100
+        if span is None:
+            cols = mask_full.any(dim=0).nonzero()
+            span = int(labels.shape[1] - cols.min()) if len(cols) else 1
+        tgt = labels[:, -span:]
+        mask = tgt != -100
+        logits = self.model.get_output_embeddings()(hidden[:, -span - 1 : -1]).float()
+        logp_all = torch.log_softmax(logits, dim=-1)
+        logp = logp_all.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return logp * mask, entropy * mask, mask.to(logp.dtype)
+
+    @torch.no_grad()
+    def sample_rollouts(self, items: list[Item], n: int, generation: GenerationConfig, batch_size: int = 16
+                        ) -> list[tuple[list[int], list[float]]]:
+        """``n`` sampled completions per item (item-major) with each sampled token's log-prob under the
+        raw policy (temperature-1 logits, before any sampling warper): PPO's behaviour log-probs."""
+        if generation.seed is not None:
+            torch.manual_seed(generation.seed)
+        sampling = (dict(do_sample=True, temperature=generation.temperature, top_p=generation.top_p)
+                    if generation.do_sample else dict(do_sample=False))
+        out: list[tuple[list[int], list[float]]] = []
+        for i in range(0, len(items), batch_size):
+            enc = self.build_gen_prompt_batch(items[i : i + batch_size])
+            res = self.model.generate(**enc, max_new_tokens=generation.max_new_tokens, num_return_sequences=n,
+                                      eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
+                                      output_logits=True, return_dict_in_generate=True, **sampling, **generation.extra)
+            new = res.sequences[:, enc["input_ids"].shape[1] :]
+            logp = torch.stack([torch.log_softmax(x.float(), dim=-1) for x in res.logits], dim=1)  # [B*n, L, V]
+            tok_lp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+            for b in range(new.shape[0]):
+                ids = cut_at_stop(new[b].tolist(), self.tokenizer.pad_token_id, self.stop_ids)
+                out.append((ids, tok_lp[b, : len(ids)].tolist()))
+        return out
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:

