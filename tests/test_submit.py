@@ -260,13 +260,13 @@ def head_and_mlflow(tmp_path_factory):
         wait_healthy(uri, timeout_s=90, proc=mlflow)
         yield {"address": address, "uri": uri, "tmp": tmp, "artifacts": tmp / "mlflow" / "artifacts"}
     finally:
+        import shutil
+
         _stop_sessions(sessions)
         for proc in procs:
             proc.wait(timeout=10)
-        assert not any(_session_pids(sid) for sid in sessions)
-        import shutil
-
         shutil.rmtree(ray_tmp, ignore_errors=True)
+        assert not any(_session_pids(sid) for sid in sessions), "processes of the test's Ray head or MLflow server survived"
 
 
 def _tiny_sets(tmp: Path, name: str, steps: int) -> list[str]:
