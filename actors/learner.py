@@ -186,12 +186,21 @@ class Learner:
         return list(self.engine.module.parameters())
 
     def export_weights(self) -> dict[str, torch.Tensor] | None:
-        """Full state dict on rank 0 (None elsewhere); collective under ZeRO-3, call on every rank."""
+        """Full state dict on rank 0 (None elsewhere); collective under ZeRO-3, call on every rank.
+        Tied tensors (lm_head = embed_tokens) are sent once: receivers re-tie them on load."""
         if self.lc["zero_stage"] == 3:
             sd = self.engine._zero3_consolidated_16bit_state_dict()
         else:
             sd = self.engine.module.state_dict()
-        return {k: v.detach().cpu().clone() for k, v in sd.items()} if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        out, seen = {}, set()
+        for k, v in sd.items():
+            if v.data_ptr() in seen:
+                continue
+            seen.add(v.data_ptr())
+            out[k] = v.detach().cpu().clone()
+        return out
 
     def save_embedder(self, path: str) -> str | None:
         """Write a loadable embedder folder from rank 0 (collective under ZeRO-3)."""

@@ -47,6 +47,24 @@ class RolloutSample:
         return len(self.token_ids)
 
 
+def tied_keys(model: torch.nn.Module) -> set[str]:
+    """State-dict keys that alias an earlier key's tensor (tied embeddings)."""
+    seen, tied = set(), set()
+    for k, v in model.state_dict().items():
+        if v.data_ptr() in seen:
+            tied.add(k)
+        seen.add(v.data_ptr())
+    return tied
+
+
+def load_exported(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load a learner export (tied tensors sent once); anything else missing or extra is an error."""
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    bad = sorted(set(missing) - tied_keys(model)) + sorted(unexpected)
+    if bad:
+        raise KeyError(f"weights: exported state dict does not match the rollout model: {bad[:5]}")
+
+
 class HfRolloutBackend:
     """transformers ``generate`` on the embedder's own model (rows batched, ``n`` samples per row)."""
 
@@ -64,7 +82,7 @@ class HfRolloutBackend:
         return self.emb.sample_rollouts(items, n, g, batch_size=self.batch_size)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        self.emb.model.load_state_dict(state_dict, strict=True)
+        load_exported(self.emb.model, state_dict)
 
     def params(self):
         return self.emb.model.parameters()

@@ -22,7 +22,7 @@ def _queries(n: int) -> list[dict]:
     from rime_data.synth import synth_split
 
     d = synth_split("train", max(1, n // 3 + 1), seed=0, tasks=("t2i", "i2t", "referring"))
-    return [{"text": q["qry_text"], "image": q["qry_image"], "instruction": q["qry_inst"]} for q in d.queries[:n]]
+    return [{"text": q.get("qry_text"), "image": q.get("qry_image"), "instruction": q.get("qry_inst")} for q in d.queries[:n]]
 
 
 def _backend_rates(model: str, backend: str, queries: list[dict], group: int, tokens: int) -> dict[str, float]:

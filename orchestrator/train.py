@@ -151,8 +151,10 @@ class Trainer:
     def _checkpoint(self, group, position: StreamPosition) -> None:
         tag = f"step{self.state['step']}"
         t = time.perf_counter()
-        group.call("save_checkpoint", str(self.ckpt_dir), tag, {"position": asdict(position), "stage": self.state["stage"]})
-        self.state.update(checkpoint=tag, position=asdict(position))
+        meta = {"position": asdict(position), "stage": self.state["stage"], "stage_step": self.state["stage_step"],
+                "step": self.state["step"]}
+        group.call("save_checkpoint", str(self.ckpt_dir), tag, meta)
+        self.state.update(checkpoint=tag, checkpoint_meta=meta, position=asdict(position))
         self._save_state()
         tags = sorted((p for p in self.ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step")),
                       key=lambda p: int(p.name[4:]))
@@ -218,15 +220,17 @@ class Trainer:
 
     def _stages(self, group) -> dict:
         """Run the configured stages in order on the same learners; a resume re-enters the current one."""
-        st, out = self.state, {"stages": {}}
-        st.setdefault("stages_done", [])
-        st.setdefault("stage_models", {})
-        st.setdefault("stage", None)
-        st.setdefault("stage_step", 0)
+        st, out, stages = self.state, {"stages": {}}, self.cfg.run.stages
         pending_load = st["checkpoint"]  # learners start from the base model; a resume loads this first
+        if pending_load:  # roll back to what the checkpoint holds; later work (steps, evals) is redone
+            meta = st["checkpoint_meta"]
+            st.update(step=meta["step"], stage=meta["stage"], stage_step=meta["stage_step"], position=meta["position"],
+                      stages_done=list(stages[: stages.index(meta["stage"])]))
+        else:
+            st.update(step=0, stage=None, stage_step=0, stages_done=[], position=asdict(StreamPosition()))
         prev_model = self.model_path
-        for i, stage in enumerate(self.cfg.run.stages):
-            last = i == len(self.cfg.run.stages) - 1
+        for i, stage in enumerate(stages):
+            last = i == len(stages) - 1
             final_dir = self.run_dir / ("final" if last else f"stages/{stage}")
             if stage in st["stages_done"]:
                 prev_model = str(final_dir)
@@ -236,16 +240,10 @@ class Trainer:
             start_model = st["stage_models"].setdefault(stage, prev_model)
             self._save_state()
             stage_cfg, lr, warmup, _ = self._stage_settings(stage)
-            begin = ("begin_stage", stage, stage_cfg, lr, warmup, start_model)
-            if pending_load and st["stage_step"] == 0:  # resumed at a stage boundary: weights of the stage before
+            group.call("begin_stage", stage, stage_cfg, lr, warmup, start_model)
+            if pending_load:  # same loss and scheduler layout first, then weights + optimizer + scheduler state
                 self._load(group, pending_load)
-                group.call(*begin)
-            elif pending_load:  # resumed mid-stage: same loss/scheduler layout, then optimizer + weights
-                group.call(*begin)
-                self._load(group, pending_load)
-            else:
-                group.call(*begin)
-            pending_load = None
+                pending_load = None
             print(f"[rime] stage {stage}: {self._stage_settings(stage)[3]} steps from {start_model}")
             if stage == "cma":
                 out.update(self._run_cma(group))

@@ -114,7 +114,9 @@ class AnchorRewardService:
         if self.query_emb is self.anchor_emb:
             return self.version
         sd = ray.get(weights[0]) if isinstance(weights, list) else weights
-        self.query_emb.model.load_state_dict(sd, strict=True)
+        from actors.rollout import load_exported
+
+        load_exported(self.query_emb.model, sd)
         self.version = version
         return version
 

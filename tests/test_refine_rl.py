@@ -23,7 +23,7 @@ def _items(tiny, n: int = 3):
 
     d = synth_split("train", 2, seed=0, tasks=("t2i", "i2t", "referring"))
     rows = d.queries[:n]
-    return tiny.prepare([{"text": r["qry_text"], "image": r["qry_image"], "instruction": r["qry_inst"]} for r in rows])
+    return tiny.prepare([{"text": r.get("qry_text"), "image": r.get("qry_image"), "instruction": r.get("qry_inst")} for r in rows])
 
 
 def test_learner_recomputes_the_rollout_logprobs(tiny):

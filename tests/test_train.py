@@ -1,5 +1,5 @@
-"""`rime train` end to end: a driver killed mid-run resumes to the same final step, same MLflow run,
-and the same weights as an uninterrupted run."""
+"""`rime train` end to end (cma then refine-rl): a driver killed mid-run resumes to the same final
+step, same MLflow run, and the same weights as an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -13,14 +13,17 @@ from pathlib import Path
 
 import pytest
 
-STEPS = 12
+CMA_STEPS, RL_STEPS = 12, 4
+STEPS = CMA_STEPS + RL_STEPS
 
 
 def _cmd(tmp: Path, name: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "orchestrator.cli", "train", "configs/tiny-cpu.yaml",
             "--set", f"run.name={name}", "--set", f"run.out_dir={tmp / 'runs'}", "--set", f"data.path={tmp / 'data'}",
             "--set", "data.synth_train=20", "--set", "data.synth_test=4", "--set", "data.synth_val=0",
-            "--set", f"cma.steps={STEPS}", "--set", "checkpoint.every_steps=4", "--set", "learners.micro_batch_size=4",
+            "--set", f"cma.steps={CMA_STEPS}", "--set", "checkpoint.every_steps=4", "--set", "learners.micro_batch_size=4",
+            "--set", f"refine_rl.steps={RL_STEPS}", "--set", "refine_rl.queries_per_step=4", "--set", "rollout.group_size=2",
+            "--set", "rollout.max_new_tokens=6",
             "--set", "eval.max_queries_per_task=3", "--set", "eval.max_new_tokens=4",
             "--set", "eval.before_training=false", "--set", "tracking.log_model=false", *extra]
 
@@ -56,7 +59,12 @@ def test_run_writes_summary_eval_and_mlflow(uninterrupted):
     client = mlflow.MlflowClient()
     hist = client.get_metric_history(summary["mlflow_run_id"], "train/loss")
     assert [m.step for m in hist] == list(range(1, STEPS + 1))
-    assert hist[-1].value < hist[0].value
+    assert hist[CMA_STEPS - 1].value < hist[0].value  # the CMA loss went down
+    rl = client.get_metric_history(summary["mlflow_run_id"], "reward/reward_mean")
+    assert [m.step for m in rl] == list(range(CMA_STEPS + 1, STEPS + 1))
+    assert [m.value for m in client.get_metric_history(summary["mlflow_run_id"], "sync/version")] == [1.0, 2.0, 3.0, 4.0]
+    assert set(summary["stages"]) == {"cma", "refine-rl"} and (run_dir / "stages" / "cma" / "rime_embedder.json").is_file()
+    assert (run_dir / "eval" / "after-cma.json").is_file() and (run_dir / "eval" / "final.json").is_file()
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.params["learners.num_learners"] == "2"
     assert "eval/gen_to_disc/hit@1".replace("@", "_at_") in run.data.metrics
@@ -69,7 +77,7 @@ def test_killed_driver_resumes_to_same_step_run_and_weights(uninterrupted, tmp_p
     state = ref_tmp / "runs" / "killed" / "state.json"
     deadline = time.time() + 600
     while time.time() < deadline:
-        if state.is_file() and json.loads(state.read_text()).get("checkpoint") in ("step4", "step8"):
+        if state.is_file() and json.loads(state.read_text()).get("checkpoint") == "step12":  # CMA done: the resume re-enters at the stage boundary
             break
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.5)
