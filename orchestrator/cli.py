@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from rime_model.inputs import InputError
+# Nothing heavy at import time: rime_model pulls in torch (seconds), so each handler imports what it uses and
+# `rime submit` / `jobs` / `profile` with a bad config or address fail in about a second.
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
@@ -26,7 +27,7 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from rime_model import GenerationConfig, load_embedder
+    from rime_model import GenerationConfig, InputError, load_embedder
 
     if not args.text and not args.image:
         raise InputError(None, "--text/--image", "give at least one --text or --image")
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (InputError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # rime_model's InputError is a ValueError
         print(f"rime {args.command}: error: {e}", file=sys.stderr)
         return 2
 

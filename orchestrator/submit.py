@@ -50,14 +50,18 @@ class ProfileError(ValueError):
     """A malformed profile or one whose roles cannot fit on its nodes; the message names file and key."""
 
 
-# role in a profile -> (config section, {profile field: config key}). A role whose config section does
-# not exist yet makes profile_overrides name a key load_config rejects, so it fails loudly, never silently.
+# role in a profile -> (config section, {profile field: config key}); load_config checks the values
+# (e.g. rollout.backend hf|vllm), and a key the config lacks fails loudly like any bad --set.
 ROLE_KEYS: dict[str, tuple[str, dict[str, str]]] = {
     "learners": ("learners", {"count": "num_learners", "cpus": "cpus_per_learner", "gpus": "gpus_per_learner"}),
     "rollout_workers": ("rollout", {"count": "num_workers", "cpus": "cpus_per_worker", "gpus": "gpus_per_worker",
                                     "backend": "backend"}),
     "reward_actors": ("reward", {"count": "num_actors", "cpus": "cpus_per_actor", "gpus": "gpus_per_actor"}),
 }
+# CPUs a run keeps free beside its actors for Ray Data (its parquet ListFiles task asks a whole CPU). Mirrors
+# orchestrator/learner_group.py DATA_TASK_CPUS (imported there with torch; tests/test_clusters.py checks they
+# agree): a profile's driver.cpus, kept free on the head, must cover it.
+DATA_TASK_CPUS = 1.0
 
 
 @dataclass(frozen=True)
@@ -183,8 +187,13 @@ def load_profile(path: str | Path) -> Profile:
             raise ProfileError(f"{w}: overrides.{k}: set by roles; change the role instead")
     driver = _mapping(raw.get("driver") or {}, f"{w}: driver")
     _only(driver, {"cpus"}, f"{w}: driver")
+    driver_cpus = _num(driver, "cpus", f"{w}: driver", default=DATA_TASK_CPUS)
+    if driver_cpus + 1e-9 < DATA_TASK_CPUS:
+        raise ProfileError(f"{w}: driver.cpus: {driver_cpus:g} is less than the {DATA_TASK_CPUS:g} CPU a run keeps free for "
+                           "Ray Data (its parquet ListFiles task asks a whole CPU; orchestrator/learner_group.py "
+                           "DATA_TASK_CPUS): the job would hang reading data; shrink the roles instead")
     prof = Profile(str(raw["name"]), str(p), str(raw.get("description", "")), tuple(nodes),
-                   _num(driver, "cpus", f"{w}: driver", default=0.5), roles, serving, dict(overrides),
+                   driver_cpus, roles, serving, dict(overrides),
                    {str(k): str(v) for k, v in _mapping(raw.get("kuberay") or {}, f"{w}: kuberay").items()})
     check_fits(prof)
     return prof

@@ -16,7 +16,7 @@ import yaml
 
 from orchestrator.config import Config, ConfigError, load_config
 from orchestrator.submit import (
-    ROLE_KEYS, NodeGroup, ProfileError, Role, check_fits, load_profile, pack, profile_overrides,
+    DATA_TASK_CPUS, ROLE_KEYS, NodeGroup, ProfileError, Role, check_fits, load_profile, pack, profile_overrides,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,19 +83,45 @@ def test_profile_maps_roles_onto_config_keys_and_fits_its_nodes(path):
     unknown = sorted(set(keys) - _config_keys())
     assert not unknown, f"{path.name} names keys orchestrator/config.py does not have: {unknown}"
     cfg = load_config(BASE_CONFIG, sets)  # types and value checks too
-    lr = prof.roles["learners"]
+    assert "refine-rl" in cfg.run.stages  # the base config runs every role the profile sizes
+    # every role of a run (CMA learners; Refine-RL rollout workers and reward actors) is sized by the profile
+    assert set(prof.roles) == set(ROLE_KEYS), path.name
+    lr, ro, rw = prof.roles["learners"], prof.roles["rollout_workers"], prof.roles["reward_actors"]
     assert (cfg.learners.num_learners, cfg.learners.cpus_per_learner, cfg.learners.gpus_per_learner) == (lr.count, lr.cpus, lr.gpus)
+    assert (cfg.rollout.num_workers, cfg.rollout.cpus_per_worker, cfg.rollout.gpus_per_worker) == (ro.count, ro.cpus, ro.gpus)
+    assert (cfg.reward.num_actors, cfg.reward.cpus_per_actor, cfg.reward.gpus_per_actor) == (rw.count, rw.cpus, rw.gpus)
+    assert cfg.rollout.backend == ro.extra["backend"] == ("vllm" if prof.total["GPU"] else "hf"), path.name
     assert cfg.cluster.address == "auto"
-    # resource arithmetic: totals within the cluster, and every actor on some node (first-fit packing)
+    # resource arithmetic: totals (every role + the head's reserve) within the cluster ...
     for res, attr in (("CPU", "cpus"), ("GPU", "gpus")):
         need = sum(r.count * getattr(r, attr) for r in prof.roles.values()) + (prof.driver_cpus if res == "CPU" else 0)
         assert need <= prof.total[res] + 1e-9, (path.name, res, need, prof.total[res])
+    # ... and per node: recount what the packing put on each node (learners, rollout workers, reward actors)
     placed = check_fits(prof)
-    assert sum(len(v) for v in placed.values()) == sum(r.count for r in prof.roles.values())
+    counts = {name: sum(a.startswith(f"{name}[") for actors in placed.values() for a in actors) for name in prof.roles}
+    assert counts == {name: r.count for name, r in prof.roles.items()}, (path.name, counts)
+    capacity = {f"{g.name}[{i}]": g for g in prof.nodes for i in range(g.count)}
+    assert set(placed) == set(capacity)
+    for node, actors in placed.items():
+        g = capacity[node]
+        roles_here = [prof.roles[a.split("[")[0]] for a in actors]
+        cpus = sum(r.cpus for r in roles_here) + (prof.driver_cpus if g.head else 0)
+        gpus = sum(r.gpus for r in roles_here)
+        assert cpus <= g.cpus + 1e-9 and gpus <= g.gpus + 1e-9, (path.name, node, actors, cpus, gpus)
+        if g.head:  # Ray Data's parquet ListFiles task asks a whole CPU: the head keeps at least that free
+            assert g.cpus - sum(r.cpus for r in roles_here) >= DATA_TASK_CPUS - 1e-9, (path.name, node, actors)
     if prof.serving:
         assert prof.serving.min_replicas <= prof.serving.max_replicas
         biggest = max(n.gpus for n in prof.nodes)
         assert prof.serving.gpus <= biggest and prof.serving.cpus <= max(n.cpus for n in prof.nodes)
+
+
+def test_profiles_reserve_what_the_trainer_keeps_free_for_ray_data():
+    from orchestrator.learner_group import DATA_TASK_CPUS as trainer_reserve
+
+    assert DATA_TASK_CPUS == trainer_reserve  # submit.py mirrors it to stay torch-free
+    for p in PROFILES:
+        assert load_profile(p).driver_cpus >= trainer_reserve, p.name
 
 
 def test_profile_keys_unknown_to_the_config_fail_loudly(tmp_path):
@@ -108,7 +134,12 @@ def test_profile_keys_unknown_to_the_config_fail_loudly(tmp_path):
 
 @pytest.mark.parametrize("raw, match", [
     ({"name": "x", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}],
-      "roles": {"learners": {"count": 3, "cpus": 1}}}, r"roles\.learners: actor 1 \(1 CPU, 0 GPU\) fits on no node; free after the larger actors: h\[0\]: 0.5 CPU"),
+      "roles": {"learners": {"count": 2, "cpus": 1}}}, r"roles\.learners: actor 1 \(1 CPU, 0 GPU\) fits on no node; free after the larger actors: h\[0\]: 0 CPU"),
+    ({"name": "x", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}], "driver": {"cpus": 0.5},
+      "roles": {"learners": {"count": 1, "cpus": 1}}}, r"driver\.cpus: 0.5 is less than the 1 CPU a run keeps free for Ray Data"),
+    ({"name": "x", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}],
+      "roles": {"learners": {"count": 1, "cpus": 0.5}, "rollout_workers": {"count": 2, "cpus": 0.3, "backend": "hf"}}},
+     r"roles\.rollout_workers: actor 1 \(0.3 CPU, 0 GPU\) fits on no node; free after the larger actors: h\[0\]: 0.2 CPU"),
     ({"name": "x", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}],
       "roles": {"learners": {"count": 1, "cpus": 1}, "critics": {"count": 1, "cpus": 1}}}, r"roles\.critics: unknown role"),
     ({"name": "x", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}],
