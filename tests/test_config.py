@@ -9,8 +9,8 @@ from orchestrator.config import ConfigError, load_config, parse_config
 
 def test_shipped_config_parses():
     cfg = load_config("configs/tiny-cpu.yaml")
-    assert cfg.learners.num_learners == 2 and cfg.learners.cpus_per_learner == 0.5
-    assert cfg.run.stages == ("cma",) and cfg.model.spec == "tiny"
+    assert cfg.learners.num_learners == 2 and cfg.learners.cpus_per_learner == 0.4
+    assert cfg.run.stages == ("cma", "refine-rl") and cfg.model.spec == "tiny"
     assert cfg.flat()["learners.zero_stage"] == 1
 
 

@@ -273,7 +273,7 @@ def head_and_mlflow(tmp_path_factory):
 
 
 def _tiny_sets(tmp: Path, name: str, steps: int) -> list[str]:
-    sets = {"run.name": name, "run.out_dir": tmp / "runs", "data.path": tmp / "data", "data.synth_train": 8,
+    sets = {"run.name": name, "run.stages": "cma", "run.out_dir": tmp / "runs", "data.path": tmp / "data", "data.synth_train": 8,
             "data.synth_val": 0, "data.synth_test": 4, "cma.steps": steps, "checkpoint.every_steps": 100,
             "learners.micro_batch_size": 4, "eval.before_training": "false", "eval.max_queries_per_task": 2,
             "eval.query_modes": "disc", "eval.cand_modes": "disc", "eval.max_new_tokens": 4, "tracking.log_model": "false"}
