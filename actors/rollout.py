@@ -88,6 +88,42 @@ class HfRolloutBackend:
         return self.emb.model.parameters()
 
 
+class VllmBackendAdapter:
+    """``actors.rollout_vllm.VllmRolloutBackend`` behind the HF backend's (items, n, sampling) call, with
+    rime's prompts, tokens and rewrite parsing read from the saved folder (no second HF model)."""
+
+    def __init__(self, model_path: str, seed: int = 0):
+        from .rollout_vllm import VllmRolloutBackend
+
+        self.backend = VllmRolloutBackend(model_path, seed=seed)
+        self.tokenizer = self.backend.tokenizer
+        tok, ids = self.backend.tokens, self.tokenizer.convert_tokens_to_ids
+        self.rewrite_end_id, self.gen_emb_id = ids(tok.rewrite_end), ids(tok.gen_emb)
+        self.stop_ids = [self.gen_emb_id, ids("<|im_end|>")]
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in self.stop_ids:
+            self.stop_ids.append(self.tokenizer.eos_token_id)
+        self.reserved = tuple(tok.all()) + self.backend.family.control_tokens
+
+    def prepare(self, queries: list) -> list:
+        from rime_model.inputs import normalize_inputs
+
+        return normalize_inputs(queries, self.backend.template.default_instruction, self.reserved)
+
+    def parse_rewrite(self, ids: list[int]):
+        from rime_model.embedder import parse_generated
+
+        return parse_generated(ids, self.tokenizer, self.stop_ids, self.rewrite_end_id, self.gen_emb_id)
+
+    def generate(self, items: list, n: int, sampling: Sampling) -> list[tuple[list[int], list[float]]]:
+        prompts = [self.backend.prompt_text(txt, im, ins) for txt, im, ins in items]
+        per_prompt = self.backend.generate(prompts, [im for _, im, _ in items], n, sampling.max_new_tokens,
+                                           sampling.temperature, sampling.top_p, sampling.seed, self.stop_ids)
+        return [sample for samples in per_prompt for sample in samples]
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.backend.load_weights(state_dict)
+
+
 class RolloutWorker:
     """A Ray actor (created by ``orchestrator.rollout_group``) sampling rewrites for query batches."""
 
@@ -95,17 +131,13 @@ class RolloutWorker:
         if backend not in BACKENDS:
             raise ValueError(f"rollout.backend: {backend!r} is not one of {BACKENDS}")
         torch.set_num_threads(torch_threads)
-        from rime_model import Embedder
-
         self.backend_name = backend
         if backend == "hf":
             self.backend = HfRolloutBackend(model_path, batch_size)
-            self.emb = self.backend.emb
+            self.emb = self.backend.emb  # prepare / parse_rewrite / parameters
         else:
-            from .rollout_vllm import VllmRolloutBackend
-
-            self.backend = VllmRolloutBackend(model_path)
-            self.emb = Embedder.load(model_path)  # prompts and rewrite parsing only
+            self.backend = VllmBackendAdapter(model_path)
+            self.emb = self.backend
         self.version = 0
         self.load_log: list[dict] = []
 
@@ -124,8 +156,11 @@ class RolloutWorker:
         self.load_log.append(info)
         return info
 
-    def weights_checksum(self) -> float:
-        """Sum of all parameters in float64 (equals the learners' after a sync)."""
+    def weights_checksum(self) -> float | None:
+        """Sum of all parameters in float64 (equals the learners' after a sync); None on vLLM, whose
+        engine holds repacked weights (its tests compare outputs with HF instead)."""
+        if self.backend_name != "hf":
+            return None
         with torch.no_grad():
             return float(sum(p.detach().double().sum() for p in self.emb.model.parameters()))
 

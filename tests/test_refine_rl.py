@@ -133,3 +133,25 @@ def test_killed_rollout_worker_is_restarted_and_the_step_completes(rl_setup):
     assert [i["version"] for i in infos] == [rl.version] * 2
     assert sums[0] == pytest.approx(rl.group.call("param_checksum")[0], rel=1e-12)
     assert m2["sync/version"] == rl.version
+
+
+def test_one_step_stale_pipelining(rl_setup):
+    """max_staleness 1: the next batch's rollouts are issued before the update, so they were sampled
+    with the previous weights; the clipped ratio then corrects against their behaviour log-probs."""
+    from dataclasses import replace
+
+    rl = rl_setup
+    base = rl.cfg
+    rl.cfg = replace(base, refine_rl=replace(base.refine_rl, max_staleness=1))
+    try:
+        first = rl.step(20)
+        assert rl.pending is not None and rl.pending.version == rl.version - 1  # issued before the update
+        second = rl.step(21)
+    finally:
+        rl.cfg = base
+    assert first["rollout/staleness_mean"] == 0.0
+    assert second["rollout/staleness_mean"] == 1.0
+    assert second["train/logprob_mismatch"] > 0  # behaviour policy != the policy being updated
+    assert rl.trained_position == rl.pending.pos_before  # a checkpoint now would replay the pending batch
+    rl.step(22)  # drains the pending batch with staleness back at 0 for the next one
+    assert rl.pending is None
