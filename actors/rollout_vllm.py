@@ -285,8 +285,9 @@ class VllmRolloutBackend:
         """Replace the engine's weights in place with an HF-named state dict; no engine restart.
 
         Keys are those of ``Qwen2VLForConditionalGeneration.state_dict()`` (what the DeepSpeed learner
-        exports). Every parameter of the engine must be covered (a partial dict raises), and caches
-        that hold results of the old weights (prefix KV, vision encoder outputs) are dropped.
+        exports). Every tensor of the saved checkpoint must be covered (a partial dict raises
+        ``KeyError`` before anything is loaded); caches that hold results of the old weights (prefix
+        KV, vision encoder outputs, processed multimodal inputs) are dropped afterwards.
         """
         import torch
 

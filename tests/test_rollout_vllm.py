@@ -36,7 +36,6 @@ MAX_NEW = 16
 # (temperature-0.7) logprobs would differ by ~0.1-10, an off-by-one position by O(1).
 LOGPROB_ATOL = 1e-4
 
-pytestmark = pytest.mark.slow
 
 
 def _vllm_env() -> dict[str, str]:
@@ -189,6 +188,21 @@ def _run_vllm(python: str, spec: dict, tmp_path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------- tests
+def test_weight_names_cover_the_checkpoint(tiny, tmp_path):
+    """No vLLM needed: the learner's state_dict() names (transformers v5 spelling) cover every tensor
+    of the saved checkpoint (original spelling) once canonicalised, and a partial dict is caught."""
+    from actors.rollout_vllm import _canonical_key, _checkpoint_keys
+
+    path = tiny.save(tmp_path / "m")
+    ckpt = _checkpoint_keys(path)
+    names = {_canonical_key(k) for k in tiny.model.state_dict()}
+    assert ckpt and ckpt <= names
+    assert "language_model.model.embed_tokens.weight" in ckpt and any(k.startswith("visual.") for k in ckpt)
+    partial = {_canonical_key(k) for k in tiny.model.state_dict() if "layers.1." not in k}
+    assert ckpt - partial
+
+
+@pytest.mark.slow
 def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_path, synth_items, tmp_path):
     """(a) greedy == HF greedy token for token, text and image items; (b) sampled-token logprobs ==
     HF's teacher-forced temperature-1 logprobs (also when sampled at T=0.7, top_p=0.9: raw, not
@@ -262,6 +276,7 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
     assert max(diffs_p) < LOGPROB_ATOL
 
 
+@pytest.mark.slow
 def test_vllm_backend_in_ray_actor_from_base_venv(vllm_python, trained_path, synth_items):
     """A .venv driver starts the backend as a Ray actor running .venv-vllm's interpreter."""
     import ray
