@@ -277,40 +277,44 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
 
 
 @pytest.mark.slow
-def test_vllm_backend_in_ray_actor_from_base_venv(vllm_python, trained_path, synth_items):
-    """A .venv driver starts the backend as a Ray actor running .venv-vllm's interpreter."""
+def test_vllm_rollout_worker_in_ray_actor_from_base_venv(vllm_python, trained_path, synth_items):
+    """The production path: a .venv driver starts ``RolloutWorker(backend="vllm")`` with the runtime_env
+    ``orchestrator.rl_actors`` builds (``.venv-vllm``'s interpreter); its greedy rollouts equal the HF
+    worker's token for token, before and after a versioned weight update through the object store."""
     import ray
-    from PIL import Image
 
-    from actors.rollout_vllm import VllmRolloutBackend  # importable without vllm (lazy imports)
-    from rime_model import Embedder
+    from actors.rollout import RolloutWorker
+    from orchestrator.config import parse_config
+    from orchestrator.rl_actors import rollout_runtime_env
 
-    emb = Embedder.load(trained_path)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if ray.is_initialized():
         ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    greedy = {"max_new_tokens": MAX_NEW, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+    queries = _inputs(synth_items)
     try:
-        Backend = ray.remote(num_cpus=0.5)(VllmRolloutBackend).options(
-            runtime_env={
-                "py_executable": vllm_python,
-                "env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-                             "TOKENIZERS_PARALLELISM": "false"},
-            }
-        )
-        actor = Backend.remote(str(trained_path), seed=0)
-        info = ray.get(actor.__ray_call__.remote(lambda self: (sys.executable, __import__("vllm").__version__)), timeout=600)
-        assert info[0].startswith(str(REPO / ".venv-vllm")), info
-        prompts = [ray.get(actor.prompt_text.remote(it["text"], it["image"] or None, it["instruction"])) for it in synth_items]
-        images = [Image.open(io.BytesIO(it["image"])).convert("RGB") if it["image"] else None for it in synth_items]
-        out = ray.get(actor.generate.remote(prompts, images, 1, MAX_NEW, 0.0, 1.0, None, list(emb.stop_ids)), timeout=600)
-        assert [per[0][0] for per in out] == _hf_greedy(emb, synth_items)
-        # weight sync through the actor call (tensors pickled from the .venv driver)
-        perturbed = _perturbed_state_dict(trained_path)
-        ray.get(actor.load_weights.remote(perturbed), timeout=600)
-        out_p = ray.get(actor.generate.remote(prompts, images, 1, MAX_NEW, 0.0, 1.0, None, list(emb.stop_ids)), timeout=600)
-        emb.model.load_state_dict(perturbed)
-        assert [per[0][0] for per in out_p] == _hf_greedy(emb, synth_items)
-        ray.kill(actor)
+        workers = {}
+        for backend in ("vllm", "hf"):
+            env = rollout_runtime_env(parse_config({"rollout": {"backend": backend}}))
+            workers[backend] = ray.remote(RolloutWorker).options(num_cpus=0.25, runtime_env=env).remote(str(trained_path), backend)
+        exe = ray.get(workers["vllm"].__ray_call__.remote(lambda self: sys.executable), timeout=600)
+        assert exe.startswith(str(REPO / ".venv-vllm")), exe
+
+        def ids(out):
+            return [s["token_ids"] for s in out["samples"]]
+
+        outs = {b: ray.get(w.generate.remote(queries, 1, greedy), timeout=600) for b, w in workers.items()}
+        assert ids(outs["vllm"]) == ids(outs["hf"])
+        assert [s["text"] for s in outs["vllm"]["samples"]] == [s["text"] for s in outs["hf"]["samples"]]
+        # a versioned update through the object store, as the Refine-RL driver sends it
+        ref = ray.put(_perturbed_state_dict(trained_path))
+        for w in workers.values():
+            assert ray.get(w.update_weights.remote(1, [ref]), timeout=600)["version"] == 1
+        outs_p = {b: ray.get(w.generate.remote(queries, 1, greedy), timeout=600) for b, w in workers.items()}
+        assert ids(outs_p["vllm"]) == ids(outs_p["hf"]) != ids(outs["hf"])
+        assert outs_p["vllm"]["version"] == outs_p["hf"]["version"] == 1
+        for w in workers.values():
+            ray.kill(w)
     finally:
         ray.shutdown()
