@@ -27,6 +27,7 @@ class Sampling:
     max_new_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0 = off in both backends (HF's implicit default of 50 is overridden)
     seed: int | None = None
 
 
@@ -78,7 +79,8 @@ class HfRolloutBackend:
         from rime_model import GenerationConfig
 
         g = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.temperature > 0,
-                             temperature=max(sampling.temperature, 1e-5), top_p=sampling.top_p, seed=sampling.seed)
+                             temperature=max(sampling.temperature, 1e-5), top_p=sampling.top_p, top_k=sampling.top_k,
+                             seed=sampling.seed)
         return self.emb.sample_rollouts(items, n, g, batch_size=self.batch_size)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -117,7 +119,8 @@ class VllmBackendAdapter:
     def generate(self, items: list, n: int, sampling: Sampling) -> list[tuple[list[int], list[float]]]:
         prompts = [self.backend.prompt_text(txt, im, ins) for txt, im, ins in items]
         per_prompt = self.backend.generate(prompts, [im for _, im, _ in items], n, sampling.max_new_tokens,
-                                           sampling.temperature, sampling.top_p, sampling.seed, self.stop_ids)
+                                           sampling.temperature, sampling.top_p, sampling.seed, self.stop_ids,
+                                           top_k=sampling.top_k)
         return [sample for samples in per_prompt for sample in samples]
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:

@@ -230,6 +230,7 @@ class VllmRolloutBackend:
         top_p: float,
         seed: int | None,
         stop_token_ids: list[int],
+        top_k: int = 0,
     ) -> list[list[tuple[list[int], list[float]]]]:
         """Per prompt, ``n`` samples of (generated ids incl. the stop token if hit, raw logprob of each).
 
@@ -256,6 +257,7 @@ class VllmRolloutBackend:
                     max_tokens=max_new_tokens,
                     temperature=0.0 if greedy else float(temperature),
                     top_p=1.0 if greedy else float(top_p),
+                    top_k=-1 if greedy or top_k <= 0 else int(top_k),  # -1 = off
                     seed=None if seed is None else seed + i * n,
                     stop_token_ids=list(stop_token_ids),
                     ignore_eos=True,

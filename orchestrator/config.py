@@ -91,6 +91,7 @@ class RolloutConfig:
     max_new_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0 = off (vLLM's default); HF generate's implicit 50 is overridden either way
     batch_size: int = 16  # prompts per generate call (hf backend)
     torch_threads: int = 1
     max_restarts: int = 3  # Ray restarts a dead worker and re-issues its rollouts
@@ -286,6 +287,8 @@ def _check(cfg: Config) -> None:
                  "reward.neg_temperature": cfg.reward.neg_temperature}.items():
         if v < 0 or (v == 0 and k != "rollout.temperature"):
             raise ConfigError(f"{k}: must be > 0, got {v}")
+    if cfg.rollout.top_k < 0:
+        raise ConfigError(f"rollout.top_k: must be >= 0 (0 = off), got {cfg.rollout.top_k}")
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p: must be in (0, 1], got {cfg.rollout.top_p}")
     if cfg.cma.temperature <= 0:

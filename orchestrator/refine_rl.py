@@ -88,7 +88,7 @@ class RefineRL:
         weights = {"version": self.version, "ref": [self.weights_ref]} if self.weights_ref is not None else None
         refs = []
         for w, (a, b) in enumerate(chunks):
-            sampling = {"max_new_tokens": ro.max_new_tokens, "temperature": ro.temperature, "top_p": ro.top_p,
+            sampling = {"max_new_tokens": ro.max_new_tokens, "temperature": ro.temperature, "top_p": ro.top_p, "top_k": ro.top_k,
                         "seed": (self.cfg.run.seed * 1_000_003 + step * 101 + w) % (2**31)}
             refs.append(self.actors.rollout[w].generate.remote([q["q"] for q in queries[a:b]], ro.group_size, sampling, weights))
         pending = Pending(queries, refs, chunks, pos_before, self.version)

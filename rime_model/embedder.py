@@ -78,6 +78,7 @@ class GenerationConfig:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0 = off (transformers' generate would otherwise apply its default top_k=50)
     seed: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -255,7 +256,7 @@ class Embedder:
         out: list[Rewrite] = []
         for i in range(0, len(items), batch_size):
             enc = self.build_gen_prompt_batch(items[i : i + batch_size])
-            sampling = dict(do_sample=True, temperature=g.temperature, top_p=g.top_p) if g.do_sample else dict(do_sample=False)
+            sampling = dict(do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k) if g.do_sample else dict(do_sample=False)
             seqs = self.model.generate(
                 **enc,
                 max_new_tokens=g.max_new_tokens,
@@ -345,7 +346,7 @@ class Embedder:
         raw policy (temperature-1 logits, before any sampling warper): PPO's behaviour log-probs."""
         if generation.seed is not None:
             torch.manual_seed(generation.seed)
-        sampling = (dict(do_sample=True, temperature=generation.temperature, top_p=generation.top_p)
+        sampling = (dict(do_sample=True, temperature=generation.temperature, top_p=generation.top_p, top_k=generation.top_k)
                     if generation.do_sample else dict(do_sample=False))
         out: list[tuple[list[int], list[float]]] = []
         for i in range(0, len(items), batch_size):
