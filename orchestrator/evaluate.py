@@ -36,13 +36,16 @@ class EvalResult:
     n_candidates: int
     skipped: list[dict] = field(default_factory=list)
     rewrite_tokens_mean: float | None = None
+    rewrite_stats: dict[str, float] = field(default_factory=dict)  # gen queries: empty / well-formed fractions
+    rewrite_samples: list[dict] = field(default_factory=list)  # a few per task, next to the ideal rewrite
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
             "pairs": self.pairs, "n_queries": self.n_queries, "n_candidates": self.n_candidates,
             "skipped": self.skipped, "n_skipped": len(self.skipped),
-            "rewrite_tokens_mean": self.rewrite_tokens_mean, "timings": self.timings,
+            "rewrite_tokens_mean": self.rewrite_tokens_mean, "rewrite_stats": self.rewrite_stats,
+            "rewrite_samples": self.rewrite_samples, "timings": self.timings,
         }
 
     def flat_metrics(self) -> dict[str, float]:
@@ -82,8 +85,9 @@ def _usable(emb: Embedder, rows: list[dict], to_item, id_key: str, check, skippe
 
 
 def embed_rows(emb: Embedder, items: list[dict], mode: str, batch_size: int, gen: GenerationConfig,
-               rewrites: list[str] | None = None, desc: str = "") -> tuple[np.ndarray, list[int]]:
-    """Vectors of ``items`` in ``mode`` with a progress bar; also the rewrite token counts (gen)."""
+               rewrites: list[str] | None = None, desc: str = "", generated: list | None = None) -> tuple[np.ndarray, list[int]]:
+    """Vectors of ``items`` in ``mode`` with a progress bar; also the rewrite token counts (gen).
+    ``generated`` (a list) receives the gen-mode ``Rewrite`` objects, for the report."""
     vecs, counts = [], []
     for i in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch", leave=False, disable=None):
         chunk = items[i : i + batch_size]
@@ -92,6 +96,8 @@ def embed_rows(emb: Embedder, items: list[dict], mode: str, batch_size: int, gen
         else:
             res = emb.embed(chunk, mode=mode, batch_size=batch_size, generation=gen)
             counts += res.rewrite_token_counts or []
+            if generated is not None and res.rewrites:
+                generated.extend(res.rewrites)
         vecs.append(res.vectors)
     return (np.concatenate(vecs) if vecs else np.zeros((0, emb.dim), np.float32)), counts
 
@@ -169,10 +175,16 @@ def evaluate(
 
     qvecs: dict[str, np.ndarray] = {}
     token_counts: list[int] = []
+    samples: list[dict] = []
+    stats: dict[str, float] = {}
     rewrites = [q.get("rewrite") or "" for q in queries]
     for m in query_modes:
         t = time.perf_counter()
-        qvecs[m], counts = embed_rows(emb, [_query_item(q) for q in queries], m, batch_size, gen, rewrites, desc=f"queries[{m}]")
+        produced: list = []
+        qvecs[m], counts = embed_rows(emb, [_query_item(q) for q in queries], m, batch_size, gen, rewrites, desc=f"queries[{m}]",
+                                      generated=produced)
+        if m == "gen" and produced:
+            samples, stats = _rewrite_report(queries, produced)
         token_counts += counts
         timings[f"query_{m}_s"] = round(time.perf_counter() - t, 3)
 
@@ -190,7 +202,24 @@ def evaluate(
                 rows.append((q["task"], query_metrics(cvecs[cm][idx] @ qvecs[qm][qi], rel)))
             pairs[f"{qm}->{cm}"] = aggregate(rows, {t: "image" for t in by_task})
     mean_tokens = float(np.mean(token_counts)) if token_counts else None
-    return EvalResult(pairs, len(queries), len(cands), _dedupe(skipped), mean_tokens, timings)
+    return EvalResult(pairs, len(queries), len(cands), _dedupe(skipped), mean_tokens, rewrite_stats=stats,
+                      rewrite_samples=samples, timings=timings)
+
+
+def _rewrite_report(queries: list[dict], produced: list, per_task: int = 3) -> tuple[list[dict], dict[str, float]]:
+    """What the model actually wrote: a few rewrites per task beside the ideal one, and the share of
+    empty and of well-formed rewrites (a degenerate rewriter must show up in the report, not only
+    in the metrics)."""
+    shown: dict[str, int] = {}
+    samples = []
+    for q, r in zip(queries, produced):
+        if shown.get(q["task"], 0) < per_task:
+            shown[q["task"]] = shown.get(q["task"], 0) + 1
+            samples.append({"query_id": q["query_id"], "task": q["task"], "rewrite": r.text, "ideal": q.get("rewrite"),
+                            "well_formed": r.well_formed, "tokens": r.num_tokens})
+    n = max(1, len(produced))
+    stats = {"empty_frac": sum(not r.text.strip() for r in produced) / n, "well_formed_frac": sum(r.well_formed for r in produced) / n}
+    return samples, stats
 
 
 def _dedupe(rows: list[dict]) -> list[dict]:

@@ -144,6 +144,9 @@ class Trainer:
         flat = {f"eval/{k}".replace("@", "_at_"): v for k, v in result.flat_metrics().items() if k.count("/") == 1}
         if result.rewrite_tokens_mean is not None:
             flat["eval/rewrite_tokens_mean"] = result.rewrite_tokens_mean
+        flat.update({f"eval/rewrite_{k}": v for k, v in result.rewrite_stats.items()})
+        for r in result.rewrite_samples[:6]:
+            print(f"[rime]   {r['task']:10s} rewrite {r['rewrite']!r} (ideal {r['ideal']!r})")
         self.mlflow.log_metrics(flat, step=step)
         self.mlflow.log_artifact(str(report), artifact_path="eval")
         return {p: agg["all"] for p, agg in result.pairs.items()}

@@ -69,6 +69,10 @@ def test_rime_eval_on_mmeb_fixture_all_pairs(zoo_cache, mmeb_fixture, tmp_path):
     assert set(rep["pairs"]) == {"disc->disc", "disc->gen", "gen->disc", "gen->gen"}
     assert rep["n_queries"] == 6 and rep["pairs"]["disc->disc"]["tasks"]["ColourCls"]["n"] == 3
     assert "disc->disc" in r.stdout and "ALL (mean)" in r.stdout
+    # what the model wrote is in the report, next to the ideal rewrite (a degenerate rewriter is visible)
+    assert {x["task"] for x in rep["rewrite_samples"]} == {"ColourCls", "ColourT2I"}
+    assert all(set(x) >= {"rewrite", "ideal", "well_formed", "tokens"} for x in rep["rewrite_samples"])
+    assert 0.0 <= rep["rewrite_stats"]["empty_frac"] <= 1.0 and 0.0 <= rep["rewrite_stats"]["well_formed_frac"] <= 1.0
 
     import mlflow
 
