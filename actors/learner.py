@@ -102,7 +102,7 @@ class Learner:
         if stage == "refine-rl" and stage_cfg["policy"]["kl_coef"] > 0:
             if ref_path is None:
                 raise ValueError("begin_stage('refine-rl'): kl_coef > 0 needs ref_path (the stage's starting model)")
-            self.ref = Embedder.load(ref_path)
+            self.ref = Embedder.load(ref_path, device=str(self.engine.device))
             self.ref.model.requires_grad_(False)
 
     # ------------------------------------------------------------------ training
@@ -152,15 +152,15 @@ class Learner:
         logp, entropy, mask = emb.action_logprobs(h, batch.labels, span)
         old = torch.zeros_like(logp)
         for b, s in enumerate(samples):
-            old[b, mask[b].bool()] = torch.tensor(s["logprobs"], dtype=old.dtype)
+            old[b, mask[b].bool()] = torch.tensor(s["logprobs"], dtype=old.dtype, device=old.device)
         ref = None
         if self.ref is not None:
             with torch.no_grad():
                 ref, _, _ = self.ref.action_logprobs(self.ref.hidden_states(batch), batch.labels, span)
-        adv = torch.tensor([s["advantage"] for s in samples], dtype=logp.dtype)
+        adv = torch.tensor([s["advantage"] for s in samples], dtype=logp.dtype, device=logp.device)
         pg_loss, pm = policy_loss(logp, old, ref, adv, mask, PolicyLossConfig(**cfg["policy"]))
         g = emb.encode(batch, hidden=h)
-        anchors = torch.tensor([s["anchor"] for s in samples], dtype=g.dtype)
+        anchors = torch.tensor([s["anchor"] for s in samples], dtype=g.dtype, device=g.device)
         nce = info_nce(g, anchors, cfg["nce_temperature"], [s["target_id"] for s in samples])
         n_tok = mask.sum().clamp(min=1)
         out: dict[str, Any] = {

@@ -72,7 +72,7 @@ class HfRolloutBackend:
     def __init__(self, model_path: str, batch_size: int = 16):
         from rime_model import Embedder
 
-        self.emb = Embedder.load(model_path)
+        self.emb = Embedder.load(model_path, device="cuda" if torch.cuda.is_available() else None)
         self.batch_size = batch_size
 
     def generate(self, items: list, n: int, sampling: Sampling) -> list[tuple[list[int], list[float]]]:

@@ -36,7 +36,9 @@ class EmbedderServer:
         from rime_model import GenerationConfig, load_embedder
 
         torch.set_num_threads(torch_threads)
-        self.emb = load_embedder(model)
+        import torch
+
+        self.emb = load_embedder(model, device="cuda" if torch.cuda.is_available() else None)  # the replica's GPU, if it has one
         self.model_name = model_name or model
         self.limits = Limits(**(limits or {}))
         self.generation = GenerationConfig(max_new_tokens=max_new_tokens)

@@ -33,8 +33,9 @@ class AnchorRewardService:
             raise ValueError(f"reward.query_encoder: {query_encoder!r} is not one of {QUERY_ENCODERS}")
         torch.set_num_threads(torch_threads)
         self.cfg = RewardConfig(**reward_cfg)
-        self.anchor_emb = Embedder.load(model_path)
-        self.query_emb = Embedder.load(model_path) if query_encoder == "policy" else self.anchor_emb
+        device = "cuda" if torch.cuda.is_available() else None  # the actor's own GPU, never the learners'
+        self.anchor_emb = Embedder.load(model_path, device=device)
+        self.query_emb = Embedder.load(model_path, device=device) if query_encoder == "policy" else self.anchor_emb
         for e in {id(self.anchor_emb): self.anchor_emb, id(self.query_emb): self.query_emb}.values():
             e.model.requires_grad_(False)
         _, c_path = split_paths(data_dir, split)
@@ -92,7 +93,7 @@ class AnchorRewardService:
         g = []
         for s in range(0, len(items), self.batch_size):
             g.append(self.query_emb.encode(self.query_emb.build_rollout_batch(items[s : s + self.batch_size], comps[s : s + self.batch_size])))
-        g_all = torch.cat(g) if g else torch.zeros(0, self.query_emb.dim)
+        g_all = torch.cat(g).cpu() if g else torch.zeros(0, self.query_emb.dim)
         results = []
         for i, r in enumerate(requests):
             rows = [k for k, o in enumerate(owner) if o == i]
