@@ -8,9 +8,8 @@ from typing import Any
 from actors.learner import Learner
 
 from .config import Config
-from .placement import RoleRequest, reserve
+from .placement import DATA_TASK_CPUS, RoleRequest, reserve
 
-DATA_TASK_CPUS = 1.0  # kept free beside the actors for Ray Data: its parquet ListFiles task asks a whole CPU
 
 
 def learner_request(cfg: Config) -> RoleRequest:

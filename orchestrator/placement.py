@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# CPUs every run keeps free beside its actors for Ray Data: Ray 2.60's parquet reader runs a ListFiles
+# task that asks a WHOLE CPU, so fractional actors that leave less than this starve the stream.
+# Lives here (no torch import) so the trainer and the cluster-profile checks share one value.
+DATA_TASK_CPUS = 1.0
+
 
 class PlacementError(RuntimeError):
     """The cluster cannot host the requested roles."""

@@ -30,6 +30,8 @@ from urllib.parse import urlparse
 
 import yaml
 
+from .placement import DATA_TASK_CPUS
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # What never goes into the uploaded working dir (gitignore syntax, relative to it; Ray also applies
 # .gitignore by default, these hold even where it is missing or RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1).
@@ -58,10 +60,6 @@ ROLE_KEYS: dict[str, tuple[str, dict[str, str]]] = {
                                     "backend": "backend"}),
     "reward_actors": ("reward", {"count": "num_actors", "cpus": "cpus_per_actor", "gpus": "gpus_per_actor"}),
 }
-# CPUs a run keeps free beside its actors for Ray Data (its parquet ListFiles task asks a whole CPU). Mirrors
-# orchestrator/learner_group.py DATA_TASK_CPUS (imported there with torch; tests/test_clusters.py checks they
-# agree): a profile's driver.cpus, kept free on the head, must cover it.
-DATA_TASK_CPUS = 1.0
 
 
 @dataclass(frozen=True)
@@ -190,7 +188,7 @@ def load_profile(path: str | Path) -> Profile:
     driver_cpus = _num(driver, "cpus", f"{w}: driver", default=DATA_TASK_CPUS)
     if driver_cpus + 1e-9 < DATA_TASK_CPUS:
         raise ProfileError(f"{w}: driver.cpus: {driver_cpus:g} is less than the {DATA_TASK_CPUS:g} CPU a run keeps free for "
-                           "Ray Data (its parquet ListFiles task asks a whole CPU; orchestrator/learner_group.py "
+                           "Ray Data (its parquet ListFiles task asks a whole CPU; orchestrator/placement.py "
                            "DATA_TASK_CPUS): the job would hang reading data; shrink the roles instead")
     prof = Profile(str(raw["name"]), str(p), str(raw.get("description", "")), tuple(nodes),
                    driver_cpus, roles, serving, dict(overrides),

@@ -198,8 +198,7 @@ class Trainer:
                 summary["baseline"] = self._evaluate(self.model_path, "baseline", 0)
                 self.state["baseline_done"] = True
                 self._save_state()
-            stage = {"lambda_cma": cfg.cma.lambda_cma, "temperature": cfg.cma.temperature, "ce_weight": cfg.cma.ce_weight}
-            group = LearnerGroup(cfg, self.model_path, stage)
+            group = LearnerGroup(cfg, self.model_path, self._stage_settings("cma")[0])
             try:
                 summary.update(self._stages(group))
             finally:
@@ -242,12 +241,12 @@ class Trainer:
                 st.update(stage=stage, stage_step=0, position=asdict(StreamPosition()))
             start_model = st["stage_models"].setdefault(stage, prev_model)
             self._save_state()
-            stage_cfg, lr, warmup, _ = self._stage_settings(stage)
+            stage_cfg, lr, warmup, steps = self._stage_settings(stage)
             group.call("begin_stage", stage, stage_cfg, lr, warmup, start_model)
             if pending_load:  # same loss and scheduler layout first, then weights + optimizer + scheduler state
                 self._load(group, pending_load)
                 pending_load = None
-            print(f"[rime] stage {stage}: {self._stage_settings(stage)[3]} steps from {start_model}")
+            print(f"[rime] stage {stage}: {steps} steps from {start_model}")
             if stage == "cma":
                 out.update(self._run_cma(group))
             else:

@@ -82,7 +82,7 @@ def query_dataset(paths: str | Path | list, cfg: PipelineConfig | None = None):
     paths = [str(p) for p in paths] if isinstance(paths, (list, tuple)) else str(paths)
     # Read tasks ask the same fractional CPU as the map. Ray 2.60's parquet reader also runs one
     # ListFiles task that always asks a WHOLE CPU: callers keep 1 CPU free beside their actors
-    # (orchestrator.learner_group.DATA_TASK_CPUS), or the stream never starts.
+    # (orchestrator.placement.DATA_TASK_CPUS), or the stream never starts.
     ds = ray.data.read_parquet(paths, num_cpus=cfg.task_cpus)
     return ds.map_batches(
         validate_and_normalise, fn_kwargs={"cfg": cfg}, batch_format="pandas",
