@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 MODES = ("disc", "gen", "latent")
-SUPPORTED_MODES = ("disc", "gen")  # latent arrives with PLUME (issue #8)
 
 
 class ApiError(Exception):
@@ -109,8 +108,6 @@ def parse_request(body: dict, limits: Limits) -> EmbeddingRequest:
     mode = body.get("mode", "disc")
     if mode not in MODES:
         raise ApiError(400, "mode", f"{mode!r} is not one of {MODES}")
-    if mode not in SUPPORTED_MODES:
-        raise ApiError(400, "mode", f"{mode!r} is not served by this model yet (latent mode lands with PLUME); use disc or gen")
     fmt = body.get("encoding_format", "float")
     if fmt not in ("float", "base64"):
         raise ApiError(400, "encoding_format", f"{fmt!r} is not 'float' or 'base64'")

@@ -16,12 +16,14 @@ from typing import Any
 import torch
 
 from rime_model import Embedder
-from rime_model.losses import cma_loss, completion_ce, info_nce
+from rime_model.curriculum import Phase, continuation_text, split_segments
+from rime_model.latent import AdapterConfig, balance_loss, latent_pass
+from rime_model.losses import cma_loss, completion_ce, info_nce, plume_loss
 from rime_model.policy_loss import PolicyLossConfig, policy_loss
 
-Pair = dict[str, Any]  # CMA: {"q": item, "t": item, "q_rewrite": str, "t_rewrite": str, "target_id": int}
+Pair = dict[str, Any]  # CMA/PLUME: {"q": item, "t": item, "q_rewrite", "t_rewrite", "q_reasoning": [str], "target_id"}
 Sample = dict[str, Any]  # Refine-RL: {"q": item, "token_ids", "logprobs", "advantage", "anchor": [D], "target_id"}
-LEARNER_STAGES = ("cma", "refine-rl")
+LEARNER_STAGES = ("cma", "refine-rl", "plume")
 
 
 def deepspeed_config(lc: dict, world_size: int) -> dict:
@@ -47,7 +49,8 @@ class Learner:
     """One data-parallel rank. Created by ``orchestrator.learner_group.LearnerGroup``."""
 
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
-                 learner_cfg: dict, stage_cfg: dict, seed: int = 0, freeze_vision: bool = False):
+                 learner_cfg: dict, stage_cfg: dict, seed: int = 0, freeze_vision: bool = False,
+                 latent_adapter: dict | None = None):
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           LOCAL_RANK="0", WORLD_SIZE=str(world_size))
         torch.set_num_threads(learner_cfg["torch_threads"])
@@ -58,6 +61,9 @@ class Learner:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         self.rank, self.world_size, self.lc, self.stage_cfg = rank, world_size, learner_cfg, stage_cfg
         self.emb = Embedder.load(model_path)
+        if latent_adapter is not None and self.emb.latent_adapter is None:
+            # Before deepspeed.initialize, so ZeRO partitions, trains and checkpoints it with the rest.
+            self.emb.attach_latent_adapter(AdapterConfig(hidden_size=self.emb.dim, **latent_adapter), seed=seed)
         if freeze_vision:
             for name, p in self.emb.model.named_parameters():
                 if "visual" in name or "vision_tower" in name:
@@ -91,13 +97,7 @@ class Learner:
         if stage not in LEARNER_STAGES:
             raise ValueError(f"stage {stage!r} has no learner loss; known: {LEARNER_STAGES}")
         self.stage, self.stage_cfg = stage, stage_cfg
-        opt = self._torch_optimizer()
-        if reset_optimizer:
-            opt.state.clear()
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] = lr
-        warm = max(1, warmup_steps)
-        self.engine.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        self.reset_optimizer(lr, warmup_steps, clear_state=reset_optimizer)
         self.ref = None
         if stage == "refine-rl" and stage_cfg["policy"]["kl_coef"] > 0:
             if ref_path is None:
@@ -105,14 +105,32 @@ class Learner:
             self.ref = Embedder.load(ref_path, device=str(self.engine.device))
             self.ref.model.requires_grad_(False)
 
+    def reset_optimizer(self, lr: float, warmup_steps: int, clear_state: bool = True) -> None:
+        """Fresh Adam moments (stage and curriculum-stage changes), new learning rate, linear warm-up."""
+        opt = self._torch_optimizer()
+        if clear_state:
+            opt.state.clear()
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] = lr
+        warm = max(1, warmup_steps)
+        self.engine.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+
     # ------------------------------------------------------------------ training
-    def train_step(self, micro_batches: list[list[Pair]]) -> dict[str, float]:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; returns mean loss terms."""
+    def train_step(self, micro_batches: list[list[Pair]], phase: dict | None = None) -> dict[str, float]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns mean loss terms.
+        ``phase`` (PLUME only) is the curriculum phase of this step."""
         if len(micro_batches) != self.lc["grad_accum_steps"]:
             raise ValueError(f"train_step: got {len(micro_batches)} micro-batches, expected grad_accum_steps={self.lc['grad_accum_steps']}")
+        if (self.stage == "plume") != (phase is not None):
+            raise ValueError(f"train_step: phase is required by the plume stage and only there (stage {self.stage!r})")
         sums: dict[str, float] = {}
         for mb in micro_batches:
-            terms = self._cma_terms(mb) if self.stage == "cma" else self._grpo_terms(mb)
+            if self.stage == "cma":
+                terms = self._cma_terms(mb)
+            elif self.stage == "plume":
+                terms = self._plume_terms(mb, Phase(**phase))
+            else:
+                terms = self._grpo_terms(mb)
             self.engine.backward(terms["loss"])
             self.engine.step()
             for k, v in terms.items():
@@ -138,6 +156,30 @@ class Learner:
         n = len(pairs)
         return cma_loss(d[:n], d[n:], g[:n], g[n:], ce, lambda_cma=cfg["lambda_cma"], temperature=cfg["temperature"],
                         ce_weight=cfg["ce_weight"], target_ids=[p["target_id"] for p in pairs])
+
+    def _plume_terms(self, pairs: list[Pair], phase: Phase) -> dict[str, Any]:
+        """PLUME: both sides run ``phase.latent_steps`` latent steps, then the curriculum's remaining
+        text (queries: reasoning segments not yet replaced + answer; targets: their answer) under CE;
+        gen embeddings at ``<gen_emb>``, disc anchors at ``<disc_emb>`` of the same prefix pass."""
+        emb, cfg = self.emb, self.stage_cfg
+        q_items = emb.prepare([p["q"] for p in pairs])
+        t_items = emb.prepare([p["t"] for p in pairs])
+        texts = [continuation_text(emb.template, emb.tokens, split_segments(p.get("q_reasoning"), cfg["segments"])[0], phase,
+                                   p["q_rewrite"]) for p in pairs]
+        texts += [continuation_text(emb.template, emb.tokens, [], phase, p["t_rewrite"]) for p in pairs]
+        conts = [emb.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+        out = latent_pass(emb, q_items + t_items, phase.latent_steps, conts)
+        ce = completion_ce(out.hidden, out.labels, emb.model.get_output_embeddings())
+        g, c, n = out.gen_embedding(), out.disc_embedding(), len(pairs)
+        bal = balance_loss(out.router_probs) if out.router_probs else None
+        terms: dict[str, Any] = plume_loss(g[:n], g[n:], c[:n], c[n:], ce, bal, temperature=cfg["temperature"],
+                                           ce_weight=cfg["ce_weight"], disc_weight=cfg["disc_weight"],
+                                           lambda_bal=cfg["lambda_bal"], target_ids=[p["target_id"] for p in pairs])
+        if out.router_probs:
+            usage = torch.cat(out.router_probs).detach().mean(0)
+            terms.update({f"router_p{m}": float(v) for m, v in enumerate(usage)})
+        terms["text_tokens"] = float((out.labels[:, 1:] != -100).sum())
+        return terms
 
     def _grpo_terms(self, samples: list[Sample]) -> dict[str, Any]:
         """Clipped surrogate + KL to the reference (verl's registry) + λ·InfoNCE(g, frozen anchors).

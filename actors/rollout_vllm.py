@@ -293,6 +293,10 @@ class VllmRolloutBackend:
         """
         import torch
 
+        from rime_model.latent import is_adapter_key
+
+        # PLUME's transition adapter rides along in the learner's state dict; rollouts never run latent mode.
+        state_dict = {k: v for k, v in state_dict.items() if not is_adapter_key(k)}
         missing = sorted(self._checkpoint_keys - {_canonical_key(k) for k in state_dict})
         if missing:
             raise KeyError(

@@ -27,10 +27,11 @@ app = FastAPI(title="rime embeddings", version="1")
 @serve.deployment(name="EmbedderServer", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 @serve.ingress(app)
 class EmbedderServer:
-    """One replica: the embedder, two batch queues (disc, gen), and request validation."""
+    """One replica: the embedder, one batch queue per mode (disc, gen, latent), and request validation."""
 
     def __init__(self, model: str, model_name: str = "", torch_threads: int = 1, limits: dict | None = None,
-                 disc_batch: dict | None = None, gen_batch: dict | None = None, max_new_tokens: int = 32):
+                 disc_batch: dict | None = None, gen_batch: dict | None = None, max_new_tokens: int = 32,
+                 latent_batch: dict | None = None, latent_steps: int | None = None):
         import torch
 
         from rime_model import GenerationConfig, load_embedder
@@ -42,8 +43,10 @@ class EmbedderServer:
         self.model_name = model_name or model
         self.limits = Limits(**(limits or {}))
         self.generation = GenerationConfig(max_new_tokens=max_new_tokens)
-        self.pools = {"disc": ThreadPoolExecutor(1, thread_name_prefix="disc"), "gen": ThreadPoolExecutor(1, thread_name_prefix="gen")}
-        for method, cfg in ((self._disc_batch, disc_batch or {}), (self._gen_batch, gen_batch or {})):
+        self.latent_steps = self.emb.latent_steps if latent_steps is None else int(latent_steps)
+        self.pools = {m: ThreadPoolExecutor(1, thread_name_prefix=m) for m in ("disc", "gen", "latent")}
+        for method, cfg in ((self._disc_batch, disc_batch or {}), (self._gen_batch, gen_batch or {}),
+                            (self._latent_batch, latent_batch or {})):
             method.set_max_batch_size(int(cfg.get("max_batch_size", 16)))
             method.set_batch_wait_timeout_s(float(cfg.get("batch_wait_timeout_s", 0.01)))
         from ray.serve.metrics import Counter
@@ -65,6 +68,13 @@ class EmbedderServer:
             self.pools["gen"], lambda: self.emb.embed(items, mode="gen", batch_size=len(items), generation=self.generation))
         return list(zip(res.vectors, res.rewrites))
 
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _latent_batch(self, items: list[dict]) -> list[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        res = await loop.run_in_executor(
+            self.pools["latent"], lambda: self.emb.embed(items, mode="latent", batch_size=len(items), steps=self.latent_steps))
+        return list(res.vectors)
+
     # ------------------------------------------------------------------ routes
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> JSONResponse:
@@ -81,8 +91,9 @@ class EmbedderServer:
         except ApiError as e:
             self.requests.inc(tags={"mode": mode, "status": str(e.status)})
             return JSONResponse(e.body(), status_code=e.status)
-        if req.mode == "disc":
-            vectors = await asyncio.gather(*[self._disc_batch(it) for it in req.items])
+        if req.mode in ("disc", "latent"):
+            queue = self._disc_batch if req.mode == "disc" else self._latent_batch
+            vectors = await asyncio.gather(*[queue(it) for it in req.items])
             rewrites = None
         else:
             outs = await asyncio.gather(*[self._gen_batch(it) for it in req.items])
@@ -95,7 +106,9 @@ class EmbedderServer:
     @app.get("/v1/models")
     async def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "rime",
-                                            "dimensions": self.emb.dim, "modes": ["disc", "gen"]}]}
+                                            "dimensions": self.emb.dim, "modes": ["disc", "gen", "latent"],
+                                            "latent_steps": self.latent_steps,
+                                            "latent_adapter": self.emb.latent_adapter is not None}]}
 
     @app.get("/health")
     async def health(self) -> dict:

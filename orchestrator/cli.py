@@ -41,7 +41,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         for i in range(n)
     ]
     emb = load_embedder(args.model)
-    res = emb.embed(items, mode=args.mode, generation=GenerationConfig(max_new_tokens=args.max_new_tokens))
+    res = emb.embed(items, mode=args.mode, generation=GenerationConfig(max_new_tokens=args.max_new_tokens),
+                    steps=args.latent_steps)
     for i in range(n):
         row = {"index": i, "mode": res.mode, "dim": int(res.vectors.shape[1]), "head": [round(float(x), 5) for x in res.vectors[i][:8]]}
         if res.rewrites is not None:
@@ -84,7 +85,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         cand_modes=tuple(args.cand_mode.split(",")), batch_size=args.batch_size,
         generation=GenerationConfig(max_new_tokens=args.max_new_tokens),
         tasks=tuple(args.tasks.split(",")) if args.tasks else None, max_queries_per_task=args.max_queries_per_task,
-        cache_dir=cache_dir() / "eval", model_tag=_model_tag(args.model),
+        cache_dir=cache_dir() / "eval", model_tag=_model_tag(args.model), latent_steps=args.latent_steps,
     )
     print(format_table(result, args.metric))
     if result.rewrite_tokens_mean is not None:
@@ -155,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("embed", help="embed texts and/or images, print one JSON line per item")
     e.add_argument("--model", default="tiny")
-    e.add_argument("--mode", choices=["disc", "gen"], default="disc")
+    e.add_argument("--mode", choices=["disc", "gen", "latent"], default="disc")
+    e.add_argument("--latent-steps", type=int, default=None, help="K of latent mode (default: the model's own, else 8)")
     e.add_argument("--text", action="append", default=[], help="repeatable; paired with --image by position")
     e.add_argument("--image", action="append", default=[], help="image path, repeatable")
     e.add_argument("--instruction", default=None)
@@ -200,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data", required=True, help="dataset folder with <split>/queries.parquet and candidates.parquet")
     v.add_argument("--split", default="test")
     v.add_argument("--query-mode", default="disc,gen", help="comma list of disc, gen, oracle, latent")
-    v.add_argument("--cand-mode", default="disc,gen", help="comma list of disc, gen")
+    v.add_argument("--cand-mode", default="disc,gen", help="comma list of disc, gen, latent")
+    v.add_argument("--latent-steps", type=int, default=None, help="K of latent mode (default: the model's own, else 8)")
     v.add_argument("--tasks", default=None)
     v.add_argument("--max-queries-per-task", type=int, default=None)
     v.add_argument("--batch-size", type=int, default=16)

@@ -135,6 +135,37 @@ class RefineRLConfig:
 
 
 @dataclass(frozen=True)
+class PlumeConfig:
+    """PLUME stage: explicit-to-latent curriculum on the learners, and the transition adapter's sizes."""
+
+    steps_per_stage: int = 60  # total steps = (segments + 1) x steps_per_stage, with or without the curriculum
+    curriculum: bool = True  # false = fully latent from the first step (the ablation)
+    segments: int = 4  # reasoning segments per record, replaced left to right
+    latent_steps: int = 8  # K; each replaced segment becomes latent_steps / segments steps
+    lr: float = 2e-4
+    warmup_steps: int = 10  # also after each curriculum stage change (Adam state is reset there)
+    temperature: float = 0.02
+    ce_weight: float = 1.0
+    disc_weight: float = 1.0  # NCE on the disc anchors h(<disc_emb>)
+    lambda_bal: float = 0.1
+    experts: int = 4  # 0 with shared_expert = the single-MLP ablation
+    top_k: int = 2
+    shared_expert: bool = True
+    expert_mult: int = 2
+    step_embed_dim: int = 0  # 0 = hidden size
+    max_latent_steps: int = 16
+    anchor: str = "disc"  # disc | none: what guides the router besides z
+    renormalize: bool = False
+    batch_by_task: bool = True
+
+    def adapter(self) -> dict:
+        """Keyword arguments of ``rime_model.latent.AdapterConfig`` (hidden size comes from the model)."""
+        return {"num_experts": self.experts, "top_k": self.top_k, "shared_expert": self.shared_expert,
+                "expert_mult": self.expert_mult, "step_embed_dim": self.step_embed_dim, "max_steps": self.max_latent_steps,
+                "anchor": self.anchor, "default_steps": self.latent_steps, "renormalize": self.renormalize}
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     every_steps: int = 0  # 0 = only at the end of each stage
     query_modes: tuple[str, ...] = ("disc", "gen")
@@ -169,6 +200,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     refine_rl: RefineRLConfig = field(default_factory=RefineRLConfig)
+    plume: PlumeConfig = field(default_factory=PlumeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -185,10 +217,11 @@ class Config:
         return {f"{s}.{k}": (",".join(v) if isinstance(v, tuple) else v) for s, d in self.to_dict().items() for k, v in d.items()}
 
 
-STAGES = ("cma", "refine-rl")  # plume (#8) joins when it lands
+STAGES = ("cma", "refine-rl", "plume")
 CHOICES = {
     "rollout.backend": ("hf", "vllm"),
     "reward.query_encoder": ("frozen", "policy"),
+    "plume.anchor": ("disc", "none"),
     "refine_rl.loss_agg_mode": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
     "refine_rl.max_staleness": (0, 1),
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -297,6 +330,28 @@ def _check(cfg: Config) -> None:
         raise ConfigError("learners.cpus_per_learner/gpus_per_learner: must be >= 0")
     if cfg.learners.offload_optimizer and cfg.learners.zero_stage == 0:
         raise ConfigError("learners.offload_optimizer: needs learners.zero_stage >= 1")
+    if "plume" in cfg.run.stages:
+        _check_plume(cfg.plume)
+
+
+def _check_plume(pc: PlumeConfig) -> None:
+    """The curriculum and adapter checks, by config key (torch-free: the CLI validates before importing it)."""
+    if pc.steps_per_stage < 2:
+        raise ConfigError(f"plume.steps_per_stage: must be >= 2 (the last stage has two halves), got {pc.steps_per_stage}")
+    if pc.segments < 1:
+        raise ConfigError(f"plume.segments: must be >= 1, got {pc.segments}")
+    if pc.latent_steps < pc.segments or pc.latent_steps % pc.segments:
+        raise ConfigError(f"plume.latent_steps: {pc.latent_steps} must be a positive multiple of plume.segments ({pc.segments}): "
+                          "each replaced segment becomes latent_steps/segments latent steps")
+    if pc.latent_steps > pc.max_latent_steps:
+        raise ConfigError(f"plume.latent_steps: {pc.latent_steps} > plume.max_latent_steps {pc.max_latent_steps}; raise the latter")
+    if pc.experts < 0 or (pc.experts and not 1 <= pc.top_k <= pc.experts):
+        raise ConfigError(f"plume.top_k: must be in 1..plume.experts ({pc.experts}), got {pc.top_k}")
+    for key in ("expert_mult", "temperature"):
+        if getattr(pc, key) <= 0:
+            raise ConfigError(f"plume.{key}: must be > 0, got {getattr(pc, key)}")
+    if pc.step_embed_dim < 0:
+        raise ConfigError(f"plume.step_embed_dim: must be >= 0 (0 = hidden size), got {pc.step_embed_dim}")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -24,7 +24,7 @@ from rime_data.schema import read_table, split_paths, validate_candidate, valida
 from rime_model import Embedder, GenerationConfig, InputError
 
 QUERY_MODES = ("disc", "gen", "oracle", "latent")
-CAND_MODES = ("disc", "gen")
+CAND_MODES = ("disc", "gen", "latent")
 
 
 @dataclass
@@ -85,7 +85,8 @@ def _usable(emb: Embedder, rows: list[dict], to_item, id_key: str, check, skippe
 
 
 def embed_rows(emb: Embedder, items: list[dict], mode: str, batch_size: int, gen: GenerationConfig,
-               rewrites: list[str] | None = None, desc: str = "", generated: list | None = None) -> tuple[np.ndarray, list[int]]:
+               rewrites: list[str] | None = None, desc: str = "", generated: list | None = None,
+               latent_steps: int | None = None) -> tuple[np.ndarray, list[int]]:
     """Vectors of ``items`` in ``mode`` with a progress bar; also the rewrite token counts (gen).
     ``generated`` (a list) receives the gen-mode ``Rewrite`` objects, for the report."""
     vecs, counts = [], []
@@ -94,7 +95,7 @@ def embed_rows(emb: Embedder, items: list[dict], mode: str, batch_size: int, gen
         if mode == "oracle":
             res = emb.embed_with_rewrite(chunk, rewrites[i : i + batch_size], batch_size=batch_size)
         else:
-            res = emb.embed(chunk, mode=mode, batch_size=batch_size, generation=gen)
+            res = emb.embed(chunk, mode=mode, batch_size=batch_size, generation=gen, steps=latent_steps)
             counts += res.rewrite_token_counts or []
             if generated is not None and res.rewrites:
                 generated.extend(res.rewrites)
@@ -102,11 +103,14 @@ def embed_rows(emb: Embedder, items: list[dict], mode: str, batch_size: int, gen
     return (np.concatenate(vecs) if vecs else np.zeros((0, emb.dim), np.float32)), counts
 
 
-def _cache_file(cache_dir: Path | None, model_tag: str | None, cand_path: Path, mode: str, gen: GenerationConfig) -> Path | None:
+def _cache_file(cache_dir: Path | None, model_tag: str | None, cand_path: Path, mode: str, gen: GenerationConfig,
+                latent_steps: int) -> Path | None:
     if cache_dir is None or model_tag is None:
         return None
     st = cand_path.stat()
     key = f"{model_tag}\0{cand_path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{mode}\0{gen.max_new_tokens}"
+    if mode == "latent":
+        key += f"\0{latent_steps}"
     return cache_dir / f"cands-{hashlib.sha1(key.encode()).hexdigest()[:20]}.npz"
 
 
@@ -122,8 +126,10 @@ def evaluate(
     max_queries_per_task: int | None = None,
     cache_dir: str | Path | None = None,
     model_tag: str | None = None,
+    latent_steps: int | None = None,
 ) -> EvalResult:
-    """Score every (query mode, candidate mode) pair on one split of a rime dataset."""
+    """Score every (query mode, candidate mode) pair on one split of a rime dataset. ``latent_steps``
+    is K of latent mode (None = the model's own default)."""
     for m in query_modes:
         if m not in QUERY_MODES:
             raise ValueError(f"query_mode: {m!r} is not one of {QUERY_MODES}")
@@ -131,6 +137,7 @@ def evaluate(
         if m not in CAND_MODES:
             raise ValueError(f"cand_mode: {m!r} is not one of {CAND_MODES}")
     gen = generation or GenerationConfig(max_new_tokens=32)
+    k = emb.latent_steps if latent_steps is None else latent_steps
     q_path, c_path = split_paths(data, split)
     queries = read_table(q_path).to_pylist()
     cands = read_table(c_path).to_pylist()
@@ -161,13 +168,14 @@ def evaluate(
     cvecs: dict[str, np.ndarray] = {}
     for m in cand_modes:
         t = time.perf_counter()
-        cache = _cache_file(Path(cache_dir) if cache_dir else None, model_tag, c_path, m, gen)
+        cache = _cache_file(Path(cache_dir) if cache_dir else None, model_tag, c_path, m, gen, k)
         if cache is not None and cache.is_file():
             z = np.load(cache, allow_pickle=False)
             if list(z["ids"]) == [c["cand_id"] for c in cands]:
                 cvecs[m] = z["vecs"]
         if m not in cvecs:
-            cvecs[m], _ = embed_rows(emb, [_cand_item(c) for c in cands], m, batch_size, gen, desc=f"candidates[{m}]")
+            cvecs[m], _ = embed_rows(emb, [_cand_item(c) for c in cands], m, batch_size, gen, desc=f"candidates[{m}]",
+                                     latent_steps=k)
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 np.savez(cache, ids=np.array([c["cand_id"] for c in cands]), vecs=cvecs[m])
@@ -182,7 +190,7 @@ def evaluate(
         t = time.perf_counter()
         produced: list = []
         qvecs[m], counts = embed_rows(emb, [_query_item(q) for q in queries], m, batch_size, gen, rewrites, desc=f"queries[{m}]",
-                                      generated=produced)
+                                      generated=produced, latent_steps=k)
         if m == "gen" and produced:
             samples, stats = _rewrite_report(queries, produced)
         token_counts += counts

@@ -45,7 +45,7 @@ class LearnerGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(lc.torch_threads), "TOKENIZERS_PARALLELISM": "false"}},
             ).remote(i, lc.num_learners, addr, port, model_path, dataclasses.asdict(lc), stage_cfg, cfg.run.seed,
-                     cfg.model.freeze_vision)
+                     cfg.model.freeze_vision, cfg.plume.adapter() if "plume" in cfg.run.stages else None)
             for i in range(lc.num_learners)
         ]
         ray.get([a.ping.remote() for a in self.actors])

@@ -24,12 +24,14 @@ class StreamPosition:
 
 
 def to_pair(q: dict, cand: dict, target_id: int) -> dict:
-    """A (query, positive) training pair with both sides' ideal rewrites (CMA's CE and gen targets)."""
+    """A (query, positive) training pair with both sides' ideal rewrites (CMA's CE and gen targets) and the
+    query's reasoning segments (PLUME's curriculum text)."""
     return {
         "q": {"text": q.get("qry_text"), "image": q.get("qry_image"), "instruction": q.get("qry_inst") or None},
         "t": {"text": cand.get("cand_text"), "image": cand.get("cand_image"), "instruction": cand.get("cand_inst") or None},
         "q_rewrite": q.get("rewrite") or (q.get("qry_text") or ""),
         "t_rewrite": cand.get("rewrite") or (cand.get("cand_text") or ""),
+        "q_reasoning": [] if _missing(q.get("reasoning")) else [str(x) for x in q["reasoning"]],  # PLUME curriculum
         "target_id": target_id,
         "query_id": q["query_id"],
         "task": q["task"],

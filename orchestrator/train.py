@@ -215,10 +215,21 @@ class Trainer:
         if stage == "cma":
             return ({"lambda_cma": cfg.cma.lambda_cma, "temperature": cfg.cma.temperature, "ce_weight": cfg.cma.ce_weight},
                     cfg.learners.lr, cfg.learners.warmup_steps, cfg.cma.steps)
+        if stage == "plume":
+            pc = cfg.plume
+            return ({"segments": pc.segments, "temperature": pc.temperature, "ce_weight": pc.ce_weight,
+                     "disc_weight": pc.disc_weight, "lambda_bal": pc.lambda_bal},
+                    pc.lr, pc.warmup_steps, self._plume_schedule().total_steps)
         from .refine_rl import stage_config
 
         rl = cfg.refine_rl
         return stage_config(cfg), rl.lr, rl.warmup_steps, rl.steps
+
+    def _plume_schedule(self):
+        from rime_model.curriculum import CurriculumSchedule
+
+        pc = self.cfg.plume
+        return CurriculumSchedule(pc.steps_per_stage, pc.segments, pc.latent_steps, pc.curriculum)
 
     def _stages(self, group) -> dict:
         """Run the configured stages in order on the same learners; a resume re-enters the current one."""
@@ -249,6 +260,8 @@ class Trainer:
             print(f"[rime] stage {stage}: {steps} steps from {start_model}")
             if stage == "cma":
                 out.update(self._run_cma(group))
+            elif stage == "plume":
+                out.update(self._run_plume(group))
             else:
                 out.update(self._run_refine_rl(group, start_model))
             group.call("save_embedder", str(final_dir))
@@ -307,12 +320,7 @@ class Trainer:
             t0 = time.perf_counter()
             pairs = stream.next_batch(per_rank * group.size)
             t_data = time.perf_counter() - t0
-            shards = [
-                ([pairs[(r * lc.grad_accum_steps + a) * lc.micro_batch_size:(r * lc.grad_accum_steps + a + 1) * lc.micro_batch_size]
-                  for a in range(lc.grad_accum_steps)],)
-                for r in range(group.size)
-            ]
-            terms = group.call("train_step", per_rank=shards)
+            terms = group.call("train_step", per_rank=[(mbs,) for mbs in self._shards(pairs, group.size)])
             st["step"] += 1
             st["stage_step"] += 1
             dt = time.perf_counter() - t0
@@ -326,6 +334,62 @@ class Trainer:
                       f"{metrics['perf/samples_per_s']:.1f} pairs/s")
             self._after_step(group, metrics, stream.pos, cfg.cma.steps)
             out["final_loss"] = metrics["train/loss"]
+        out["bad_rows"] = stream.bad_rows
+        return out
+
+    def _shards(self, pairs: list[dict], n_ranks: int) -> list[list[list[dict]]]:
+        """Rank r's micro-batches of the step's global batch (rank-major, then accumulation step)."""
+        lc = self.cfg.learners
+        mb, acc = lc.micro_batch_size, lc.grad_accum_steps
+        return [[pairs[(r * acc + a) * mb:(r * acc + a + 1) * mb] for a in range(acc)] for r in range(n_ranks)]
+
+    def _run_plume(self, group) -> dict:
+        stream = self._stream(self.cfg.plume.batch_by_task)
+        try:
+            return self._plume_steps(group, stream)
+        finally:
+            stream.close()
+
+    def _plume_steps(self, group, stream: PairStream) -> dict:
+        """PLUME's curriculum on the learners: each step's phase comes from the schedule (so a resume
+        lands in the same phase); a new curriculum stage resets the optimizer state and warm-up."""
+        from rime_model.curriculum import split_segments
+
+        cfg, lc, st, pc = self.cfg, self.cfg.learners, self.state, self.cfg.plume
+        schedule = self._plume_schedule()
+        per_rank = lc.micro_batch_size * lc.grad_accum_steps
+        out: dict[str, Any] = {}
+        short = st.setdefault("plume_rows_short_reasoning", 0)
+        while st["stage_step"] < schedule.total_steps:
+            phase = schedule.at(st["stage_step"])
+            if schedule.stage_changes_at(st["stage_step"]):
+                group.call("reset_optimizer", pc.lr, pc.warmup_steps)
+                print(f"[rime] plume curriculum stage {phase.stage}: {phase.replaced}/{pc.segments} segments latent "
+                      f"({phase.latent_steps} latent steps); optimizer state reset")
+            t0 = time.perf_counter()
+            pairs = stream.next_batch(per_rank * group.size)
+            t_data = time.perf_counter() - t0
+            short += sum(not split_segments(p["q_reasoning"], pc.segments)[1] for p in pairs)
+            terms = group.call("train_step", per_rank=[(mbs, phase.to_dict()) for mbs in self._shards(pairs, group.size)])
+            st["step"] += 1
+            st["stage_step"] += 1
+            st["plume_rows_short_reasoning"] = short
+            dt = time.perf_counter() - t0
+            metrics = {f"train/{k}": sum(t[k] for t in terms) / len(terms) for k in terms[0] if k != "pairs"}
+            metrics.update({"plume/stage": phase.stage, "plume/latent_steps": phase.latent_steps,
+                            "plume/keep_answer": float(phase.keep_answer), "data/rows_short_reasoning": short,
+                            "perf/samples_per_s": len(pairs) / dt, "perf/step_time_s": dt, "perf/data_time_s": t_data,
+                            "data/bad_rows": stream.bad_rows, "data/epoch": stream.pos.epoch})
+            if st["stage_step"] % 10 == 0 or st["stage_step"] == 1:
+                print(f"[rime] plume step {st['stage_step']}/{schedule.total_steps} (curriculum stage {phase.stage}, "
+                      f"{phase.latent_steps} latent, answer {'on' if phase.keep_answer else 'off'}) loss {metrics['train/loss']:.3f} "
+                      f"(ce {metrics['train/ce']:.3f}, nce_gen {metrics['train/nce_gen']:.3f}, nce_disc {metrics['train/nce_disc']:.3f}, "
+                      f"bal {metrics['train/balance']:.4f}) {metrics['perf/samples_per_s']:.1f} pairs/s")
+            self._after_step(group, metrics, stream.pos, schedule.total_steps)
+            out["final_loss"] = metrics["train/loss"]
+        if short:
+            print(f"[rime] plume: {short} training row(s) had fewer than {pc.segments} reasoning segments "
+                  "(padded with empty segments; counted in data/rows_short_reasoning)")
         out["bad_rows"] = stream.bad_rows
         return out
 

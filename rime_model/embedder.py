@@ -22,11 +22,13 @@ from transformers.processing_utils import ProcessorMixin
 
 from .families import FAMILIES, ModelFamily
 from .inputs import normalize_inputs
+from .latent import ADAPTER_ATTR, AdapterConfig, TransitionAdapter, attach_adapter, latent_pass, load_adapter, save_adapter
 from .prompts import PromptTemplate
 from .tokens import SpecialTokens, add_special_tokens
 
 EMBEDDER_CONFIG = "rime_embedder.json"
-MODES = ("disc", "gen")
+MODES = ("disc", "gen", "latent")
+DEFAULT_LATENT_STEPS = 8  # PLUME's K, used when the model has no adapter settings of its own
 
 Item = tuple[str, Image.Image | None, str]
 
@@ -140,6 +142,25 @@ class Embedder:
     def dim(self) -> int:
         return self.model.get_input_embeddings().weight.shape[1]
 
+    @property
+    def latent_adapter(self) -> TransitionAdapter | None:
+        """PLUME's transition adapter, a submodule of the model (None = identity transition)."""
+        return getattr(self.model, ADAPTER_ATTR, None)
+
+    @property
+    def latent_steps(self) -> int:
+        """Default K of latent mode: the adapter's trained setting, else PLUME's 8."""
+        a = self.latent_adapter
+        return a.cfg.default_steps if a is not None else DEFAULT_LATENT_STEPS
+
+    def attach_latent_adapter(self, cfg: AdapterConfig, seed: int = 0) -> TransitionAdapter:
+        """Give the model a fresh (identity-initialised) transition adapter; saved and loaded with it."""
+        if self.latent_adapter is not None:
+            raise ValueError("the model already has a latent adapter")
+        if cfg.hidden_size != self.dim:
+            raise ValueError(f"latent adapter hidden_size {cfg.hidden_size} != the model's hidden size {self.dim}")
+        return attach_adapter(self.model, cfg, seed)
+
     # ------------------------------------------------------------------ inputs
     def prepare(self, inputs: Iterable[Any]) -> list[Item]:
         """Validate and decode user items (raises ``InputError`` naming the bad item)."""
@@ -214,8 +235,10 @@ class Embedder:
         mode: str = "disc",
         batch_size: int = 16,
         generation: GenerationConfig | None = None,
+        steps: int | None = None,
     ) -> EmbeddingResult:
-        """Embed items in ``disc`` (one pass) or ``gen`` (generate a rewrite, then embed) mode."""
+        """Embed items in ``disc`` (one pass), ``gen`` (generate a rewrite, then embed) or ``latent``
+        (PLUME: ``steps`` latent steps through the transition adapter, default ``self.latent_steps``)."""
         if mode not in MODES:
             raise ValueError(f"mode: {mode!r} is not one of {MODES}")
         if batch_size < 1:
@@ -224,6 +247,10 @@ class Embedder:
         if mode == "disc":
             vecs = [self.encode(self.build_disc_batch(items[i : i + batch_size])) for i in range(0, len(items), batch_size)]
             return EmbeddingResult(torch.cat(vecs).cpu().numpy(), "disc")
+        if mode == "latent":
+            k = self.latent_steps if steps is None else steps
+            vecs = [latent_pass(self, items[i : i + batch_size], k).gen_embedding() for i in range(0, len(items), batch_size)]
+            return EmbeddingResult(torch.cat(vecs).cpu().numpy(), "latent")
         rewrites = self.generate_rewrites(items, batch_size=batch_size, generation=generation)
         vecs = self._embed_items_with_rewrites(items, [r.text for r in rewrites], batch_size)
         return EmbeddingResult(vecs, "gen", rewrites)
@@ -367,9 +394,16 @@ class Embedder:
         """Write model, tokenizer, image processor and rime's own settings to one folder."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(str(path))
+        adapter = self.latent_adapter
+        # The adapter is saved beside the model, not inside its checkpoint (stock loaders and rollout
+        # engines read the checkpoint and know nothing of it).
+        state = None if adapter is None else {k: v for k, v in self.model.state_dict().items() if not k.startswith(ADAPTER_ATTR + ".")}
+        self.model.save_pretrained(str(path), state_dict=state)
         self.family.save_processor(self.processor, path)
         meta = {"family": self.family.name, "tokens": self.tokens.to_dict(), "template": self.template.to_dict()}
+        if adapter is not None:
+            save_adapter(adapter, path)
+            meta["latent_adapter"] = adapter.cfg.to_dict()
         (path / EMBEDDER_CONFIG).write_text(json.dumps(meta, indent=2))
         return path
 
@@ -388,4 +422,7 @@ class Embedder:
         if device:
             model.to(device)
         processor = family.load_processor(str(path))
-        return cls(model, processor, family, SpecialTokens.from_dict(meta["tokens"]), PromptTemplate.from_dict(meta["template"]))
+        emb = cls(model, processor, family, SpecialTokens.from_dict(meta["tokens"]), PromptTemplate.from_dict(meta["template"]))
+        if meta.get("latent_adapter"):
+            load_adapter(emb.model, AdapterConfig.from_dict(meta["latent_adapter"]), path).eval()
+        return emb

@@ -98,3 +98,28 @@ def cma_loss(
         ce_weight * ce + terms["nce_disc"] + terms["nce_gen"] + lambda_cma * (terms["nce_gen_disc"] + terms["nce_disc_gen"])
     )
     return terms
+
+
+def plume_loss(
+    g_q: torch.Tensor,
+    g_t: torch.Tensor,
+    c_q: torch.Tensor,
+    c_t: torch.Tensor,
+    ce: torch.Tensor,
+    balance: torch.Tensor | None,
+    temperature: float = 0.02,
+    ce_weight: float = 1.0,
+    disc_weight: float = 1.0,
+    lambda_bal: float = 0.1,
+    target_ids: Sequence[int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """PLUME's ``CE(remaining text) + NCE(g_q,g_t) + NCE(c_q,c_t) + λ_bal·L_bal``: gen embeddings after
+    the latent steps and the disc anchors ``c = h(<disc_emb>)`` of the same prefix pass."""
+    terms = {
+        "ce": ce,
+        "nce_gen": info_nce(g_q, g_t, temperature, target_ids),
+        "nce_disc": info_nce(c_q, c_t, temperature, target_ids),
+        "balance": balance if balance is not None else ce.new_zeros(()),
+    }
+    terms["loss"] = ce_weight * ce + terms["nce_gen"] + disc_weight * terms["nce_disc"] + lambda_bal * terms["balance"]
+    return terms

@@ -54,7 +54,12 @@ class PromptTemplate:
 
     def latent_suffix(self, tok: SpecialTokens) -> str:
         """Forced suffix after the latent steps; the embedding is read AT ``<gen_emb>``."""
-        return f"{tok.latent_end}{tok.think_end}\n{tok.gen_emb}"
+        return self.latent_continuation("", "", tok)
+
+    def latent_continuation(self, reasoning: str, answer: str, tok: SpecialTokens) -> str:
+        """Teacher-forced text after the latent block in PLUME's curriculum: the reasoning segments not
+        yet replaced by latent steps, then the answer; both empty = the inference suffix."""
+        return f"{tok.latent_end}{reasoning}{tok.think_end}\n{answer}{tok.gen_emb}"
 
     def to_dict(self) -> dict:
         return asdict(self)

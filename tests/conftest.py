@@ -31,3 +31,28 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_latent_dir(tmp_path_factory, zoo_cache) -> str:
+    """The tiny model with a PLUME transition adapter whose experts are non-zero (a fresh adapter is
+    the identity, which would hide routing and position bugs), saved as an embedder folder."""
+    import torch
+
+    from rime_model import load_embedder
+    from rime_model.latent import AdapterConfig
+
+    emb = load_embedder("tiny")
+    adapter = emb.attach_latent_adapter(AdapterConfig(hidden_size=emb.dim, default_steps=8), seed=1)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return str(emb.save(tmp_path_factory.mktemp("tiny_latent") / "emb"))
+
+
+@pytest.fixture(scope="session")
+def tiny_latent(tiny_latent_dir):
+    from rime_model import Embedder
+
+    return Embedder.load(tiny_latent_dir)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rime_model.losses import cma_loss, completion_ce, info_nce
+from rime_model.losses import cma_loss, completion_ce, info_nce, plume_loss
 
 
 def _unit(*rows):
@@ -26,6 +26,19 @@ def test_info_nce_hand_computed():
     # t->q: t0 vs q: [1, 0] target 0; t1 vs q: [s, s] target 1
     l_tq = (-(1 / tau) + math.log(math.exp(1 / tau) + 1) + math.log(2)) / 2
     assert info_nce(q, t, tau).item() == pytest.approx(0.5 * (l_qt + l_tq), rel=1e-5)
+
+
+def test_plume_loss_hand_computed():
+    eye, swap = _unit([1.0, 0.0], [0.0, 1.0]), _unit([0.0, 1.0], [1.0, 0.0])
+    ce, bal = torch.tensor(1.5), torch.tensor(0.0625)
+    terms = plume_loss(eye, eye, eye, swap, ce, bal, temperature=0.5, ce_weight=2.0, disc_weight=0.5, lambda_bal=0.1)
+    nce_gen = math.log(1 + math.exp(-2))  # logits diag 2, off-diagonal 0, in both directions
+    nce_disc = math.log(1 + math.exp(2))  # the positives score 0, the negatives 2
+    assert terms["nce_gen"].item() == pytest.approx(nce_gen, rel=1e-5)
+    assert terms["nce_disc"].item() == pytest.approx(nce_disc, rel=1e-5)
+    assert terms["loss"].item() == pytest.approx(2.0 * 1.5 + nce_gen + 0.5 * nce_disc + 0.1 * 0.0625, rel=1e-5)
+    no_experts = plume_loss(eye, eye, eye, swap, ce, None, temperature=0.5)
+    assert no_experts["balance"].item() == 0.0
 
 
 def test_duplicate_targets_are_not_negatives():

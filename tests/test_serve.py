@@ -1,5 +1,5 @@
-"""Ray Serve embedding API over real HTTP: same vectors as the in-process embedder, 4xx on bad
-requests with the field named, and the replica still serving afterwards."""
+"""Ray Serve embedding API over real HTTP, in disc, gen and PLUME latent modes: same vectors as the
+in-process embedder, 4xx on bad requests with the field named, the replica still serving afterwards."""
 
 from __future__ import annotations
 
@@ -26,16 +26,15 @@ def _post(url: str, body, raw: bytes | None = None) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, zoo_cache):
+def server(ray_local, tiny_latent_dir):
     from ray import serve
 
     from actors.serve_app import EmbedderServer
     from orchestrator.learner_group import free_port
-    from rime_model.zoo import ensure_zoo_model
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = EmbedderServer.options(num_replicas=1).bind(model=str(ensure_zoo_model("tiny")), model_name="rime-tiny",
+    app = EmbedderServer.options(num_replicas=1).bind(model=tiny_latent_dir, model_name="rime-tiny",
                                                       max_new_tokens=5, limits={"max_items": 4, "max_body_bytes": 200_000})
     serve.run(app, name="rime-test", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
@@ -46,8 +45,8 @@ def _b64(img: Image.Image) -> str:
     return base64.b64encode(png_bytes(img)).decode()
 
 
-@pytest.mark.parametrize("mode", ["disc", "gen"])
-def test_http_vectors_equal_in_process(server, tiny, mode):
+@pytest.mark.parametrize("mode", ["disc", "gen", "latent"])
+def test_http_vectors_equal_in_process(server, tiny_latent, mode):
     import random
 
     img = render(random_scene(random.Random(1)))
@@ -58,7 +57,7 @@ def test_http_vectors_equal_in_process(server, tiny, mode):
     local_items = [{"text": "a red circle"}, {"image": img}, {"text": "what is this?", "image": img}]
     from rime_model import GenerationConfig
 
-    want = tiny.embed(local_items, mode=mode, generation=GenerationConfig(max_new_tokens=5))
+    want = tiny_latent.embed(local_items, mode=mode, generation=GenerationConfig(max_new_tokens=5))
     np.testing.assert_allclose(got, want.vectors, atol=1e-4)
     assert body["model"] == "rime-tiny" and body["mode"] == mode and [d["index"] for d in body["data"]] == [0, 1, 2]
     if mode == "gen":
@@ -74,7 +73,6 @@ def test_bad_requests_get_4xx_naming_the_field(server):
     cases = [
         (None, b"{not json", 400, "body"),
         ({"input": "x", "mode": "telepathy"}, None, 400, "mode"),
-        ({"input": "x", "mode": "latent"}, None, 400, "mode"),
         ({"input": [{"image": bad_png}]}, None, 400, "input[0].image"),
         ({"input": [{"image": "%%%"}]}, None, 400, "input[0].image"),
         ({"input": ["a"] * 5}, None, 413, "input"),
@@ -94,6 +92,8 @@ def test_bad_requests_get_4xx_naming_the_field(server):
 def test_models_and_health(server):
     with urllib.request.urlopen(server + "/v1/models", timeout=30) as r:
         models = json.loads(r.read())
-    assert models["data"][0]["id"] == "rime-tiny" and models["data"][0]["dimensions"] == 128
+    m = models["data"][0]
+    assert m["id"] == "rime-tiny" and m["dimensions"] == 128 and m["modes"] == ["disc", "gen", "latent"]
+    assert m["latent_adapter"] is True and m["latent_steps"] == 8
     with urllib.request.urlopen(server + "/health", timeout=30) as r:
         assert json.loads(r.read()) == {"status": "ok"}

@@ -1,0 +1,91 @@
+"""PLUME's explicit-to-latent curriculum: which text a training step still writes, and how many latent steps.
+
+With S reasoning segments and K latent steps (K/S per segment), curriculum stage s = 0..S replaces
+the first s segments (left to right) by s·K/S latent steps; the last stage is fully latent and
+drops the answer text in its second half, which leaves exactly the inference layout
+``<bot> [K latent] <eot></think>\\n<gen_emb>``. Without the curriculum the whole budget runs the
+last stage (the "no curriculum" ablation). Pure functions: the driver and the learners both use them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+from .prompts import PromptTemplate
+from .tokens import SpecialTokens
+
+
+@dataclass(frozen=True)
+class Phase:
+    """What one training step runs."""
+
+    stage: int  # curriculum stage, 0 (all text) .. segments (fully latent)
+    latent_steps: int  # latent steps before the text continuation
+    replaced: int  # reasoning segments replaced by latent steps
+    keep_answer: bool  # the answer is still written (teacher-forced) after </think>
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CurriculumSchedule:
+    """Step -> ``Phase``; ``total_steps`` is the same with and without the curriculum (a fair ablation)."""
+
+    steps_per_stage: int
+    segments: int = 4
+    latent_steps: int = 8
+    curriculum: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps_per_stage < 2:
+            raise ValueError(f"plume.steps_per_stage: must be >= 2 (the last stage has two halves), got {self.steps_per_stage}")
+        if self.segments < 1:
+            raise ValueError(f"plume.segments: must be >= 1, got {self.segments}")
+        if self.latent_steps < self.segments or self.latent_steps % self.segments:
+            raise ValueError(f"plume.latent_steps: {self.latent_steps} must be a positive multiple of plume.segments "
+                             f"({self.segments}): each replaced segment becomes latent_steps/segments latent steps")
+
+    @property
+    def per_segment(self) -> int:
+        return self.latent_steps // self.segments
+
+    @property
+    def total_steps(self) -> int:
+        return (self.segments + 1) * self.steps_per_stage
+
+    def at(self, step: int) -> Phase:
+        """The phase of 0-based stage step ``step``."""
+        if not 0 <= step < self.total_steps:
+            raise ValueError(f"step {step} outside the schedule's 0..{self.total_steps - 1}")
+        if self.curriculum:
+            stage = min(step // self.steps_per_stage, self.segments)
+            within, length = step - stage * self.steps_per_stage, self.steps_per_stage
+        else:
+            stage, within, length = self.segments, step, self.total_steps
+        keep_answer = not (stage == self.segments and within >= length // 2)
+        return Phase(stage=stage, latent_steps=stage * self.per_segment, replaced=stage, keep_answer=keep_answer)
+
+    def stage_changes_at(self, step: int) -> bool:
+        """True when ``step`` opens a new curriculum stage (the optimiser state is reset there)."""
+        return step > 0 and self.at(step).stage != self.at(step - 1).stage
+
+
+def split_segments(reasoning: Sequence[str] | None, n: int) -> tuple[list[str], bool]:
+    """Exactly ``n`` segments: more are merged into ``n`` contiguous groups, fewer are padded with
+    empty ones at the end. Returns (segments, complete) where ``complete`` is False when the record
+    had fewer than ``n`` (counted by the learner, never silently)."""
+    segs = [str(s).strip() for s in (reasoning or []) if str(s).strip()]
+    if len(segs) >= n:
+        bounds = [i * len(segs) // n for i in range(n + 1)]
+        return [" ".join(segs[bounds[i] : bounds[i + 1]]) for i in range(n)], True
+    return segs + [""] * (n - len(segs)), False
+
+
+def continuation_text(template: PromptTemplate, tok: SpecialTokens, segments: Sequence[str], phase: Phase,
+                      answer: str) -> str:
+    """Teacher-forced text after the latent block: ``<eot>`` + remaining segments + ``</think>\\n``
+    + answer (if kept) + ``<gen_emb>``."""
+    reasoning = " ".join(s for s in segments[phase.replaced :] if s)
+    return template.latent_continuation(reasoning, answer.strip() if phase.keep_answer else "", tok)

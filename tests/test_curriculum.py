@@ -1,0 +1,55 @@
+"""PLUME's explicit-to-latent curriculum: the step -> phase schedule, segment handling and the
+teacher-forced text each phase leaves."""
+
+from __future__ import annotations
+
+import pytest
+
+from rime_model.curriculum import CurriculumSchedule, Phase, continuation_text, split_segments
+from rime_model.prompts import PromptTemplate
+from rime_model.tokens import SpecialTokens
+
+
+def test_schedule_replaces_segments_left_to_right_and_drops_the_answer_last():
+    s = CurriculumSchedule(steps_per_stage=10, segments=4, latent_steps=8)
+    assert s.total_steps == 50 and s.per_segment == 2
+    assert s.at(0) == Phase(stage=0, latent_steps=0, replaced=0, keep_answer=True)
+    assert s.at(9).stage == 0 and s.at(10) == Phase(1, 2, 1, True)
+    assert [s.at(10 * k).latent_steps for k in range(5)] == [0, 2, 4, 6, 8]
+    assert s.at(44) == Phase(4, 8, 4, True)  # first half of the last stage keeps the answer
+    assert s.at(45) == Phase(4, 8, 4, False) and s.at(49) == Phase(4, 8, 4, False)
+    assert [t for t in range(50) if s.stage_changes_at(t)] == [10, 20, 30, 40]  # optimizer resets
+    with pytest.raises(ValueError):
+        s.at(50)
+
+
+def test_no_curriculum_is_fully_latent_from_the_first_step_with_the_same_budget():
+    s = CurriculumSchedule(steps_per_stage=10, segments=4, latent_steps=8, curriculum=False)
+    assert s.total_steps == 50
+    assert s.at(0) == Phase(4, 8, 4, True) and s.at(24).keep_answer and not s.at(25).keep_answer
+    assert not any(s.stage_changes_at(t) for t in range(50))
+
+
+def test_schedule_rejects_bad_settings():
+    with pytest.raises(ValueError, match="multiple of plume.segments"):
+        CurriculumSchedule(steps_per_stage=10, segments=4, latent_steps=6)
+    with pytest.raises(ValueError, match="steps_per_stage"):
+        CurriculumSchedule(steps_per_stage=1)
+
+
+def test_split_segments_merges_pads_and_reports():
+    four = ["a.", "b.", "c.", "d."]
+    assert split_segments(four, 4) == (four, True)
+    assert split_segments(["1", "2", "3", "4", "5", "6"], 4) == (["1", "2 3", "4", "5 6"], True)
+    assert split_segments(["x.", "y."], 4) == (["x.", "y.", "", ""], False)
+    assert split_segments(None, 4) == (["", "", "", ""], False)
+
+
+def test_continuation_text_per_phase():
+    t, tok = PromptTemplate(), SpecialTokens()
+    segs = ["S1.", "S2.", "S3.", "S4."]
+    assert continuation_text(t, tok, segs, Phase(0, 0, 0, True), "a red circle") == \
+        "<eot>S1. S2. S3. S4.</think>\na red circle<gen_emb>"
+    assert continuation_text(t, tok, segs, Phase(3, 6, 3, True), "a red circle") == "<eot>S4.</think>\na red circle<gen_emb>"
+    final = continuation_text(t, tok, segs, Phase(4, 8, 4, False), "a red circle")
+    assert final == "<eot></think>\n<gen_emb>" == t.latent_suffix(tok)  # the last phase is exactly inference's layout
