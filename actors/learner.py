@@ -227,9 +227,10 @@ class Learner:
                 return [p.detach().clone() for p in self.engine.module.parameters()]
         return list(self.engine.module.parameters())
 
-    def export_weights(self) -> dict[str, torch.Tensor] | None:
+    def export_weights(self, to_cpu: bool = True) -> dict[str, torch.Tensor] | None:
         """Full state dict on rank 0 (None elsewhere); collective under ZeRO-3, call on every rank.
-        Tied tensors (lm_head = embed_tokens) are sent once: receivers re-tie them on load."""
+        Tied tensors (lm_head = embed_tokens) are sent once: receivers re-tie them on load.
+        ``to_cpu=False`` keeps the engine's own tensors (the collective sync broadcasts from them)."""
         if self.lc["zero_stage"] == 3:
             sd = self.engine._zero3_consolidated_16bit_state_dict()
         else:
@@ -241,8 +242,48 @@ class Learner:
             if v.data_ptr() in seen:
                 continue
             seen.add(v.data_ptr())
-            out[k] = v.detach().cpu().clone()
+            out[k] = v.detach().cpu().clone() if to_cpu else v.detach()
         return out
+
+    # ------------------------------------------------------------------ collective weight sync (rank 0 = source)
+    def open_weight_sync(self, world: int, epoch: int, backend: str, timeout_s: float) -> tuple[str, int] | None:
+        """Rank 0 hosts the rendezvous store of sync group ``epoch``; returns (host, port)."""
+        if self.rank != 0:
+            return None
+        from .weight_sync import BroadcastGroup
+
+        self.sync_group = None  # the previous epoch's group, if any, is dropped
+        store, host, port = BroadcastGroup.open_store(world, timeout_s)
+        self._sync_join = (store, world, epoch, backend, timeout_s)
+        return host, port
+
+    def join_weight_sync(self) -> int:
+        """Rank 0 joins the group it opened (blocks until every rollout worker has joined)."""
+        from .weight_sync import BroadcastGroup
+
+        store, world, epoch, backend, timeout_s = self._sync_join
+        self.sync_group = BroadcastGroup(store, 0, world, epoch, backend, timeout_s)
+        return epoch
+
+    def weight_meta(self):
+        """(name, shape, dtype) of what ``broadcast_weights`` sends, in order (rank 0; collective under ZeRO-3)."""
+        from .weight_sync import tensor_meta
+
+        sd = self.export_weights(to_cpu=False)
+        return tensor_meta(sd) if sd is not None else None
+
+    def broadcast_weights(self, epoch: int, bucket_bytes: int) -> dict | None:
+        """Every rank calls (ZeRO-3 gathers collectively); rank 0 broadcasts in sync group ``epoch``."""
+        import time
+
+        from .weight_sync import check_member
+
+        t = time.perf_counter()
+        sd = self.export_weights(to_cpu=False)
+        if sd is None:
+            return None
+        sent = check_member(getattr(self, "sync_group", None), epoch).send(sd, bucket_bytes)
+        return {"bytes": sent, "time_s": time.perf_counter() - t}
 
     def save_embedder(self, path: str) -> str | None:
         """Write a loadable embedder folder from rank 0 (collective under ZeRO-3)."""

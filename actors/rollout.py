@@ -159,6 +159,34 @@ class RolloutWorker:
         self.load_log.append(info)
         return info
 
+    # ------------------------------------------------------------------ collective weight sync (a receiver)
+    def join_weight_sync(self, host: str, port: int, rank: int, world: int, epoch: int, backend: str, timeout_s: float) -> int:
+        """Join sync group ``epoch`` (blocks until all members have joined); a restarted actor has none."""
+        from .weight_sync import BroadcastGroup
+
+        self.sync_group = None
+        store = BroadcastGroup.client_store(host, port, world, timeout_s)
+        self.sync_group = BroadcastGroup(store, rank, world, epoch, backend, timeout_s)
+        return epoch
+
+    def sync_epoch(self) -> int | None:
+        group = getattr(self, "sync_group", None)
+        return None if group is None else group.epoch
+
+    def receive_weights(self, version: int, epoch: int, meta: list, bucket_bytes: int) -> dict:
+        """Receive learner rank 0's broadcast of weights ``version`` in sync group ``epoch`` and load them."""
+        from .weight_sync import check_member
+
+        t = time.perf_counter()
+        sd = check_member(getattr(self, "sync_group", None), epoch).receive(meta, bucket_bytes)
+        t_fetch = time.perf_counter() - t
+        self.backend.load_weights(sd)
+        self.version = version
+        info = {"version": version, "bytes": sum(v.numel() * v.element_size() for v in sd.values()),
+                "fetch_s": t_fetch, "load_s": time.perf_counter() - t - t_fetch}
+        self.load_log.append(info)
+        return info
+
     def weights_checksum(self) -> float | None:
         """Sum of all parameters in float64 (equals the learners' after a sync); None on vLLM, whose
         engine holds repacked weights (its tests compare outputs with HF instead)."""
@@ -176,9 +204,14 @@ class RolloutWorker:
 
     # ------------------------------------------------------------------ sampling
     def generate(self, queries: list[dict], n: int, sampling: dict, weights: dict | None = None) -> dict:
-        """``n`` rewrites per query. ``weights`` = {"version": v, "ref": [ObjectRef]}: loaded first if this
-        actor holds another version (after a restart). Returns samples plus timing for the step metrics."""
+        """``n`` rewrites per query. ``weights`` = {"version": v, "ref": [ObjectRef] or None}: loaded first
+        if this actor holds another version (after a restart); with the collective sync (ref None) the
+        call fails with ``StaleWeightsError`` instead and the driver re-broadcasts. Returns samples plus timing for the step metrics."""
         if weights is not None and weights["version"] != self.version:
+            if weights["ref"] is None:  # collective sync: the driver re-broadcasts, then re-issues this call
+                from .weight_sync import StaleWeightsError
+
+                raise StaleWeightsError(f"rollout worker holds weights v{self.version}, the call needs v{weights['version']}")
             self.update_weights(weights["version"], weights["ref"])
         s = Sampling(**sampling)
         t = time.perf_counter()

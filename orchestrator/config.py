@@ -95,6 +95,11 @@ class RolloutConfig:
     batch_size: int = 16  # prompts per generate call (hf backend)
     torch_threads: int = 1
     max_restarts: int = 3  # Ray restarts a dead worker and re-issues its rollouts
+    # Learner -> rollout weight sync: object_store (ray.put once, every worker fetches) or collective
+    # (learner rank 0 broadcasts in a group with the workers: NCCL when both sides have GPUs, else gloo).
+    weight_sync: str = "object_store"
+    sync_bucket_mb: int = 256  # collective: flat buffers of at most this size per broadcast call
+    sync_timeout_s: float = 120.0  # collective: a member that stops answering fails the sync after this
 
 
 @dataclass(frozen=True)
@@ -220,6 +225,7 @@ class Config:
 STAGES = ("cma", "refine-rl", "plume")
 CHOICES = {
     "rollout.backend": ("hf", "vllm"),
+    "rollout.weight_sync": ("object_store", "collective"),
     "reward.query_encoder": ("frozen", "policy"),
     "plume.anchor": ("disc", "none"),
     "refine_rl.loss_agg_mode": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
@@ -306,7 +312,7 @@ def _check(cfg: Config) -> None:
     positive.update({"refine_rl.steps": rl.steps, "refine_rl.queries_per_step": rl.queries_per_step,
                      "rollout.num_workers": cfg.rollout.num_workers, "rollout.group_size": cfg.rollout.group_size,
                      "rollout.max_new_tokens": cfg.rollout.max_new_tokens, "reward.num_actors": cfg.reward.num_actors,
-                     "reward.top_k": cfg.reward.top_k})
+                     "reward.top_k": cfg.reward.top_k, "rollout.sync_bucket_mb": cfg.rollout.sync_bucket_mb})
     for k, v in positive.items():
         if v < 1:
             raise ConfigError(f"{k}: must be >= 1, got {v}")

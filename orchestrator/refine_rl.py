@@ -12,7 +12,7 @@ corrected by the clipped importance ratio against the behaviour log-probs).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -34,6 +34,7 @@ class Pending:
     chunks: list[tuple[int, int]]
     pos_before: StreamPosition
     version: int
+    calls: list[tuple] = field(default_factory=list)  # per worker: the generate() args, to re-issue one
 
 
 def stage_config(cfg: Config) -> dict:
@@ -58,13 +59,22 @@ class RefineRL:
         self.actors = RLActors(cfg, start_model, data_dir, reserve_cpus=reserve_cpus)
         self.version = 0
         self.weights_ref = None
+        self.sync_epoch = 0  # collective sync: the current group's epoch (0 = none built yet)
+        self.sync_rebuilds = 0
+        self.weight_meta = None
         self.pending: Pending | None = None
         self.on_rollouts_submitted: Callable[["RefineRL", Pending], None] | None = None  # test/monitoring hook
         self.step_index = 0
 
     # ------------------------------------------------------------------ weights
     def sync_weights(self, version: int) -> dict[str, float]:
-        """Learner rank 0 → object store → every rollout worker (and a policy-side reward encoder)."""
+        """Learner rank 0 → every rollout worker (object store or collective broadcast), and a
+        policy-side reward encoder (object store)."""
+        if self.cfg.rollout.weight_sync == "collective":
+            return self._sync_collective(version)
+        return self._sync_object_store(version)
+
+    def _sync_object_store(self, version: int) -> dict[str, float]:
         import ray
 
         t = time.perf_counter()
@@ -79,22 +89,94 @@ class RefineRL:
         return {"sync/time_s": time.perf_counter() - t, "sync/export_s": t_export, "sync/bytes": float(loads[0]["bytes"]),
                 "sync/load_s_max": max(x["load_s"] for x in loads), "sync/version": float(version)}
 
+    def _build_sync_group(self) -> None:
+        """A new broadcast group (epoch + 1): learner rank 0 + every rollout worker, current members only."""
+        import ray
+
+        ro = self.cfg.rollout
+        backend = "nccl" if self.cfg.learners.gpus_per_learner > 0 and ro.gpus_per_worker > 0 else "gloo"
+        self.sync_epoch += 1
+        world = 1 + len(self.actors.rollout)
+        src = self.group.actors[0]
+        host, port = ray.get(src.open_weight_sync.remote(world, self.sync_epoch, backend, ro.sync_timeout_s))
+        ray.get([src.join_weight_sync.remote()] + [
+            w.join_weight_sync.remote(host, port, i + 1, world, self.sync_epoch, backend, ro.sync_timeout_s)
+            for i, w in enumerate(self.actors.rollout)])
+
+    def _sync_collective(self, version: int, retry: bool = True) -> dict[str, float]:
+        """Broadcast from learner rank 0 in the sync group, rebuilt first when a worker is not a member
+        (restarted by Ray); a broadcast that fails (a member died mid-way) is rebuilt and retried once."""
+        import ray
+
+        t = time.perf_counter()
+        bucket = self.cfg.rollout.sync_bucket_mb << 20
+        if self.weight_meta is None:
+            self.weight_meta = self.group.call("weight_meta")[0]
+        if ray.get([w.sync_epoch.remote() for w in self.actors.rollout]) != [self.sync_epoch] * len(self.actors.rollout):
+            self._build_sync_group()
+            self.sync_rebuilds += 1
+        sends = [a.broadcast_weights.remote(self.sync_epoch, bucket) for a in self.group.actors]
+        loads = [w.receive_weights.remote(version, self.sync_epoch, self.weight_meta, bucket) for w in self.actors.rollout]
+        try:
+            sent = ray.get(sends)[0]
+            loads = ray.get(loads)
+        except ray.exceptions.RayError:
+            if not retry:
+                raise
+            ray.wait(sends + loads, num_returns=len(sends + loads), timeout=self.cfg.rollout.sync_timeout_s)
+            self._build_sync_group()
+            self.sync_rebuilds += 1
+            return self._sync_collective(version, retry=False)
+        out = {"sync/time_s": time.perf_counter() - t, "sync/bytes": float(sent["bytes"]), "sync/broadcast_s": sent["time_s"],
+               "sync/load_s_max": max(x["load_s"] for x in loads), "sync/version": float(version),
+               "sync/group_rebuilds": float(self.sync_rebuilds)}
+        if self.cfg.reward.query_encoder == "policy":  # the reward actors are not in the group
+            refs = [a.export_weights.remote() for a in self.group.actors]
+            ray.get([r.update_weights.remote(version, [refs[0]]) for r in self.actors.reward])
+        self.version = version
+        return out
+
     # ------------------------------------------------------------------ rollouts
     def _submit(self, step: int) -> Pending:
         ro = self.cfg.rollout
         pos_before = StreamPosition(**asdict(self.stream.pos))
         queries = self.stream.next_batch(self.cfg.refine_rl.queries_per_step)
         chunks = _chunks(len(queries), len(self.actors.rollout))
-        weights = {"version": self.version, "ref": [self.weights_ref]} if self.weights_ref is not None else None
-        refs = []
+        calls = []
         for w, (a, b) in enumerate(chunks):
             sampling = {"max_new_tokens": ro.max_new_tokens, "temperature": ro.temperature, "top_p": ro.top_p, "top_k": ro.top_k,
                         "seed": (self.cfg.run.seed * 1_000_003 + step * 101 + w) % (2**31)}
-            refs.append(self.actors.rollout[w].generate.remote([q["q"] for q in queries[a:b]], ro.group_size, sampling, weights))
-        pending = Pending(queries, refs, chunks, pos_before, self.version)
+            calls.append(([q["q"] for q in queries[a:b]], ro.group_size, sampling))
+        refs = [self.actors.rollout[w].generate.remote(*args, self._weights_token()) for w, args in enumerate(calls)]
+        pending = Pending(queries, refs, chunks, pos_before, self.version, calls)
         if self.on_rollouts_submitted is not None:
             self.on_rollouts_submitted(self, pending)
         return pending
+
+    def _weights_token(self) -> dict | None:
+        """What a rollout call carries so a restarted worker can tell it holds stale weights: the
+        version, plus the object-store copy to load (None under collective sync: the driver re-broadcasts)."""
+        if self.cfg.rollout.weight_sync == "collective":
+            return {"version": self.version, "ref": None} if self.sync_epoch else None
+        return {"version": self.version, "ref": [self.weights_ref]} if self.weights_ref is not None else None
+
+    def _collect(self, pending: Pending) -> list[dict]:
+        """The rollout results; a call refused for stale weights (a worker restarted under collective
+        sync) is answered by re-broadcasting the current weights and re-issuing that call."""
+        import ray
+
+        from actors.weight_sync import StaleWeightsError
+
+        outs = []
+        for w, ref in enumerate(pending.refs):
+            try:
+                outs.append(ray.get(ref))
+            except ray.exceptions.RayTaskError as e:
+                if not isinstance(e.cause, StaleWeightsError):
+                    raise
+                self._sync_collective(self.version)
+                outs.append(ray.get(self.actors.rollout[w].generate.remote(*pending.calls[w], self._weights_token())))
+        return outs
 
     @property
     def trained_position(self) -> StreamPosition:
@@ -109,7 +191,7 @@ class RefineRL:
         t0 = time.perf_counter()
         pending = self.pending or self._submit(step)
         self.pending = None
-        outs = ray.get(pending.refs)
+        outs = self._collect(pending)
         t_roll = time.perf_counter() - t0
         if cfg.refine_rl.max_staleness >= 1:
             self.pending = self._submit(step + 1)  # generated with weights v while the learners make v+1

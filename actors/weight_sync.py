@@ -1,0 +1,118 @@
+"""Collective weight sync: learner rank 0 broadcasts its weights to the rollout workers in a process
+group of their own (NCCL on GPU, as OpenRLHF and verl do; gloo on CPU, so the same code path runs
+and is tested here).
+
+The group is built from its own TCPStore and ``ProcessGroupGloo`` / ``ProcessGroupNCCL`` objects,
+never through ``init_process_group``, so it lives beside the learners' DeepSpeed group without
+touching it. Weights travel as a few flat buffers (consecutive tensors of one dtype, up to
+``bucket_bytes`` each) whose layout both sides derive from the same metadata, so a broadcast is a
+handful of collective calls, not one per tensor. Every group has an epoch: a restarted rollout
+worker is not a member of the current one, and the driver rebuilds the group under a new epoch.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+import torch
+
+WeightMeta = list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype) in broadcast order
+
+DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool)}
+
+
+class SyncGroupError(RuntimeError):
+    """This member is not in the sync group the caller asked for (it was restarted, or never joined)."""
+
+
+class StaleWeightsError(RuntimeError):
+    """A rollout call reached a worker holding older weights than it needs (a restart under collective sync)."""
+
+
+def tensor_meta(state_dict: dict[str, torch.Tensor]) -> WeightMeta:
+    return [(k, tuple(v.shape), str(v.dtype)) for k, v in state_dict.items()]
+
+
+def plan_buckets(meta: WeightMeta, bucket_bytes: int) -> list[list[int]]:
+    """Indices of ``meta`` grouped into buckets: consecutive tensors of one dtype, at most
+    ``bucket_bytes`` each (a larger tensor gets a bucket of its own)."""
+    buckets: list[list[int]] = []
+    size, dtype = 0, None
+    for i, (_, shape, dt) in enumerate(meta):
+        n = torch.Size(shape).numel() * DTYPES[dt].itemsize
+        if not buckets or dt != dtype or size + n > bucket_bytes:
+            buckets.append([])
+            size, dtype = 0, dt
+        buckets[-1].append(i)
+        size += n
+    return buckets
+
+
+class BroadcastGroup:
+    """One member of a weight-broadcast group; rank 0 is the source (learner rank 0)."""
+
+    def __init__(self, store: torch.distributed.Store, rank: int, world: int, epoch: int, backend: str, timeout_s: float):
+        import torch.distributed as dist
+
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"weight sync backend: {backend!r} is not gloo or nccl")
+        if backend == "nccl" and not torch.cuda.is_available():
+            raise RuntimeError("weight sync backend nccl needs a GPU in every member; this one has none "
+                               "(give rollout workers GPUs, or use rollout.weight_sync: object_store)")
+        prefixed = dist.PrefixStore(f"rime-weight-sync/{epoch}", store)
+        timeout = timedelta(seconds=timeout_s)
+        if backend == "gloo":
+            self.pg = dist.ProcessGroupGloo(prefixed, rank, world, timeout)
+        else:
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            self.pg = dist.ProcessGroupNCCL(prefixed, rank, world, opts)
+        self.rank, self.world, self.epoch, self.backend = rank, world, epoch, backend
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+    @staticmethod
+    def open_store(world: int, timeout_s: float) -> tuple[torch.distributed.TCPStore, str, int]:
+        """The rendezvous store, hosted by the source: (store, host, port), on a free port."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        store = torch.distributed.TCPStore(host, 0, world, is_master=True, timeout=timedelta(seconds=timeout_s),
+                                           wait_for_workers=False)
+        return store, host, store.port
+
+    @staticmethod
+    def client_store(host: str, port: int, world: int, timeout_s: float) -> torch.distributed.TCPStore:
+        return torch.distributed.TCPStore(host, port, world, is_master=False, timeout=timedelta(seconds=timeout_s))
+
+    def _bcast(self, buf: torch.Tensor) -> None:
+        opts = torch.distributed.BroadcastOptions()
+        opts.rootRank = 0
+        self.pg.broadcast([buf], opts).wait()
+
+    def send(self, state_dict: dict[str, torch.Tensor], bucket_bytes: int) -> int:
+        """Broadcast ``state_dict`` (rank 0); returns the bytes sent."""
+        tensors = list(state_dict.values())
+        sent = 0
+        for idx in plan_buckets(tensor_meta(state_dict), bucket_bytes):
+            buf = torch.cat([tensors[i].detach().reshape(-1).to(self.device) for i in idx])
+            self._bcast(buf)
+            sent += buf.numel() * buf.element_size()
+        return sent
+
+    def receive(self, meta: WeightMeta, bucket_bytes: int) -> dict[str, torch.Tensor]:
+        """The state dict rank 0 is broadcasting, as views into the received buffers."""
+        out: dict[str, torch.Tensor] = {}
+        for idx in plan_buckets(meta, bucket_bytes):
+            sizes = [torch.Size(meta[i][1]).numel() for i in idx]
+            buf = torch.empty(sum(sizes), dtype=DTYPES[meta[idx[0]][2]], device=self.device)
+            self._bcast(buf)
+            for i, part in zip(idx, buf.split(sizes)):
+                out[meta[i][0]] = part.view(meta[i][1])
+        return out
+
+
+def check_member(group: BroadcastGroup | None, epoch: int) -> BroadcastGroup:
+    if group is None or group.epoch != epoch:
+        have = None if group is None else group.epoch
+        raise SyncGroupError(f"not a member of weight-sync group epoch {epoch} (this process has {have})")
+    return group
+
