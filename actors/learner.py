@@ -45,6 +45,18 @@ def deepspeed_config(lc: dict, world_size: int) -> dict:
     return cfg
 
 
+def param_groups(model: torch.nn.Module) -> list[dict]:
+    """Two optimizer groups: the token embedding (tied to the lm head; its own learning rate, since a
+    freshly initialised 150k-row table moves too slowly at the body's rate) and everything else.
+    The names survive ZeRO's flattening, which keeps the groups' order and keys."""
+    emb = model.get_input_embeddings().weight
+    body = [p for p in model.parameters() if p.requires_grad and p is not emb]
+    groups = [{"params": body, "name": "body"}]
+    if emb.requires_grad:
+        groups.append({"params": [emb], "name": "embeddings"})
+    return groups
+
+
 class Learner:
     """One data-parallel rank. Created by ``orchestrator.learner_group.LearnerGroup``."""
 
@@ -69,7 +81,7 @@ class Learner:
                 if "visual" in name or "vision_tower" in name:
                     p.requires_grad_(False)
         self.emb.model.train()
-        params = [p for p in self.emb.model.parameters() if p.requires_grad]
+        params = param_groups(self.emb.model)
         ds_cfg = deepspeed_config(learner_cfg, world_size)
         warmup = max(1, learner_cfg["warmup_steps"])
         if learner_cfg["offload_optimizer"]:
@@ -91,13 +103,13 @@ class Learner:
         return getattr(opt, "optimizer", opt)  # ZeRO wraps the client optimizer; its state lives inside
 
     def begin_stage(self, stage: str, stage_cfg: dict, lr: float, warmup_steps: int, ref_path: str | None = None,
-                    reset_optimizer: bool = True) -> None:
-        """Switch the loss to ``stage``: new learning rate and warm-up, optimizer state reset (METHOD.md:
+                    reset_optimizer: bool = True, embedding_lr: float = 0.0) -> None:
+        """Switch the loss to ``stage``: new learning rates and warm-up, optimizer state reset (METHOD.md:
         stage changes restart Adam), and for Refine-RL a frozen reference policy for the KL term."""
         if stage not in LEARNER_STAGES:
             raise ValueError(f"stage {stage!r} has no learner loss; known: {LEARNER_STAGES}")
         self.stage, self.stage_cfg = stage, stage_cfg
-        self.reset_optimizer(lr, warmup_steps, clear_state=reset_optimizer)
+        self.reset_optimizer(lr, warmup_steps, clear_state=reset_optimizer, embedding_lr=embedding_lr)
         self.ref = None
         if stage == "refine-rl" and stage_cfg["policy"]["kl_coef"] > 0:
             if ref_path is None:
@@ -105,13 +117,14 @@ class Learner:
             self.ref = Embedder.load(ref_path, device=str(self.engine.device))
             self.ref.model.requires_grad_(False)
 
-    def reset_optimizer(self, lr: float, warmup_steps: int, clear_state: bool = True) -> None:
-        """Fresh Adam moments (stage and curriculum-stage changes), new learning rate, linear warm-up."""
+    def reset_optimizer(self, lr: float, warmup_steps: int, clear_state: bool = True, embedding_lr: float = 0.0) -> None:
+        """Fresh Adam moments (stage and curriculum-stage changes), new learning rates (``embedding_lr``
+        for the token embedding, 0 = ``lr``), linear warm-up."""
         opt = self._torch_optimizer()
         if clear_state:
             opt.state.clear()
         for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] = lr
+            group["lr"] = group["initial_lr"] = embedding_lr if group.get("name") == "embeddings" and embedding_lr > 0 else lr
         warm = max(1, warmup_steps)
         self.engine.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
 
@@ -139,7 +152,10 @@ class Learner:
         out = {k: v / len(micro_batches) for k, v in sums.items()}
         gn = self.engine.get_global_grad_norm()
         out["grad_norm"] = float(gn) if gn is not None and math.isfinite(float(gn)) else float("nan")
-        out["lr"] = float(self.engine.get_lr()[0])
+        lrs = self.engine.get_lr()
+        out["lr"] = float(lrs[0])
+        if len(lrs) > 1:
+            out["lr_embeddings"] = float(lrs[1])
         out["pairs"] = float(sum(len(mb) for mb in micro_batches))
         return out
 
@@ -158,27 +174,37 @@ class Learner:
                         ce_weight=cfg["ce_weight"], target_ids=[p["target_id"] for p in pairs])
 
     def _plume_terms(self, pairs: list[Pair], phase: Phase) -> dict[str, Any]:
-        """PLUME: both sides run ``phase.latent_steps`` latent steps, then the curriculum's remaining
-        text (queries: reasoning segments not yet replaced + answer; targets: their answer) under CE;
-        gen embeddings at ``<gen_emb>``, disc anchors at ``<disc_emb>`` of the same prefix pass."""
+        """PLUME: queries run ``phase.latent_steps`` latent steps, then the curriculum's remaining text
+        (reasoning segments not yet replaced + the answer) under CE. Targets either follow the same
+        phase with their own answer (``target_layout: phase``) or are embedded as at inference, K latent
+        steps and no text (``latent``). Gen embeddings at ``<gen_emb>``, disc anchors at ``<disc_emb>``
+        of the same prefix passes."""
         emb, cfg = self.emb, self.stage_cfg
         q_items = emb.prepare([p["q"] for p in pairs])
         t_items = emb.prepare([p["t"] for p in pairs])
         texts = [continuation_text(emb.template, emb.tokens, split_segments(p.get("q_reasoning"), cfg["segments"])[0], phase,
                                    p["q_rewrite"]) for p in pairs]
-        texts += [continuation_text(emb.template, emb.tokens, [], phase, p["t_rewrite"]) for p in pairs]
-        conts = [emb.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-        out = latent_pass(emb, q_items + t_items, phase.latent_steps, conts)
-        ce = completion_ce(out.hidden, out.labels, emb.model.get_output_embeddings())
-        g, c, n = out.gen_embedding(), out.disc_embedding(), len(pairs)
-        bal = balance_loss(out.router_probs) if out.router_probs else None
+        lm_head, n = emb.model.get_output_embeddings(), len(pairs)
+        if cfg["target_layout"] == "phase":  # targets follow the query's phase: one pass for both sides
+            texts += [continuation_text(emb.template, emb.tokens, [], phase, p["t_rewrite"]) for p in pairs]
+            conts = [emb.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+            outs = [latent_pass(emb, q_items + t_items, phase.latent_steps, conts)]
+            g, c = outs[0].gen_embedding(), outs[0].disc_embedding()
+        else:  # "latent": targets are embedded exactly as at inference (K latent steps, no text)
+            conts = [emb.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+            outs = [latent_pass(emb, q_items, phase.latent_steps, conts), latent_pass(emb, t_items, cfg["latent_steps"])]
+            g = torch.cat([o.gen_embedding() for o in outs])
+            c = torch.cat([o.disc_embedding() for o in outs])
+        ce = completion_ce(outs[0].hidden, outs[0].labels, lm_head)
+        probs = [p for o in outs for p in o.router_probs]
+        bal = balance_loss(probs) if probs else None
         terms: dict[str, Any] = plume_loss(g[:n], g[n:], c[:n], c[n:], ce, bal, temperature=cfg["temperature"],
                                            ce_weight=cfg["ce_weight"], disc_weight=cfg["disc_weight"],
                                            lambda_bal=cfg["lambda_bal"], target_ids=[p["target_id"] for p in pairs])
-        if out.router_probs:
-            usage = torch.cat(out.router_probs).detach().mean(0)
+        if probs:
+            usage = torch.cat(probs).detach().mean(0)
             terms.update({f"router_p{m}": float(v) for m, v in enumerate(usage)})
-        terms["text_tokens"] = float((out.labels[:, 1:] != -100).sum())
+        terms["text_tokens"] = float((outs[0].labels[:, 1:] != -100).sum())
         return terms
 
     def _grpo_terms(self, samples: list[Sample]) -> dict[str, Any]:

@@ -77,6 +77,7 @@ class CMAConfig:
     lambda_cma: float = 1.0
     temperature: float = 0.02
     ce_weight: float = 1.0
+    embedding_lr: float = 0.0  # the (tied) token embedding's learning rate; 0 = learners.lr
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class RefineRLConfig:
     steps: int = 60
     queries_per_step: int = 8
     lr: float = 2e-5
+    embedding_lr: float = 0.0  # 0 = lr
     warmup_steps: int = 5
     estimator: str = "grpo"  # any name in verl's advantage registry (grpo, rloo, reinforce_plus_plus, …)
     policy_loss: str = "vanilla"  # any name in verl's policy-loss registry (vanilla = clipped surrogate, gspo, …)
@@ -148,6 +150,7 @@ class PlumeConfig:
     segments: int = 4  # reasoning segments per record, replaced left to right
     latent_steps: int = 8  # K; each replaced segment becomes latent_steps / segments steps
     lr: float = 2e-4
+    embedding_lr: float = 0.0  # the (tied) token embedding's learning rate; 0 = lr
     warmup_steps: int = 10  # also after each curriculum stage change (Adam state is reset there)
     temperature: float = 0.02
     ce_weight: float = 1.0
@@ -160,6 +163,10 @@ class PlumeConfig:
     step_embed_dim: int = 0  # 0 = hidden size
     max_latent_steps: int = 16
     anchor: str = "disc"  # disc | none: what guides the router besides z
+    # Targets (positives) in the plume loss: "latent" = as at inference (K latent steps, no text), so
+    # NCE(g_q, g_t) stays informative while the query still reads its teacher-forced answer; "phase" =
+    # the query's phase with the target's own answer text (both sides then carry the answer early on).
+    target_layout: str = "latent"
     renormalize: bool = False
     batch_by_task: bool = True
 
@@ -228,6 +235,7 @@ CHOICES = {
     "rollout.weight_sync": ("object_store", "collective"),
     "reward.query_encoder": ("frozen", "policy"),
     "plume.anchor": ("disc", "none"),
+    "plume.target_layout": ("latent", "phase"),
     "refine_rl.loss_agg_mode": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
     "refine_rl.max_staleness": (0, 1),
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -330,6 +338,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"rollout.top_k: must be >= 0 (0 = off), got {cfg.rollout.top_k}")
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p: must be in (0, 1], got {cfg.rollout.top_p}")
+    for k, v in {"cma.embedding_lr": cfg.cma.embedding_lr, "plume.embedding_lr": cfg.plume.embedding_lr,
+                 "refine_rl.embedding_lr": rl.embedding_lr}.items():
+        if v < 0:
+            raise ConfigError(f"{k}: must be >= 0 (0 = the stage's lr), got {v}")
     if cfg.cma.temperature <= 0:
         raise ConfigError(f"cma.temperature: must be > 0, got {cfg.cma.temperature}")
     if cfg.learners.cpus_per_learner < 0 or cfg.learners.gpus_per_learner < 0:

@@ -15,13 +15,21 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .config import Config, dump_config
 from .pairs import PairStream, StreamPosition
 from .tracking import run_dir_uri
 
 STATE = "state.json"
+
+
+class StageSettings(NamedTuple):
+    learner_cfg: dict  # the stage's loss settings, as the learners take them
+    lr: float
+    warmup_steps: int
+    steps: int
+    embedding_lr: float  # the token embedding's rate; 0 = lr
 
 
 class RunDirError(RuntimeError):
@@ -198,7 +206,7 @@ class Trainer:
                 summary["baseline"] = self._evaluate(self.model_path, "baseline", 0)
                 self.state["baseline_done"] = True
                 self._save_state()
-            group = LearnerGroup(cfg, self.model_path, self._stage_settings("cma")[0])
+            group = LearnerGroup(cfg, self.model_path, self._stage_settings("cma").learner_cfg)
             try:
                 summary.update(self._stages(group))
             finally:
@@ -209,21 +217,23 @@ class Trainer:
         _write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
 
-    def _stage_settings(self, stage: str) -> tuple[dict, float, int, int]:
-        """(learner stage config, lr, warm-up steps, steps) of a stage."""
+    def _stage_settings(self, stage: str) -> StageSettings:
+        """What the learners need to run ``stage`` and how long it runs."""
         cfg = self.cfg
         if stage == "cma":
-            return ({"lambda_cma": cfg.cma.lambda_cma, "temperature": cfg.cma.temperature, "ce_weight": cfg.cma.ce_weight},
-                    cfg.learners.lr, cfg.learners.warmup_steps, cfg.cma.steps)
+            c = cfg.cma
+            return StageSettings({"lambda_cma": c.lambda_cma, "temperature": c.temperature, "ce_weight": c.ce_weight},
+                                 cfg.learners.lr, cfg.learners.warmup_steps, c.steps, c.embedding_lr)
         if stage == "plume":
             pc = cfg.plume
-            return ({"segments": pc.segments, "temperature": pc.temperature, "ce_weight": pc.ce_weight,
-                     "disc_weight": pc.disc_weight, "lambda_bal": pc.lambda_bal},
-                    pc.lr, pc.warmup_steps, self._plume_schedule().total_steps)
+            return StageSettings({"segments": pc.segments, "temperature": pc.temperature, "ce_weight": pc.ce_weight,
+                                  "disc_weight": pc.disc_weight, "lambda_bal": pc.lambda_bal,
+                                  "target_layout": pc.target_layout, "latent_steps": pc.latent_steps},
+                                 pc.lr, pc.warmup_steps, self._plume_schedule().total_steps, pc.embedding_lr)
         from .refine_rl import stage_config
 
         rl = cfg.refine_rl
-        return stage_config(cfg), rl.lr, rl.warmup_steps, rl.steps
+        return StageSettings(stage_config(cfg), rl.lr, rl.warmup_steps, rl.steps, rl.embedding_lr)
 
     def _plume_schedule(self):
         from rime_model.curriculum import CurriculumSchedule
@@ -252,12 +262,12 @@ class Trainer:
                 st.update(stage=stage, stage_step=0, position=asdict(StreamPosition()))
             start_model = st["stage_models"].setdefault(stage, prev_model)
             self._save_state()
-            stage_cfg, lr, warmup, steps = self._stage_settings(stage)
-            group.call("begin_stage", stage, stage_cfg, lr, warmup, start_model)
+            ss = self._stage_settings(stage)
+            group.call("begin_stage", stage, ss.learner_cfg, ss.lr, ss.warmup_steps, start_model, True, ss.embedding_lr)
             if pending_load:  # same loss and scheduler layout first, then weights + optimizer + scheduler state
                 self._load(group, pending_load)
                 pending_load = None
-            print(f"[rime] stage {stage}: {steps} steps from {start_model}")
+            print(f"[rime] stage {stage}: {ss.steps} steps from {start_model}")
             if stage == "cma":
                 out.update(self._run_cma(group))
             elif stage == "plume":
@@ -305,93 +315,82 @@ class Trainer:
             group.call("save_embedder", str(self.run_dir / "eval_model"))
             self._evaluate(str(self.run_dir / "eval_model"), f"step{st['step']}", st["step"])
 
-    def _run_cma(self, group) -> dict:
-        stream = self._stream(self.cfg.data.batch_by_task)
-        try:
-            return self._cma_steps(group, stream)
-        finally:
-            stream.close()
-
-    def _cma_steps(self, group, stream: PairStream) -> dict:
-        cfg, lc, st = self.cfg, self.cfg.learners, self.state
-        per_rank = lc.micro_batch_size * lc.grad_accum_steps
-        out: dict[str, Any] = {}
-        while st["stage_step"] < cfg.cma.steps:
-            t0 = time.perf_counter()
-            pairs = stream.next_batch(per_rank * group.size)
-            t_data = time.perf_counter() - t0
-            terms = group.call("train_step", per_rank=[(mbs,) for mbs in self._shards(pairs, group.size)])
-            st["step"] += 1
-            st["stage_step"] += 1
-            dt = time.perf_counter() - t0
-            metrics = {f"train/{k}": sum(t[k] for t in terms) / len(terms) for k in terms[0] if k != "pairs"}
-            metrics.update({"perf/samples_per_s": len(pairs) / dt, "perf/step_time_s": dt, "perf/data_time_s": t_data,
-                            "data/bad_rows": stream.bad_rows, "data/epoch": stream.pos.epoch,
-                            "data/dropped_remainder_pairs": stream.dropped_pairs})
-            if st["stage_step"] % 10 == 0 or st["stage_step"] == 1:
-                print(f"[rime] cma step {st['stage_step']}/{cfg.cma.steps} loss {metrics['train/loss']:.3f} "
-                      f"(nce_disc {metrics['train/nce_disc']:.3f}, nce_gen {metrics['train/nce_gen']:.3f}, ce {metrics['train/ce']:.3f}) "
-                      f"{metrics['perf/samples_per_s']:.1f} pairs/s")
-            self._after_step(group, metrics, stream.pos, cfg.cma.steps)
-            out["final_loss"] = metrics["train/loss"]
-        out["bad_rows"] = stream.bad_rows
-        return out
-
     def _shards(self, pairs: list[dict], n_ranks: int) -> list[list[list[dict]]]:
         """Rank r's micro-batches of the step's global batch (rank-major, then accumulation step)."""
         lc = self.cfg.learners
         mb, acc = lc.micro_batch_size, lc.grad_accum_steps
         return [[pairs[(r * acc + a) * mb:(r * acc + a + 1) * mb] for a in range(acc)] for r in range(n_ranks)]
 
-    def _run_plume(self, group) -> dict:
-        stream = self._stream(self.cfg.plume.batch_by_task)
-        try:
-            return self._plume_steps(group, stream)
-        finally:
-            stream.close()
+    def _run_cma(self, group) -> dict:
+        def log(step: int, m: dict) -> str:
+            return (f"cma step {step}/{self.cfg.cma.steps} loss {m['train/loss']:.3f} (nce_disc {m['train/nce_disc']:.3f}, "
+                    f"nce_gen {m['train/nce_gen']:.3f}, ce {m['train/ce']:.3f})")
 
-    def _plume_steps(self, group, stream: PairStream) -> dict:
-        """PLUME's curriculum on the learners: each step's phase comes from the schedule (so a resume
+        return self._supervised_steps(group, self.cfg.data.batch_by_task, self.cfg.cma.steps, log)
+
+    def _run_plume(self, group) -> dict:
+        """PLUME's curriculum: each step's phase comes from the schedule and the stage step (so a resume
         lands in the same phase); a new curriculum stage resets the optimizer state and warm-up."""
         from rime_model.curriculum import split_segments
 
-        cfg, lc, st, pc = self.cfg, self.cfg.learners, self.state, self.cfg.plume
+        pc, st = self.cfg.plume, self.state
         schedule = self._plume_schedule()
-        per_rank = lc.micro_batch_size * lc.grad_accum_steps
-        out: dict[str, Any] = {}
-        short = st.setdefault("plume_rows_short_reasoning", 0)
-        while st["stage_step"] < schedule.total_steps:
-            phase = schedule.at(st["stage_step"])
-            if schedule.stage_changes_at(st["stage_step"]):
-                group.call("reset_optimizer", pc.lr, pc.warmup_steps)
+        st.setdefault("plume_rows_short_reasoning", 0)
+
+        def before(step: int, pairs: list[dict]) -> tuple[tuple, dict]:
+            phase = schedule.at(step)
+            if schedule.stage_changes_at(step):
+                group.call("reset_optimizer", pc.lr, pc.warmup_steps, True, pc.embedding_lr)
                 print(f"[rime] plume curriculum stage {phase.stage}: {phase.replaced}/{pc.segments} segments latent "
                       f"({phase.latent_steps} latent steps); optimizer state reset")
-            t0 = time.perf_counter()
-            pairs = stream.next_batch(per_rank * group.size)
-            t_data = time.perf_counter() - t0
-            short += sum(not split_segments(p["q_reasoning"], pc.segments)[1] for p in pairs)
-            terms = group.call("train_step", per_rank=[(mbs, phase.to_dict()) for mbs in self._shards(pairs, group.size)])
-            st["step"] += 1
-            st["stage_step"] += 1
-            st["plume_rows_short_reasoning"] = short
-            dt = time.perf_counter() - t0
-            metrics = {f"train/{k}": sum(t[k] for t in terms) / len(terms) for k in terms[0] if k != "pairs"}
-            metrics.update({"plume/stage": phase.stage, "plume/latent_steps": phase.latent_steps,
-                            "plume/keep_answer": float(phase.keep_answer), "data/rows_short_reasoning": short,
-                            "perf/samples_per_s": len(pairs) / dt, "perf/step_time_s": dt, "perf/data_time_s": t_data,
-                            "data/bad_rows": stream.bad_rows, "data/epoch": stream.pos.epoch})
-            if st["stage_step"] % 10 == 0 or st["stage_step"] == 1:
-                print(f"[rime] plume step {st['stage_step']}/{schedule.total_steps} (curriculum stage {phase.stage}, "
-                      f"{phase.latent_steps} latent, answer {'on' if phase.keep_answer else 'off'}) loss {metrics['train/loss']:.3f} "
-                      f"(ce {metrics['train/ce']:.3f}, nce_gen {metrics['train/nce_gen']:.3f}, nce_disc {metrics['train/nce_disc']:.3f}, "
-                      f"bal {metrics['train/balance']:.4f}) {metrics['perf/samples_per_s']:.1f} pairs/s")
-            self._after_step(group, metrics, stream.pos, schedule.total_steps)
-            out["final_loss"] = metrics["train/loss"]
-        if short:
-            print(f"[rime] plume: {short} training row(s) had fewer than {pc.segments} reasoning segments "
-                  "(padded with empty segments; counted in data/rows_short_reasoning)")
-        out["bad_rows"] = stream.bad_rows
+            st["plume_rows_short_reasoning"] += sum(not split_segments(p["q_reasoning"], pc.segments)[1] for p in pairs)
+            return (phase.to_dict(),), {"plume/stage": phase.stage, "plume/latent_steps": phase.latent_steps,
+                                        "plume/keep_answer": float(phase.keep_answer),
+                                        "data/rows_short_reasoning": st["plume_rows_short_reasoning"]}
+
+        def log(step: int, m: dict) -> str:
+            return (f"plume step {step}/{schedule.total_steps} (curriculum stage {int(m['plume/stage'])}, "
+                    f"{int(m['plume/latent_steps'])} latent, answer {'on' if m['plume/keep_answer'] else 'off'}) "
+                    f"loss {m['train/loss']:.3f} (ce {m['train/ce']:.3f}, nce_gen {m['train/nce_gen']:.3f}, "
+                    f"nce_disc {m['train/nce_disc']:.3f}, bal {m['train/balance']:.4f})")
+
+        out = self._supervised_steps(group, pc.batch_by_task, schedule.total_steps, log, before)
+        if st["plume_rows_short_reasoning"]:
+            print(f"[rime] plume: {st['plume_rows_short_reasoning']} training row(s) had fewer than {pc.segments} "
+                  "reasoning segments (padded with empty segments; counted in data/rows_short_reasoning)")
         return out
+
+    def _supervised_steps(self, group, by_task: bool, steps: int, log, before=None) -> dict:
+        """The learner-only stages' loop (cma, plume): a global batch of pairs from Ray Data, sharded
+        over the ranks, one ``train_step`` each, metrics to MLflow, checkpoints and evals on schedule.
+        ``before(stage_step, pairs)`` returns extra ``train_step`` args and metrics for that step."""
+        st = self.state
+        per_rank = self.cfg.learners.micro_batch_size * self.cfg.learners.grad_accum_steps
+        out: dict[str, Any] = {}
+        stream = self._stream(by_task)
+        try:
+            while st["stage_step"] < steps:
+                t0 = time.perf_counter()
+                pairs = stream.next_batch(per_rank * group.size)
+                t_data = time.perf_counter() - t0
+                extra_args, extra_metrics = before(st["stage_step"], pairs) if before else ((), {})
+                terms = group.call("train_step", per_rank=[(mbs, *extra_args) for mbs in self._shards(pairs, group.size)])
+                st["step"] += 1
+                st["stage_step"] += 1
+                dt = time.perf_counter() - t0
+                metrics = {f"train/{k}": sum(t[k] for t in terms) / len(terms) for k in terms[0] if k != "pairs"}
+                metrics.update(extra_metrics)
+                metrics.update({"perf/samples_per_s": len(pairs) / dt, "perf/step_time_s": dt, "perf/data_time_s": t_data,
+                                "data/bad_rows": stream.bad_rows, "data/epoch": stream.pos.epoch,
+                                "data/dropped_remainder_pairs": stream.dropped_pairs})
+                if st["stage_step"] % 10 == 0 or st["stage_step"] == 1:
+                    print(f"[rime] {log(st['stage_step'], metrics)} {metrics['perf/samples_per_s']:.1f} pairs/s")
+                self._after_step(group, metrics, stream.pos, steps)
+                out["final_loss"] = metrics["train/loss"]
+            out["bad_rows"] = stream.bad_rows
+            return out
+        finally:
+            stream.close()
 
     def _run_refine_rl(self, group, start_model: str) -> dict:
         from .learner_group import DATA_TASK_CPUS

@@ -58,7 +58,7 @@ def test_curriculum_phases_resets_and_latent_eval(plume_run):
     assert hist["plume/stage"] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert hist["plume/latent_steps"] == [0, 0, 2, 2, 4, 4, 6, 6, 8, 8]
     assert hist["plume/keep_answer"] == [1] * 9 + [0]
-    assert len(hist["train/router_p0"]) == STEPS - PER_STAGE  # the router only runs where latent steps do
+    assert len(hist["train/router_p0"]) == STEPS  # targets run K latent steps from the start (target_layout: latent)
     assert all(v >= 0 for v in hist["train/balance"]) and all(v > 0 for v in hist["train/ce"])
 
     from rime_model import Embedder
