@@ -254,6 +254,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (inner, _) = typing.get_args(tp)
         return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
     if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 5e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)

@@ -28,6 +28,13 @@ def test_shipped_config_parses():
         ({"model": {"freeze_vision": "yes"}}, r"model\.freeze_vision: expected true or false"),
         ({"learners": {"offload_optimizer": True, "zero_stage": 0}}, r"learners\.offload_optimizer: needs"),
         ({"eval": 3}, r"eval: expected a mapping"),
+        ({"learners": {"lr": "fast"}}, r"learners\.lr: expected a number, got str 'fast'"),
+        ({"run": {"stages": ["plume"]}, "plume": {"latent_steps": 6}}, r"plume\.latent_steps: 6 must be a positive multiple"),
+        ({"run": {"stages": ["plume"]}, "plume": {"top_k": 5}}, r"plume\.top_k: must be in 1\.\.plume\.experts"),
+        ({"run": {"stages": ["plume"]}, "plume": {"latent_steps": 32}}, r"plume\.latent_steps: 32 > plume\.max_latent_steps"),
+        ({"plume": {"target_layout": "both"}}, r"plume\.target_layout: 'both' is not one of"),
+        ({"rollout": {"weight_sync": "nccl"}}, r"rollout\.weight_sync: 'nccl' is not one of"),
+        ({"cma": {"embedding_lr": -1}}, r"cma\.embedding_lr: must be >= 0"),
     ],
 )
 def test_bad_configs_name_the_key(raw, match):
@@ -38,8 +45,9 @@ def test_bad_configs_name_the_key(raw, match):
 def test_overrides_are_typed_and_checked(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("cma:\n  steps: 5\n")
-    cfg = load_config(p, ["cma.steps=7", "learners.lr=0.01", "eval.query_modes=disc,gen"])
+    cfg = load_config(p, ["cma.steps=7", "learners.lr=0.01", "eval.query_modes=disc,gen", "plume.lr=5e-4"])
     assert cfg.cma.steps == 7 and cfg.learners.lr == 0.01 and cfg.eval.query_modes == ("disc", "gen")
+    assert cfg.plume.lr == 5e-4  # YAML 1.1 reads 5e-4 (no dot) as a string; numbers fields accept it
     with pytest.raises(ConfigError, match="use section.key=value"):
         load_config(p, ["steps=3"])
     with pytest.raises(ConfigError, match=r"cma\.stepz: unknown key"):
