@@ -44,11 +44,14 @@ def info_nce(
 ) -> torch.Tensor:
     """Bidirectional InfoNCE between paired rows of ``q`` and ``t`` (L2-normalised), in-batch negatives.
 
-    Across learners, every rank computes the loss of the WHOLE gathered batch; only its own rows
-    carry gradient, so the gradient it produces is exactly the full-batch gradient with respect to
-    its own embeddings, and data-parallel averaging reassembles the full-batch gradient (the
-    OpenCLIP scheme, without a gradient all-gather). ``target_ids`` (one per row) marks rows whose
-    targets are the same item (two queries of one class label): they are not each other's negatives.
+    Across W learners, every rank computes the loss of the WHOLE gathered batch; only its own rows
+    carry gradient, so rank r's parameter gradient is the full-batch gradient's share from its rows.
+    The full-batch gradient is the SUM of those shares, while data parallelism AVERAGES gradients
+    over ranks, so the gradient (not the value) is scaled by W here: after the average it is exactly
+    the full-batch gradient, whatever the number of learners, and its balance against per-rank means
+    such as CE does not change when learners are added (OpenCLIP's scheme, without a gradient
+    all-gather). ``target_ids`` (one per row) marks rows whose targets are the same item (two queries
+    of one class label): they are not each other's negatives.
     """
     if q.shape != t.shape:
         raise ValueError(f"info_nce: q {tuple(q.shape)} and t {tuple(t.shape)} must have the same shape")
@@ -62,7 +65,9 @@ def info_nce(
         dup = ids.unsqueeze(1) == ids.unsqueeze(0)
         dup.fill_diagonal_(False)
         logits = logits.masked_fill(dup, float("-inf"))
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    world = dist.get_world_size() if gather and dist.is_available() and dist.is_initialized() else 1
+    return loss * world - loss.detach() * (world - 1) if world > 1 else loss  # value unchanged, gradient x W
 
 
 def completion_ce(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:

@@ -71,36 +71,37 @@ def test_cma_loss_is_the_weighted_sum():
     assert out["nce_gen_disc"].item() == pytest.approx(info_nce(g_q, d_t, 0.05).item(), rel=1e-6)
 
 
-def _worker(rank: int, world: int, port: int, q_all, t_all, out):
+def _worker(rank: int, world: int, port: int, x_all, p0, out):
     import os
 
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    n = q_all.shape[0] // world
-    q = q_all[rank * n:(rank + 1) * n].clone().requires_grad_(True)
-    t = t_all[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+    n = x_all.shape[1] // world
+    proj = p0.clone().requires_grad_(True)  # one parameter replicated on every rank, as in data parallelism
+    q, t = (F.normalize(x[rank * n:(rank + 1) * n] @ proj, dim=-1) for x in x_all)
     loss = info_nce(q, t, 0.1, target_ids=[0, 1, 2] if rank == 0 else [3, 3, 5])
     loss.backward()
-    out[rank] = (loss.item(), q.grad.clone(), t.grad.clone())
+    out[rank] = (loss.item(), proj.grad.clone())
     dist.destroy_process_group()
 
 
-def test_gathered_negatives_across_two_ranks():
-    """Each rank's loss is the whole-batch loss, and the local gradients together are exactly the
-    whole-batch gradient (so averaging across ranks loses no cross-rank term)."""
+def test_gathered_negatives_across_two_ranks_give_the_full_batch_gradient():
+    """Each rank's loss is the whole-batch loss, and the data-parallel AVERAGE of the ranks' parameter
+    gradients is exactly the whole-batch gradient (not 1/W of it), so the NCE:CE balance does not
+    depend on the number of learners."""
     import torch.multiprocessing as mp
 
     from orchestrator.learner_group import free_port
 
     torch.manual_seed(2)
-    q_all, t_all = F.normalize(torch.randn(6, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
+    x_all, p0 = torch.randn(2, 6, 8), torch.randn(8, 8)
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, free_port(), q_all, t_all, out), nprocs=2, join=True)
-    q_ref, t_ref = q_all.clone().requires_grad_(True), t_all.clone().requires_grad_(True)
-    full = info_nce(q_ref, t_ref, 0.1, target_ids=[0, 1, 2, 3, 3, 5], gather=False)
+    mp.spawn(_worker, args=(2, free_port(), x_all, p0, out), nprocs=2, join=True)
+    proj = p0.clone().requires_grad_(True)
+    q, t = (F.normalize(x @ proj, dim=-1) for x in x_all)
+    full = info_nce(q, t, 0.1, target_ids=[0, 1, 2, 3, 3, 5], gather=False)
     full.backward()
     assert out[0][0] == pytest.approx(full.item(), rel=1e-5) and out[1][0] == pytest.approx(full.item(), rel=1e-5)
-    torch.testing.assert_close(torch.cat([out[0][1], out[1][1]]), q_ref.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(torch.cat([out[0][2], out[1][2]]), t_ref.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close((out[0][1] + out[1][1]) / 2, proj.grad, rtol=1e-4, atol=1e-6)
