@@ -165,7 +165,8 @@ def test_profile_command_prints_overrides_that_validate():
                                 "rollout.num_workers=3", "--set", "rollout.cpus_per_worker=8", "--set", "rollout.gpus_per_worker=1",
                                 "--set", "rollout.backend=vllm", "--set", "reward.num_actors=1", "--set", "reward.cpus_per_actor=4",
                                 "--set", "reward.gpus_per_actor=1",
-                                "--set", "learners.precision=bf16", "--set", "learners.zero_stage=2", "--set", "cluster.placement_timeout_s=600"]
+                                "--set", "learners.precision=bf16", "--set", "rollout.weight_sync=collective",
+                                "--set", "learners.zero_stage=2", "--set", "cluster.placement_timeout_s=600"]
     assert main(["profile", "clusters/profiles/nope.yaml"]) == 2
 
 
