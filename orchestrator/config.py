@@ -145,7 +145,8 @@ class RefineRLConfig:
 class PlumeConfig:
     """PLUME stage: explicit-to-latent curriculum on the learners, and the transition adapter's sizes."""
 
-    steps_per_stage: int = 60  # total steps = (segments + 1) x steps_per_stage, with or without the curriculum
+    steps_per_stage: int = 60  # total steps = segments x steps_per_stage + final_stage_steps, with or without the curriculum
+    final_stage_steps: int = 0  # the fully latent last stage (answer dropped in its second half); 0 = steps_per_stage
     curriculum: bool = True  # false = fully latent from the first step (the ablation)
     segments: int = 4  # reasoning segments per record, replaced left to right
     latent_steps: int = 8  # K; each replaced segment becomes latent_steps / segments steps
@@ -361,6 +362,8 @@ def _check_plume(pc: PlumeConfig) -> None:
     """The curriculum and adapter checks, by config key (torch-free: the CLI validates before importing it)."""
     if pc.steps_per_stage < 2:
         raise ConfigError(f"plume.steps_per_stage: must be >= 2 (the last stage has two halves), got {pc.steps_per_stage}")
+    if pc.final_stage_steps == 1 or pc.final_stage_steps < 0:
+        raise ConfigError(f"plume.final_stage_steps: must be 0 (= steps_per_stage) or >= 2, got {pc.final_stage_steps}")
     if pc.segments < 1:
         raise ConfigError(f"plume.segments: must be >= 1, got {pc.segments}")
     if pc.latent_steps < pc.segments or pc.latent_steps % pc.segments:

@@ -239,7 +239,7 @@ class Trainer:
         from rime_model.curriculum import CurriculumSchedule
 
         pc = self.cfg.plume
-        return CurriculumSchedule(pc.steps_per_stage, pc.segments, pc.latent_steps, pc.curriculum)
+        return CurriculumSchedule(pc.steps_per_stage, pc.segments, pc.latent_steps, pc.curriculum, pc.final_stage_steps)
 
     def _stages(self, group) -> dict:
         """Run the configured stages in order on the same learners; a resume re-enters the current one."""

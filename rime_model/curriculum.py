@@ -1,8 +1,8 @@
 """PLUME's explicit-to-latent curriculum: which text a training step still writes, and how many latent steps.
 
 With S reasoning segments and K latent steps (K/S per segment), curriculum stage s = 0..S replaces
-the first s segments (left to right) by s·K/S latent steps; the last stage is fully latent and
-drops the answer text in its second half, which leaves exactly the inference layout
+the first s segments (left to right) by s·K/S latent steps; the last stage (optionally longer:
+``final_stage_steps``) is fully latent and drops the answer text in its second half, which leaves exactly the inference layout
 ``<bot> [K latent] <eot></think>\\n<gen_emb>``. Without the curriculum the whole budget runs the
 last stage (the "no curriculum" ablation). Pure functions: the driver and the learners both use them.
 """
@@ -37,10 +37,13 @@ class CurriculumSchedule:
     segments: int = 4
     latent_steps: int = 8
     curriculum: bool = True
+    final_stage_steps: int = 0  # the fully latent last stage's length; 0 = steps_per_stage (Coconut-style longer last stage)
 
     def __post_init__(self) -> None:
         if self.steps_per_stage < 2:
             raise ValueError(f"plume.steps_per_stage: must be >= 2 (the last stage has two halves), got {self.steps_per_stage}")
+        if self.final_stage_steps == 1 or self.final_stage_steps < 0:
+            raise ValueError(f"plume.final_stage_steps: must be 0 (= steps_per_stage) or >= 2, got {self.final_stage_steps}")
         if self.segments < 1:
             raise ValueError(f"plume.segments: must be >= 1, got {self.segments}")
         if self.latent_steps < self.segments or self.latent_steps % self.segments:
@@ -52,8 +55,12 @@ class CurriculumSchedule:
         return self.latent_steps // self.segments
 
     @property
+    def final_steps(self) -> int:
+        return self.final_stage_steps or self.steps_per_stage
+
+    @property
     def total_steps(self) -> int:
-        return (self.segments + 1) * self.steps_per_stage
+        return self.segments * self.steps_per_stage + self.final_steps
 
     def at(self, step: int) -> Phase:
         """The phase of 0-based stage step ``step``."""
@@ -61,7 +68,8 @@ class CurriculumSchedule:
             raise ValueError(f"step {step} outside the schedule's 0..{self.total_steps - 1}")
         if self.curriculum:
             stage = min(step // self.steps_per_stage, self.segments)
-            within, length = step - stage * self.steps_per_stage, self.steps_per_stage
+            within = step - stage * self.steps_per_stage
+            length = self.final_steps if stage == self.segments else self.steps_per_stage
         else:
             stage, within, length = self.segments, step, self.total_steps
         keep_answer = not (stage == self.segments and within >= length // 2)

@@ -30,11 +30,23 @@ def test_no_curriculum_is_fully_latent_from_the_first_step_with_the_same_budget(
     assert not any(s.stage_changes_at(t) for t in range(50))
 
 
+def test_longer_final_stage_keeps_the_budget_equal_between_the_arms():
+    cur = CurriculumSchedule(steps_per_stage=10, segments=4, latent_steps=8, final_stage_steps=60)
+    flat = CurriculumSchedule(steps_per_stage=10, segments=4, latent_steps=8, curriculum=False, final_stage_steps=60)
+    assert cur.total_steps == flat.total_steps == 100
+    assert cur.at(39).stage == 3 and cur.at(40) == Phase(4, 8, 4, True)
+    assert cur.at(69).keep_answer and not cur.at(70).keep_answer and not cur.at(99).keep_answer  # 30 answer-free steps
+    assert flat.at(49).keep_answer and not flat.at(50).keep_answer
+    assert [t for t in range(100) if cur.stage_changes_at(t)] == [10, 20, 30, 40]
+
+
 def test_schedule_rejects_bad_settings():
     with pytest.raises(ValueError, match="multiple of plume.segments"):
         CurriculumSchedule(steps_per_stage=10, segments=4, latent_steps=6)
     with pytest.raises(ValueError, match="steps_per_stage"):
         CurriculumSchedule(steps_per_stage=1)
+    with pytest.raises(ValueError, match="final_stage_steps"):
+        CurriculumSchedule(steps_per_stage=10, final_stage_steps=1)
 
 
 def test_split_segments_merges_pads_and_reports():
