@@ -151,11 +151,15 @@ class RolloutWorker:
 
         t = time.perf_counter()
         sd = ray.get(weights[0]) if isinstance(weights, list) else weights
-        t_fetch = time.perf_counter() - t
+        return self._load(version, sd, t)
+
+    def _load(self, version: int, sd: dict, t_start: float) -> dict:
+        """Load fetched weights into the backend and record the version, bytes and fetch/load times."""
+        t_fetch = time.perf_counter() - t_start
         self.backend.load_weights(sd)
         self.version = version
         info = {"version": version, "bytes": sum(v.numel() * v.element_size() for v in sd.values()),
-                "fetch_s": t_fetch, "load_s": time.perf_counter() - t - t_fetch}
+                "fetch_s": t_fetch, "load_s": time.perf_counter() - t_start - t_fetch}
         self.load_log.append(info)
         return info
 
@@ -179,13 +183,7 @@ class RolloutWorker:
 
         t = time.perf_counter()
         sd = check_member(getattr(self, "sync_group", None), epoch).receive(meta, bucket_bytes)
-        t_fetch = time.perf_counter() - t
-        self.backend.load_weights(sd)
-        self.version = version
-        info = {"version": version, "bytes": sum(v.numel() * v.element_size() for v in sd.values()),
-                "fetch_s": t_fetch, "load_s": time.perf_counter() - t - t_fetch}
-        self.load_log.append(info)
-        return info
+        return self._load(version, sd, t)
 
     def weights_checksum(self) -> float | None:
         """Sum of all parameters in float64 (equals the learners' after a sync); None on vLLM, whose
