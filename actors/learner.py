@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any
 
 import torch
@@ -72,6 +73,7 @@ class Learner:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         self.rank, self.world_size, self.lc, self.stage_cfg = rank, world_size, learner_cfg, stage_cfg
+        self.sync_group = None  # rank 0 under collective weight sync: the BroadcastGroup it sends in
         self.emb = Embedder.load(model_path)
         if latent_adapter is not None and self.emb.latent_adapter is None:
             # Before deepspeed.initialize, so ZeRO partitions, trains and checkpoints it with the rest.
@@ -300,15 +302,13 @@ class Learner:
 
     def broadcast_weights(self, epoch: int, bucket_bytes: int) -> dict | None:
         """Every rank calls (ZeRO-3 gathers collectively); rank 0 broadcasts in sync group ``epoch``."""
-        import time
-
         from .weight_sync import check_member
 
         t = time.perf_counter()
         sd = self.export_weights(to_cpu=False)
         if sd is None:
             return None
-        sent = check_member(getattr(self, "sync_group", None), epoch).send(sd, bucket_bytes)
+        sent = check_member(self.sync_group, epoch).send(sd, bucket_bytes)
         return {"bytes": sent, "time_s": time.perf_counter() - t}
 
     def save_embedder(self, path: str) -> str | None:

@@ -143,6 +143,7 @@ class RolloutWorker:
             self.emb = self.backend
         self.version = 0
         self.load_log: list[dict] = []
+        self.sync_group = None  # collective weight sync: the BroadcastGroup this worker is a member of
 
     # ------------------------------------------------------------------ weights
     def update_weights(self, version: int, weights: Any) -> dict:
@@ -174,15 +175,14 @@ class RolloutWorker:
         return epoch
 
     def sync_epoch(self) -> int | None:
-        group = getattr(self, "sync_group", None)
-        return None if group is None else group.epoch
+        return None if self.sync_group is None else self.sync_group.epoch
 
     def receive_weights(self, version: int, epoch: int, meta: list, bucket_bytes: int) -> dict:
         """Receive learner rank 0's broadcast of weights ``version`` in sync group ``epoch`` and load them."""
         from .weight_sync import check_member
 
         t = time.perf_counter()
-        sd = check_member(getattr(self, "sync_group", None), epoch).receive(meta, bucket_bytes)
+        sd = check_member(self.sync_group, epoch).receive(meta, bucket_bytes)
         return self._load(version, sd, t)
 
     def weights_checksum(self) -> float | None:

@@ -50,14 +50,14 @@ class LearnerGroup:
         ]
         ray.get([a.ping.remote() for a in self.actors])
 
-    def call(self, method: str, *args: Any, per_rank: list[tuple] | None = None) -> list[Any]:
-        """Call ``method`` on every rank (same args, or ``per_rank`` arg tuples) and wait for all."""
+    def call(self, method: str, *args: Any, per_rank: list[tuple] | None = None, **kwargs: Any) -> list[Any]:
+        """Call ``method`` on every rank (same args, or ``per_rank`` arg tuples; same keyword args) and wait for all."""
         import ray
 
         if per_rank is not None:
-            refs = [getattr(a, method).remote(*pa) for a, pa in zip(self.actors, per_rank)]
+            refs = [getattr(a, method).remote(*pa, **kwargs) for a, pa in zip(self.actors, per_rank)]
         else:
-            refs = [getattr(a, method).remote(*args) for a in self.actors]
+            refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
         return ray.get(refs)
 
     def shutdown(self) -> None:

@@ -96,6 +96,7 @@ class RefineRL:
         ro = self.cfg.rollout
         backend = "nccl" if self.cfg.learners.gpus_per_learner > 0 and ro.gpus_per_worker > 0 else "gloo"
         self.sync_epoch += 1
+        self.sync_rebuilds += 1
         world = 1 + len(self.actors.rollout)
         src = self.group.actors[0]
         host, port = ray.get(src.open_weight_sync.remote(world, self.sync_epoch, backend, ro.sync_timeout_s))
@@ -114,7 +115,6 @@ class RefineRL:
             self.weight_meta = self.group.call("weight_meta")[0]
         if ray.get([w.sync_epoch.remote() for w in self.actors.rollout]) != [self.sync_epoch] * len(self.actors.rollout):
             self._build_sync_group()
-            self.sync_rebuilds += 1
         sends = [a.broadcast_weights.remote(self.sync_epoch, bucket) for a in self.group.actors]
         loads = [w.receive_weights.remote(version, self.sync_epoch, self.weight_meta, bucket) for w in self.actors.rollout]
         try:
@@ -125,7 +125,6 @@ class RefineRL:
                 raise
             ray.wait(sends + loads, num_returns=len(sends + loads), timeout=self.cfg.rollout.sync_timeout_s)
             self._build_sync_group()
-            self.sync_rebuilds += 1
             return self._sync_collective(version, retry=False)
         out = {"sync/time_s": time.perf_counter() - t, "sync/bytes": float(sent["bytes"]), "sync/broadcast_s": sent["time_s"],
                "sync/load_s_max": max(x["load_s"] for x in loads), "sync/version": float(version),

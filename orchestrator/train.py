@@ -263,7 +263,7 @@ class Trainer:
             start_model = st["stage_models"].setdefault(stage, prev_model)
             self._save_state()
             ss = self._stage_settings(stage)
-            group.call("begin_stage", stage, ss.learner_cfg, ss.lr, ss.warmup_steps, start_model, True, ss.embedding_lr)
+            group.call("begin_stage", stage, ss.learner_cfg, ss.lr, ss.warmup_steps, start_model, embedding_lr=ss.embedding_lr)
             if pending_load:  # same loss and scheduler layout first, then weights + optimizer + scheduler state
                 self._load(group, pending_load)
                 pending_load = None
@@ -340,7 +340,7 @@ class Trainer:
         def before(step: int, pairs: list[dict]) -> tuple[tuple, dict]:
             phase = schedule.at(step)
             if schedule.stage_changes_at(step):
-                group.call("reset_optimizer", pc.lr, pc.warmup_steps, True, pc.embedding_lr)
+                group.call("reset_optimizer", pc.lr, pc.warmup_steps, embedding_lr=pc.embedding_lr)
                 print(f"[rime] plume curriculum stage {phase.stage}: {phase.replaced}/{pc.segments} segments latent "
                       f"({phase.latent_steps} latent steps); optimizer state reset")
             st["plume_rows_short_reasoning"] += sum(not split_segments(p["q_reasoning"], pc.segments)[1] for p in pairs)

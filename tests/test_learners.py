@@ -53,14 +53,14 @@ def test_embedding_lr_is_its_own_param_group(ray_local, zoo_cache):
     stage = {"lambda_cma": 1.0, "temperature": 0.05, "ce_weight": 1.0}
     group = LearnerGroup(cfg, str(ensure_zoo_model("tiny")), stage)
     try:
-        group.call("begin_stage", "cma", stage, 1e-3, 1, None, True, 1e-2)
+        group.call("begin_stage", "cma", stage, 1e-3, 1, None, embedding_lr=1e-2)
         pairs = _pairs(4)
         shards = [([pairs[:2]],), ([pairs[2:]],)]
         terms = group.call("train_step", per_rank=shards)
         assert terms[0]["lr"] == pytest.approx(1e-3) and terms[0]["lr_embeddings"] == pytest.approx(1e-2)
         sums = group.call("param_checksum")
         assert sums[0] == sums[1], f"ranks diverged: {sums}"
-        group.call("begin_stage", "cma", stage, 5e-4, 1, None, True, 0.0)
+        group.call("begin_stage", "cma", stage, 5e-4, 1, None, embedding_lr=0.0)
         assert group.call("train_step", per_rank=shards)[0]["lr_embeddings"] == pytest.approx(5e-4)
     finally:
         group.shutdown()
