@@ -31,3 +31,16 @@ def test_embed_command_errors_name_the_field(zoo_cache, tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
     row = json.loads(ok.stdout.strip().splitlines()[-1])
     assert row["dim"] == 128 and 1 <= row["rewrite_tokens"] <= 4
+
+
+def test_mlflow_none_turns_tracking_off_even_with_env(monkeypatch):
+    """`--mlflow none` used to reach MLflow as a ./none file-store path (and crash after the eval)."""
+    from orchestrator.tracking import tracking_uri_or_none
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert tracking_uri_or_none("none") is None
+    assert tracking_uri_or_none("OFF") is None
+    assert tracking_uri_or_none(None) == "sqlite:///env.db"
+    assert tracking_uri_or_none("sqlite:///x.db") == "sqlite:///x.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking_uri_or_none(None) is None
