@@ -359,16 +359,14 @@ def _check(cfg: Config) -> None:
 
 
 def _check_plume(pc: PlumeConfig) -> None:
-    """The curriculum and adapter checks, by config key (torch-free: the CLI validates before importing it)."""
-    if pc.steps_per_stage < 2:
-        raise ConfigError(f"plume.steps_per_stage: must be >= 2 (the last stage has two halves), got {pc.steps_per_stage}")
-    if pc.final_stage_steps == 1 or pc.final_stage_steps < 0:
-        raise ConfigError(f"plume.final_stage_steps: must be 0 (= steps_per_stage) or >= 2, got {pc.final_stage_steps}")
-    if pc.segments < 1:
-        raise ConfigError(f"plume.segments: must be >= 1, got {pc.segments}")
-    if pc.latent_steps < pc.segments or pc.latent_steps % pc.segments:
-        raise ConfigError(f"plume.latent_steps: {pc.latent_steps} must be a positive multiple of plume.segments ({pc.segments}): "
-                          "each replaced segment becomes latent_steps/segments latent steps")
+    """The curriculum checks are the schedule's own (``rime_model.curriculum`` is torch-free, so the CLI
+    still validates before importing torch); the adapter's sizes are checked here, by config key."""
+    from rime_model.curriculum import CurriculumSchedule
+
+    try:
+        CurriculumSchedule(pc.steps_per_stage, pc.segments, pc.latent_steps, pc.curriculum, pc.final_stage_steps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if pc.latent_steps > pc.max_latent_steps:
         raise ConfigError(f"plume.latent_steps: {pc.latent_steps} > plume.max_latent_steps {pc.max_latent_steps}; raise the latter")
     if pc.experts < 0 or (pc.experts and not 1 <= pc.top_k <= pc.experts):

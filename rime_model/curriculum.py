@@ -10,10 +10,11 @@ last stage (the "no curriculum" ablation). Pure functions: the driver and the le
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from .prompts import PromptTemplate
-from .tokens import SpecialTokens
+if TYPE_CHECKING:  # annotations only: config validation imports this module and must stay torch-free
+    from .prompts import PromptTemplate
+    from .tokens import SpecialTokens
 
 
 @dataclass(frozen=True)

@@ -55,3 +55,16 @@ def test_overrides_are_typed_and_checked(tmp_path):
         load_config(p, ["cma.stepz=3"])
     with pytest.raises(ConfigError, match="file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_validation_stays_torch_free():
+    """The CLI validates a config before importing torch (a bad key fails in a second, not after the
+    torch import); PLUME's curriculum checks come from rime_model.curriculum, which must keep that true."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from orchestrator.config import load_config; "
+            "load_config('configs/plume-tiny.yaml'); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
