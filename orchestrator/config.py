@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from .tracking import NO_TRACKING
+
 
 class ConfigError(ValueError):
     """A bad config value; the message starts with the dotted key."""
@@ -354,6 +356,9 @@ def _check(cfg: Config) -> None:
         raise ConfigError("learners.cpus_per_learner/gpus_per_learner: must be >= 0")
     if cfg.learners.offload_optimizer and cfg.learners.zero_stage == 0:
         raise ConfigError("learners.offload_optimizer: needs learners.zero_stage >= 1")
+    if cfg.tracking.uri.strip().lower() in NO_TRACKING:
+        raise ConfigError(f"tracking.uri: {cfg.tracking.uri!r} would turn tracking off, but training always tracks; "
+                          "leave it empty for sqlite in the run dir (or $MLFLOW_TRACKING_URI), or give a URI")
     if "plume" in cfg.run.stages:
         _check_plume(cfg.plume)
 

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from .config import Config, dump_config
 from .pairs import PairStream, StreamPosition
-from .tracking import run_dir_uri
+from .tracking import run_dir_uri, tracking_uri_or_none
 
 STATE = "state.json"
 
@@ -124,7 +124,7 @@ class Trainer:
     def _start_mlflow(self):
         import mlflow
 
-        uri = self.cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or run_dir_uri(self.run_dir)
+        uri = tracking_uri_or_none(self.cfg.tracking.uri) or run_dir_uri(self.run_dir)
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(self.cfg.tracking.experiment)
         run = mlflow.start_run(run_id=self.state["mlflow_run_id"], run_name=None if self.state["mlflow_run_id"] else self.cfg.run.name)

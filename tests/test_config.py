@@ -36,6 +36,8 @@ def test_shipped_config_parses():
         ({"plume": {"target_layout": "both"}}, r"plume\.target_layout: 'both' is not one of"),
         ({"rollout": {"weight_sync": "nccl"}}, r"rollout\.weight_sync: 'nccl' is not one of"),
         ({"cma": {"embedding_lr": -1}}, r"cma\.embedding_lr: must be >= 0"),
+        ({"tracking": {"uri": "none"}}, r"tracking\.uri: 'none' would turn tracking off.*leave it empty"),
+        ({"tracking": {"uri": " OFF"}}, r"tracking\.uri: ' OFF' would turn tracking off"),
     ],
 )
 def test_bad_configs_name_the_key(raw, match):
