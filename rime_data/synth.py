@@ -10,6 +10,11 @@ Tasks (all "image" group):
              -> single-object pictures of the referred object (task corpus). The raw text names
              the *anchor*, so matching it literally retrieves the wrong picture; the ideal rewrite
              ("a blue triangle") names the target. This is the gap Refine-RL must learn to close.
+  referring_compose  (opt-in, not in the default set) reference image + "a picture of the shape of
+             the object left of the red circle in the colour of the object right of the green cross"
+             -> the single-object picture that combines the two. Two relational look-ups and a
+             recombination: a multi-step problem whose explicit reasoning resolves one relation per
+             segment, made to test whether PLUME's curriculum carries that reasoning into latent steps.
 
 Every query carries its ideal rewrite and four explicit reasoning segments (PLUME curriculum).
 Splits are assigned by a stable hash of the query's content key, so no caption, edit or
@@ -28,7 +33,8 @@ from typing import Callable
 from .scenes import COLORS, SHAPES, Scene, SceneObject, png_bytes, random_scene, render, with_article
 from .schema import CANDIDATE_SCHEMA, QUERY_SCHEMA, SPLITS, write_table
 
-TASKS = ("t2i", "i2t", "cls", "vqa", "composed", "referring")
+TASKS = ("t2i", "i2t", "cls", "vqa", "composed", "referring")  # the default benchmark
+EXTRA_TASKS = ("referring_compose",)  # opt-in: ``tasks=("referring_compose",)``
 SPLIT_BUCKETS = {"train": range(0, 8), "val": range(8, 9), "test": range(9, 10)}  # of 10 hash buckets
 IMAGE_INST = "Represent the given image."
 NUMBERS = {1: "one", 2: "two", 3: "three"}
@@ -177,23 +183,47 @@ def _composed(rng, split, n, size, data: SplitData) -> None:
         ))
 
 
-def _referring(rng, split, n, size, data: SplitData) -> None:
+def _single_object_candidates(task: str, split: str, size: int, rng, data: SplitData) -> dict[tuple[str, str], str]:
+    """One picture per (shape, colour): the corpus of the referring tasks."""
     ids = {}
     for sh in SHAPES:
         for c in COLORS:
             one = Scene((SceneObject(sh, c, 1, 1),), background=rng.randrange(3))
-            ids[(sh, c)] = f"referring/{split}/img/{c}-{sh}"
-            data.candidates.append(dict(cand_id=ids[(sh, c)], task="referring", cand_inst=IMAGE_INST,
+            ids[(sh, c)] = f"{task}/{split}/img/{c}-{sh}"
+            data.candidates.append(dict(cand_id=ids[(sh, c)], task=task, cand_inst=IMAGE_INST,
                                         cand_image=_img(one, size), rewrite=with_article(f"{c} {sh}")))
+    return ids
+
+
+def _neighbour(s: Scene, anchor: SceneObject, side: str) -> SceneObject | None:
+    """The nearest object on ``side`` of ``anchor`` (columns are distinct), or None."""
+    near = [o for o in s.objects if (o.col < anchor.col if side == "left" else o.col > anchor.col)]
+    if not near:
+        return None
+    return max(near, key=lambda o: o.col) if side == "left" else min(near, key=lambda o: o.col)
+
+
+def _relations(s: Scene) -> list[tuple[SceneObject, str, SceneObject]]:
+    """Every (anchor, side, neighbour) that the scene defines."""
+    out = []
+    for a in s.objects:
+        for side in ("left", "right"):
+            t = _neighbour(s, a, side)
+            if t is not None:
+                out.append((a, side, t))
+    return out
+
+
+def _referring(rng, split, n, size, data: SplitData) -> None:
+    ids = _single_object_candidates("referring", split, size, rng, data)
     for i in range(n):
         while True:
             s = random_scene(rng, n_objects=rng.choice((2, 3)))
             anchor = rng.choice(s.objects)
             side = rng.choice(("left", "right"))
-            near = [o for o in s.objects if (o.col < anchor.col if side == "left" else o.col > anchor.col)]
-            if not near:
+            target = _neighbour(s, anchor, side)
+            if target is None:
                 continue
-            target = max(near, key=lambda o: o.col) if side == "left" else min(near, key=lambda o: o.col)
             text = f"Pictures containing the object {side} of the {anchor.name}."
             if split_of("referring:" + _scene_key(s) + text) == split:
                 break
@@ -207,16 +237,39 @@ def _referring(rng, split, n, size, data: SplitData) -> None:
         ))
 
 
-TASK_BUILDERS = {"t2i": _t2i, "i2t": _i2t, "cls": _cls, "vqa": _vqa, "composed": _composed, "referring": _referring}
+def _referring_compose(rng, split, n, size, data: SplitData) -> None:
+    ids = _single_object_candidates("referring_compose", split, size, rng, data)
+    for i in range(n):
+        while True:
+            s = random_scene(rng, n_objects=3)
+            (a1, side1, o1), (a2, side2, o2) = rng.sample(_relations(s), 2)
+            if o1 == o2:  # the answer must combine two different objects
+                continue
+            text = (f"A picture of the shape of the object {side1} of the {a1.name} "
+                    f"in the colour of the object {side2} of the {a2.name}.")
+            if split_of("referring_compose:" + _scene_key(s) + text) == split:
+                break
+        answer = with_article(f"{o2.color} {o1.shape}")
+        data.queries.append(dict(
+            query_id=f"referring_compose/{split}/q{i}", task="referring_compose",
+            qry_inst="Find the picture the text describes, using the objects in the image.",
+            qry_text=text, qry_image=_img(s, size), positive_ids=[ids[(o1.shape, o2.color)]], rewrite=answer,
+            reasoning=_reasoning(f"The image shows {s.caption()}.", f"The object {side1} of the {a1.name} is the {o1.name}.",
+                                 f"The object {side2} of the {a2.name} is the {o2.name}.", answer),
+        ))
+
+
+TASK_BUILDERS = {"t2i": _t2i, "i2t": _i2t, "cls": _cls, "vqa": _vqa, "composed": _composed, "referring": _referring,
+                 "referring_compose": _referring_compose}
 
 
 def synth_split(split: str, n_per_task: int, seed: int = 0, tasks=TASKS, image_size: int = 84) -> SplitData:
     """Generate one split: ``n_per_task`` queries for each task, with their candidates."""
     if split not in SPLITS:
         raise ValueError(f"split: {split!r} is not one of {SPLITS}")
-    unknown = set(tasks) - set(TASKS)
+    unknown = set(tasks) - set(TASK_BUILDERS)
     if unknown:
-        raise ValueError(f"tasks: unknown {sorted(unknown)}; choose from {TASKS}")
+        raise ValueError(f"tasks: unknown {sorted(unknown)}; choose from {TASKS + EXTRA_TASKS}")
     data = SplitData([], [])
     for task in tasks:
         rng = random.Random(f"{seed}:{split}:{task}")
