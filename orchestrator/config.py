@@ -172,6 +172,10 @@ class PlumeConfig:
     target_layout: str = "latent"
     renormalize: bool = False
     batch_by_task: bool = True
+    # At the end of curriculum stage 0: greedy explicit reasoning on this many eval queries per task,
+    # scored against the records (plume/explicit_*): can the model write what the curriculum distils? 0 = off
+    probe_queries_per_task: int = 32
+    probe_max_new_tokens: int = 128
 
     def adapter(self) -> dict:
         """Keyword arguments of ``rime_model.latent.AdapterConfig`` (hidden size comes from the model)."""
@@ -379,6 +383,10 @@ def _check_plume(pc: PlumeConfig) -> None:
     for key in ("expert_mult", "temperature"):
         if getattr(pc, key) <= 0:
             raise ConfigError(f"plume.{key}: must be > 0, got {getattr(pc, key)}")
+    if pc.probe_queries_per_task < 0:
+        raise ConfigError(f"plume.probe_queries_per_task: must be >= 0 (0 = off), got {pc.probe_queries_per_task}")
+    if pc.probe_max_new_tokens < 1:
+        raise ConfigError(f"plume.probe_max_new_tokens: must be >= 1, got {pc.probe_max_new_tokens}")
     if pc.step_embed_dim < 0:
         raise ConfigError(f"plume.step_embed_dim: must be >= 0 (0 = hidden size), got {pc.step_embed_dim}")
 

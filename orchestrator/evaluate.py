@@ -59,7 +59,7 @@ class EvalResult:
         return out
 
 
-def _query_item(r: dict) -> dict:
+def query_item(r: dict) -> dict:
     return {"text": r.get("qry_text"), "image": r.get("qry_image"), "instruction": r.get("qry_inst") or None}
 
 
@@ -82,6 +82,24 @@ def _usable(emb: Embedder, rows: list[dict], to_item, id_key: str, check, skippe
         else:
             skipped.append({"id": r.get(id_key), "error": why})
     return good
+
+
+def load_queries(emb: Embedder, data: str | Path, split: str, tasks: tuple[str, ...] | None,
+                 max_queries_per_task: int | None, skipped: list[dict]) -> list[dict]:
+    """The split's usable query rows (first ``max_queries_per_task`` of each task); bad rows go to
+    ``skipped`` with the reason, never silently."""
+    queries = read_table(split_paths(data, split)[0]).to_pylist()
+    if tasks:
+        queries = [q for q in queries if q["task"] in tasks]
+    if max_queries_per_task:
+        kept: dict[str, int] = {}
+        limited = []
+        for q in queries:
+            if kept.get(q["task"], 0) < max_queries_per_task:
+                kept[q["task"]] = kept.get(q["task"], 0) + 1
+                limited.append(q)
+        queries = limited
+    return _usable(emb, queries, query_item, "query_id", validate_query, skipped)
 
 
 def embed_rows(emb: Embedder, items: list[dict], mode: str, batch_size: int, gen: GenerationConfig,
@@ -138,22 +156,12 @@ def evaluate(
             raise ValueError(f"cand_mode: {m!r} is not one of {CAND_MODES}")
     gen = generation or GenerationConfig(max_new_tokens=32)
     k = emb.latent_steps if latent_steps is None else latent_steps
-    q_path, c_path = split_paths(data, split)
-    queries = read_table(q_path).to_pylist()
+    skipped: list[dict] = []
+    queries = load_queries(emb, data, split, tasks, max_queries_per_task, skipped)
+    c_path = split_paths(data, split)[1]
     cands = read_table(c_path).to_pylist()
     if tasks:
-        queries = [q for q in queries if q["task"] in tasks]
         cands = [c for c in cands if c["task"] in tasks]
-    if max_queries_per_task:
-        kept: dict[str, int] = {}
-        limited = []
-        for q in queries:
-            if kept.get(q["task"], 0) < max_queries_per_task:
-                kept[q["task"]] = kept.get(q["task"], 0) + 1
-                limited.append(q)
-        queries = limited
-    skipped: list[dict] = []
-    queries = _usable(emb, queries, _query_item, "query_id", validate_query, skipped)
     cands = _usable(emb, cands, _cand_item, "cand_id", validate_candidate, skipped)
     if "oracle" in query_modes:
         missing = [q["query_id"] for q in queries if not q.get("rewrite")]
@@ -189,7 +197,7 @@ def evaluate(
     for m in query_modes:
         t = time.perf_counter()
         produced: list = []
-        qvecs[m], counts = embed_rows(emb, [_query_item(q) for q in queries], m, batch_size, gen, rewrites, desc=f"queries[{m}]",
+        qvecs[m], counts = embed_rows(emb, [query_item(q) for q in queries], m, batch_size, gen, rewrites, desc=f"queries[{m}]",
                                       generated=produced, latent_steps=k)
         if m == "gen" and produced:
             samples, stats = _rewrite_report(queries, produced)

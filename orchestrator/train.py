@@ -340,6 +340,8 @@ class Trainer:
         def before(step: int, pairs: list[dict]) -> tuple[tuple, dict]:
             phase = schedule.at(step)
             if schedule.stage_changes_at(step):
+                if phase.stage == 1 and pc.probe_queries_per_task:
+                    self._probe_explicit_reasoning(group)
                 group.call("reset_optimizer", pc.lr, pc.warmup_steps, embedding_lr=pc.embedding_lr)
                 print(f"[rime] plume curriculum stage {phase.stage}: {phase.replaced}/{pc.segments} segments latent "
                       f"({phase.latent_steps} latent steps); optimizer state reset")
@@ -359,6 +361,33 @@ class Trainer:
             print(f"[rime] plume: {st['plume_rows_short_reasoning']} training row(s) had fewer than {pc.segments} "
                   "reasoning segments (padded with empty segments; counted in data/rows_short_reasoning)")
         return out
+
+    def _probe_explicit_reasoning(self, group) -> dict:
+        """End of curriculum stage 0: can the model write the reasoning the next stages turn latent?
+        Logs ``plume/explicit_*`` and writes ``eval/plume-explicit.json``."""
+        from rime_model import load_embedder
+
+        from .plume_probe import explicit_reasoning_probe
+
+        pc, t = self.cfg.plume, time.perf_counter()
+        model_dir = self.run_dir / "stages" / "plume-explicit"
+        group.call("save_embedder", str(model_dir))
+        res = explicit_reasoning_probe(load_embedder(str(model_dir)), self.data_dir, self.cfg.data.eval_split,
+                                       pc.probe_queries_per_task, pc.segments, pc.probe_max_new_tokens,
+                                       self.cfg.eval.batch_size)
+        path = self.run_dir / "eval" / "plume-explicit.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=2))
+        if res["metrics"]:
+            self.mlflow.log_metrics(res["metrics"], step=self.state["step"])
+        self.mlflow.log_artifact(str(path), artifact_path="eval")
+        segs = " ".join(f"{v:.2f}" for k, v in res["metrics"].items() if "segment" in k)
+        print(f"[rime] plume explicit-reasoning probe after stage 0 ({res['n']} queries, {res['skipped']} skipped, "
+              f"{time.perf_counter() - t:.0f}s): answer acc {res['metrics'].get('plume/explicit_answer_acc', float('nan')):.3f}, "
+              f"segments exact {segs}")
+        for smp in res["samples"][:2]:
+            print(f"[rime]   {smp['task']}: {smp['reasoning'][:160]!r} => {smp['answer']!r} (ideal {smp['ideal'][:160]!r})")
+        return res
 
     def _supervised_steps(self, group, by_task: bool, steps: int, log, before=None) -> dict:
         """The learner-only stages' loop (cma, plume): a global batch of pairs from Ray Data, sharded

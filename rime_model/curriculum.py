@@ -98,3 +98,21 @@ def continuation_text(template: PromptTemplate, tok: SpecialTokens, segments: Se
     + answer (if kept) + ``<gen_emb>``."""
     reasoning = " ".join(s for s in segments[phase.replaced :] if s)
     return template.latent_continuation(reasoning, answer.strip() if phase.keep_answer else "", tok)
+
+
+@dataclass(frozen=True)
+class ReasoningScore:
+    """How a greedy explicit reasoning (curriculum stage 0's layout) compares with the record's own."""
+
+    answer_correct: bool  # the text after ``</think>`` equals the record's answer
+    segments_exact: tuple[bool, ...]  # each reference segment appears verbatim in the generated reasoning
+
+
+def score_explicit_reasoning(reasoning: str, answer: str, ref_segments: Sequence[str], ref_answer: str) -> ReasoningScore:
+    """Score one generated (reasoning, answer) pair against the record's segments and answer. Why: the
+    curriculum can only carry into latent steps a reasoning the model can write; this measures it."""
+    norm = " ".join(reasoning.split())
+    return ReasoningScore(
+        answer_correct=" ".join(answer.split()) == " ".join(ref_answer.split()),
+        segments_exact=tuple(bool(s.strip()) and " ".join(s.split()) in norm for s in ref_segments),
+    )

@@ -297,6 +297,31 @@ class Embedder:
             out.extend(self.parse_rewrite(ids) for ids in new)
         return out
 
+    @torch.no_grad()
+    def generate_reasoning(self, inputs: Iterable[Any], max_new_tokens: int = 128, batch_size: int = 16) -> list[tuple[str, str]]:
+        """Greedy explicit reasoning in PLUME's stage-0 layout (``<think><bot><eot>`` then text until
+        ``<gen_emb>``): one (reasoning before ``</think>``, answer after it) pair per input. Used to check
+        that a model can write the reasoning its curriculum turns into latent steps."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+        items = self.prepare(inputs)
+        think_end = self.token_id["think_end"]
+        out: list[tuple[str, str]] = []
+        for i in range(0, len(items), batch_size):
+            chunk = items[i : i + batch_size]
+            texts = [self.template.latent_prompt(self._media(im), ins, txt, self.tokens) + self.tokens.latent_end
+                     for txt, im, ins in chunk]
+            enc = self._encode_texts(texts, [im for _, im, _ in chunk])
+            seqs = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                       eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)
+            for gen in seqs[:, enc["input_ids"].shape[1] :].tolist():
+                ids = [t for t in cut_at_stop(gen, self.tokenizer.pad_token_id, self.stop_ids) if t not in self.stop_ids]
+                cut = ids.index(think_end) if think_end in ids else len(ids)
+                reasoning = self.tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
+                answer = self.tokenizer.decode(ids[cut + 1 :], skip_special_tokens=True).strip()
+                out.append((reasoning, answer))
+        return out
+
     def parse_rewrite(self, generated: list[int]) -> Rewrite:
         """Cut generated ids at the first stop token; the text is what precedes ``</rewrite>``."""
         return parse_generated(generated, self.tokenizer, self.stop_ids, self.token_id["rewrite_end"], self.token_id["gen_emb"])

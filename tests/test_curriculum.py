@@ -65,3 +65,14 @@ def test_continuation_text_per_phase():
     assert continuation_text(t, tok, segs, Phase(3, 6, 3, True), "a red circle") == "<eot>S4.</think>\na red circle<gen_emb>"
     final = continuation_text(t, tok, segs, Phase(4, 8, 4, False), "a red circle")
     assert final == "<eot></think>\n<gen_emb>" == t.latent_suffix(tok)  # the last phase is exactly inference's layout
+
+
+def test_explicit_reasoning_score_on_hand_made_outputs():
+    from rime_model.curriculum import score_explicit_reasoning
+
+    segs = ["The image shows a red circle.", "The anchor is the red circle.", "", "So the answer is a red circle."]
+    s = score_explicit_reasoning("The image  shows a red circle. The anchor is the blue square. So the answer is a red circle.",
+                                 " a red circle", segs, "a red circle")
+    assert s.answer_correct and s.segments_exact == (True, False, False, True)  # an empty segment never counts
+    s = score_explicit_reasoning("", "a blue square", segs, "a red circle")
+    assert not s.answer_correct and s.segments_exact == (False,) * 4

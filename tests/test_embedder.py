@@ -115,3 +115,38 @@ def test_parse_rewrite_format_flag(tiny):
     assert not no_end.well_formed and no_end.text == "a red circle"
     truncated = tiny.parse_rewrite(words)
     assert not truncated.well_formed and truncated.num_tokens == len(words)
+
+
+def test_generate_reasoning_writes_what_stage_0_taught(zoo_cache):
+    """Stage-0 layout end to end: after fitting one record's explicit reasoning (teacher-forced, as
+    curriculum stage 0 does), greedy ``generate_reasoning`` returns that reasoning and answer, split at
+    ``</think>``, and the probe's score is perfect; the untrained model's is not."""
+    import torch
+
+    from rime_model import load_embedder
+    from rime_model.curriculum import Phase, continuation_text, score_explicit_reasoning
+
+    emb = load_embedder("tiny")
+    segs = ["The anchor is the red circle.", "Left of it is the blue square.", "Nothing else.", "So the answer is a blue square."]
+    answer, item = "a blue square", {"text": "the object left of the red circle"}
+    before = emb.generate_reasoning([item], max_new_tokens=40)[0]
+    assert not score_explicit_reasoning(*before, segs, answer).answer_correct
+    (txt, _, ins), = emb.prepare([item])
+    prompt = emb.template.latent_prompt("", ins, txt, emb.tokens) + emb.tokens.latent_end
+    cont = continuation_text(emb.template, emb.tokens, segs, Phase(0, 0, 0, True), answer)[len(emb.tokens.latent_end):]
+    p_ids = emb.tokenizer(prompt, add_special_tokens=False).input_ids
+    c_ids = emb.tokenizer(cont, add_special_tokens=False).input_ids
+    ids = torch.tensor([p_ids + c_ids])
+    labels = torch.tensor([[-100] * len(p_ids) + c_ids])
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(emb.model.parameters(), lr=3e-3)
+    emb.model.train()
+    for _ in range(80):
+        opt.zero_grad()
+        emb.model(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+    emb.model.eval()
+    reasoning, got = emb.generate_reasoning([item, item], max_new_tokens=60, batch_size=2)[1]
+    assert reasoning == " ".join(segs) and got == answer
+    s = score_explicit_reasoning(reasoning, got, segs, answer)
+    assert s.answer_correct and all(s.segments_exact)

@@ -23,7 +23,7 @@ def _cmd(tmp: Path, name: str, *extra: str) -> list[str]:
             "--set", f"run.name={name}", "--set", f"run.out_dir={tmp / 'runs'}", "--set", f"data.path={tmp / 'data'}",
             "--set", "data.synth_train=20", "--set", "data.synth_test=4", "--set", "data.synth_val=0",
             "--set", f"plume.steps_per_stage={PER_STAGE}", "--set", "checkpoint.every_steps=3",
-            "--set", "learners.micro_batch_size=4", "--set", "eval.max_queries_per_task=3",
+            "--set", "learners.micro_batch_size=4", "--set", "eval.max_queries_per_task=3", "--set", "plume.probe_queries_per_task=3",
             "--set", "eval.before_training=false", "--set", "tracking.log_model=false", *extra]
 
 
@@ -60,6 +60,13 @@ def test_curriculum_phases_resets_and_latent_eval(plume_run):
     assert hist["plume/keep_answer"] == [1] * 9 + [0]
     assert len(hist["train/router_p0"]) == STEPS  # targets run K latent steps from the start (target_layout: latent)
     assert all(v >= 0 for v in hist["train/balance"]) and all(v > 0 for v in hist["train/ce"])
+    # the explicit-reasoning probe ran once, when curriculum stage 0 ended, on the eval queries
+    probe = client.get_metric_history(summary["mlflow_run_id"], "plume/explicit_answer_acc")
+    assert [m.step for m in probe] == [PER_STAGE] and 0.0 <= probe[0].value <= 1.0
+    report = json.loads((run_dir / "eval" / "plume-explicit.json").read_text())
+    assert report["n"] == 6 * 3 and report["skipped"] == 0 and len(report["samples"]) == 4
+    assert set(report["metrics"]) == {"plume/explicit_answer_acc"} | {f"plume/explicit_segment{i}_exact" for i in range(4)}
+    assert stdout.count("explicit-reasoning probe after stage 0") == 1
 
     from rime_model import Embedder
 

@@ -1,0 +1,36 @@
+"""Explicit-reasoning probe for PLUME's curriculum.
+
+The curriculum distils explicit reasoning into latent steps, so it can only help when the model can
+write that reasoning. At the end of curriculum stage 0 (full explicit text) the driver asks the
+model to reason greedily on held-out queries and logs how often the answer and each reference
+segment come out right: a near-zero score says the latent stages have nothing to carry over.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rime_model import Embedder
+from rime_model.curriculum import score_explicit_reasoning, split_segments
+
+from .evaluate import load_queries, query_item
+
+
+def explicit_reasoning_probe(emb: Embedder, data: str | Path, split: str, queries_per_task: int, segments: int,
+                             max_new_tokens: int = 128, batch_size: int = 16) -> dict:
+    """Greedy stage-0 reasoning on the first ``queries_per_task`` queries of each task: answer accuracy,
+    per-segment exact-match rates, counts and a few samples."""
+    skipped: list[dict] = []
+    rows = [r for r in load_queries(emb, data, split, None, queries_per_task, skipped) if r.get("reasoning")]
+    if not rows:
+        return {"n": 0, "skipped": len(skipped), "metrics": {}, "samples": []}
+    generated = emb.generate_reasoning([query_item(r) for r in rows], max_new_tokens, batch_size)
+    scores = [score_explicit_reasoning(reasoning, answer, split_segments(r["reasoning"], segments)[0], r.get("rewrite") or "")
+              for r, (reasoning, answer) in zip(rows, generated)]
+    n = len(rows)
+    metrics = {"plume/explicit_answer_acc": sum(s.answer_correct for s in scores) / n}
+    for i in range(segments):
+        metrics[f"plume/explicit_segment{i}_exact"] = sum(s.segments_exact[i] for s in scores) / n
+    samples = [{"task": r["task"], "reasoning": g[0], "answer": g[1], "ideal": " ".join(r["reasoning"]) + " => " + (r.get("rewrite") or "")}
+               for r, g in list(zip(rows, generated))[:4]]
+    return {"n": n, "skipped": len(skipped), "metrics": metrics, "samples": samples}
