@@ -19,11 +19,13 @@ from .evaluate import load_queries, query_item
 def explicit_reasoning_probe(emb: Embedder, data: str | Path, split: str, queries_per_task: int, segments: int,
                              max_new_tokens: int = 128, batch_size: int = 16) -> dict:
     """Greedy stage-0 reasoning on the first ``queries_per_task`` queries of each task: answer accuracy,
-    per-segment exact-match rates, counts and a few samples."""
+    per-segment exact-match rates, counts (bad rows skipped, rows without reasoning) and a few samples."""
     skipped: list[dict] = []
-    rows = [r for r in load_queries(emb, data, split, None, queries_per_task, skipped) if r.get("reasoning")]
+    usable = load_queries(emb, data, split, None, queries_per_task, skipped)
+    rows = [r for r in usable if r.get("reasoning")]
+    counts = {"skipped": len(skipped), "no_reasoning": len(usable) - len(rows)}  # reported, not dropped silently
     if not rows:
-        return {"n": 0, "skipped": len(skipped), "metrics": {}, "samples": []}
+        return {"n": 0, **counts, "metrics": {}, "samples": []}
     generated = emb.generate_reasoning([query_item(r) for r in rows], max_new_tokens, batch_size)
     scores = [score_explicit_reasoning(reasoning, answer, split_segments(r["reasoning"], segments)[0], r.get("rewrite") or "")
               for r, (reasoning, answer) in zip(rows, generated)]
@@ -33,4 +35,4 @@ def explicit_reasoning_probe(emb: Embedder, data: str | Path, split: str, querie
         metrics[f"plume/explicit_segment{i}_exact"] = sum(s.segments_exact[i] for s in scores) / n
     samples = [{"task": r["task"], "reasoning": g[0], "answer": g[1], "ideal": " ".join(r["reasoning"]) + " => " + (r.get("rewrite") or "")}
                for r, g in list(zip(rows, generated))[:4]]
-    return {"n": n, "skipped": len(skipped), "metrics": metrics, "samples": samples}
+    return {"n": n, **counts, "metrics": metrics, "samples": samples}

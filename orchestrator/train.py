@@ -382,7 +382,7 @@ class Trainer:
             self.mlflow.log_metrics(res["metrics"], step=self.state["step"])
         self.mlflow.log_artifact(str(path), artifact_path="eval")
         segs = " ".join(f"{v:.2f}" for k, v in res["metrics"].items() if "segment" in k)
-        print(f"[rime] plume explicit-reasoning probe after stage 0 ({res['n']} queries, {res['skipped']} skipped, "
+        print(f"[rime] plume explicit-reasoning probe after stage 0 ({res['n']} queries, {res['skipped']} skipped, {res['no_reasoning']} without reasoning, "
               f"{time.perf_counter() - t:.0f}s): answer acc {res['metrics'].get('plume/explicit_answer_acc', float('nan')):.3f}, "
               f"segments exact {segs}")
         for smp in res["samples"][:2]:

@@ -76,3 +76,21 @@ def test_explicit_reasoning_score_on_hand_made_outputs():
     assert s.answer_correct and s.segments_exact == (True, False, False, True)  # an empty segment never counts
     s = score_explicit_reasoning("", "a blue square", segs, "a red circle")
     assert not s.answer_correct and s.segments_exact == (False,) * 4
+
+
+def test_probe_counts_rows_without_reasoning(tmp_path, tiny):
+    """A query with no reasoning cannot be probed: it is counted in ``no_reasoning``, never dropped silently."""
+    import pyarrow.parquet as pq
+
+    from orchestrator.plume_probe import explicit_reasoning_probe
+    from rime_data.schema import QUERY_SCHEMA, write_table
+    from rime_data.synth import write_synth
+
+    write_synth(tmp_path, {"test": 3}, seed=0, tasks=("referring",))
+    path = tmp_path / "test" / "queries.parquet"
+    rows = pq.read_table(path).to_pylist()
+    rows[1]["reasoning"] = None
+    write_table(rows, QUERY_SCHEMA, path)
+    res = explicit_reasoning_probe(tiny, tmp_path, "test", queries_per_task=3, segments=4, max_new_tokens=8)
+    assert (res["n"], res["skipped"], res["no_reasoning"]) == (2, 0, 1)
+    assert set(res["metrics"]) == {"plume/explicit_answer_acc"} | {f"plume/explicit_segment{i}_exact" for i in range(4)}

@@ -64,7 +64,7 @@ def test_curriculum_phases_resets_and_latent_eval(plume_run):
     probe = client.get_metric_history(summary["mlflow_run_id"], "plume/explicit_answer_acc")
     assert [m.step for m in probe] == [PER_STAGE] and 0.0 <= probe[0].value <= 1.0
     report = json.loads((run_dir / "eval" / "plume-explicit.json").read_text())
-    assert report["n"] == 6 * 3 and report["skipped"] == 0 and len(report["samples"]) == 4
+    assert report["n"] == 6 * 3 and report["skipped"] == report["no_reasoning"] == 0 and len(report["samples"]) == 4
     assert set(report["metrics"]) == {"plume/explicit_answer_acc"} | {f"plume/explicit_segment{i}_exact" for i in range(4)}
     assert stdout.count("explicit-reasoning probe after stage 0") == 1
 
