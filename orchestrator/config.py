@@ -150,6 +150,9 @@ class PlumeConfig:
     steps_per_stage: int = 60  # total steps = segments x steps_per_stage + final_stage_steps, with or without the curriculum
     final_stage_steps: int = 0  # the fully latent last stage (answer dropped in its second half); 0 = steps_per_stage
     curriculum: bool = True  # false = fully latent from the first step (the ablation)
+    # Curriculum stage to start at: 1.. skips the all-text stage 0 (and its budget) for a start model that
+    # already writes the explicit reasoning; the explicit-reasoning probe then runs on it before step 0
+    first_stage: int = 0
     segments: int = 4  # reasoning segments per record, replaced left to right
     latent_steps: int = 8  # K; each replaced segment becomes latent_steps / segments steps
     lr: float = 2e-4
@@ -176,6 +179,13 @@ class PlumeConfig:
     # scored against the records (plume/explicit_*): can the model write what the curriculum distils? 0 = off
     probe_queries_per_task: int = 32
     probe_max_new_tokens: int = 128
+
+    def schedule(self):
+        """The ``rime_model.curriculum.CurriculumSchedule`` these settings describe (ValueError names the key)."""
+        from rime_model.curriculum import CurriculumSchedule
+
+        return CurriculumSchedule(self.steps_per_stage, self.segments, self.latent_steps, self.curriculum,
+                                  self.final_stage_steps, self.first_stage)
 
     def adapter(self) -> dict:
         """Keyword arguments of ``rime_model.latent.AdapterConfig`` (hidden size comes from the model)."""
@@ -370,10 +380,8 @@ def _check(cfg: Config) -> None:
 def _check_plume(pc: PlumeConfig) -> None:
     """The curriculum checks are the schedule's own (``rime_model.curriculum`` is torch-free, so the CLI
     still validates before importing torch); the adapter's sizes are checked here, by config key."""
-    from rime_model.curriculum import CurriculumSchedule
-
     try:
-        CurriculumSchedule(pc.steps_per_stage, pc.segments, pc.latent_steps, pc.curriculum, pc.final_stage_steps)
+        pc.schedule()
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if pc.latent_steps > pc.max_latent_steps:

@@ -236,10 +236,7 @@ class Trainer:
         return StageSettings(stage_config(cfg), rl.lr, rl.warmup_steps, rl.steps, rl.embedding_lr)
 
     def _plume_schedule(self):
-        from rime_model.curriculum import CurriculumSchedule
-
-        pc = self.cfg.plume
-        return CurriculumSchedule(pc.steps_per_stage, pc.segments, pc.latent_steps, pc.curriculum, pc.final_stage_steps)
+        return self.cfg.plume.schedule()
 
     def _stages(self, group) -> dict:
         """Run the configured stages in order on the same learners; a resume re-enters the current one."""
@@ -339,9 +336,11 @@ class Trainer:
 
         def before(step: int, pairs: list[dict]) -> tuple[tuple, dict]:
             phase = schedule.at(step)
+            if step == 0 and pc.first_stage and pc.probe_queries_per_task:
+                self._probe_explicit_reasoning(group, "on the start model")  # stage 0 skipped: probe what it starts from
             if schedule.stage_changes_at(step):
                 if phase.stage == 1 and pc.probe_queries_per_task:
-                    self._probe_explicit_reasoning(group)
+                    self._probe_explicit_reasoning(group, "after stage 0")
                 group.call("reset_optimizer", pc.lr, pc.warmup_steps, embedding_lr=pc.embedding_lr)
                 print(f"[rime] plume curriculum stage {phase.stage}: {phase.replaced}/{pc.segments} segments latent "
                       f"({phase.latent_steps} latent steps); optimizer state reset")
@@ -362,8 +361,9 @@ class Trainer:
                   "reasoning segments (padded with empty segments; counted in data/rows_short_reasoning)")
         return out
 
-    def _probe_explicit_reasoning(self, group) -> dict:
-        """End of curriculum stage 0: can the model write the reasoning the next stages turn latent?
+    def _probe_explicit_reasoning(self, group, after: str) -> dict:
+        """End of curriculum stage 0 (or the start, when it is skipped): can the model write the reasoning
+        the next stages turn latent?
         Logs ``plume/explicit_*`` and writes ``eval/plume-explicit.json``."""
         from rime_model import load_embedder
 
@@ -382,7 +382,7 @@ class Trainer:
             self.mlflow.log_metrics(res["metrics"], step=self.state["step"])
         self.mlflow.log_artifact(str(path), artifact_path="eval")
         segs = " ".join(f"{v:.2f}" for k, v in res["metrics"].items() if "segment" in k)
-        print(f"[rime] plume explicit-reasoning probe after stage 0 ({res['n']} queries, {res['skipped']} skipped, {res['no_reasoning']} without reasoning, "
+        print(f"[rime] plume explicit-reasoning probe {after} ({res['n']} queries, {res['skipped']} skipped, {res['no_reasoning']} without reasoning, "
               f"{time.perf_counter() - t:.0f}s): answer acc {res['metrics'].get('plume/explicit_answer_acc', float('nan')):.3f}, "
               f"segments exact {segs}")
         for smp in res["samples"][:2]:

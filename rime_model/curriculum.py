@@ -4,7 +4,8 @@ With S reasoning segments and K latent steps (K/S per segment), curriculum stage
 the first s segments (left to right) by s·K/S latent steps; the last stage (optionally longer:
 ``final_stage_steps``) is fully latent and drops the answer text in its second half, which leaves exactly the inference layout
 ``<bot> [K latent] <eot></think>\\n<gen_emb>``. Without the curriculum the whole budget runs the
-last stage (the "no curriculum" ablation). Pure functions: the driver and the learners both use them.
+last stage (the "no curriculum" ablation). ``first_stage`` > 0 starts the curriculum later, for a model
+that already writes the explicit reasoning (a CoT embedder such as UME-R1, or a finished stage 0). Pure functions: the driver and the learners both use them.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class CurriculumSchedule:
     latent_steps: int = 8
     curriculum: bool = True
     final_stage_steps: int = 0  # the fully latent last stage's length; 0 = steps_per_stage (Coconut-style longer last stage)
+    first_stage: int = 0  # the stage the curriculum starts at; earlier stages are skipped (and not in the budget)
 
     def __post_init__(self) -> None:
         if self.steps_per_stage < 2:
@@ -47,6 +49,8 @@ class CurriculumSchedule:
             raise ValueError(f"plume.final_stage_steps: must be 0 (= steps_per_stage) or >= 2, got {self.final_stage_steps}")
         if self.segments < 1:
             raise ValueError(f"plume.segments: must be >= 1, got {self.segments}")
+        if not 0 <= self.first_stage <= self.segments:
+            raise ValueError(f"plume.first_stage: must be in 0..plume.segments ({self.segments}), got {self.first_stage}")
         if self.latent_steps < self.segments or self.latent_steps % self.segments:
             raise ValueError(f"plume.latent_steps: {self.latent_steps} must be a positive multiple of plume.segments "
                              f"({self.segments}): each replaced segment becomes latent_steps/segments latent steps")
@@ -61,15 +65,15 @@ class CurriculumSchedule:
 
     @property
     def total_steps(self) -> int:
-        return self.segments * self.steps_per_stage + self.final_steps
+        return (self.segments - self.first_stage) * self.steps_per_stage + self.final_steps
 
     def at(self, step: int) -> Phase:
         """The phase of 0-based stage step ``step``."""
         if not 0 <= step < self.total_steps:
             raise ValueError(f"step {step} outside the schedule's 0..{self.total_steps - 1}")
         if self.curriculum:
-            stage = min(step // self.steps_per_stage, self.segments)
-            within = step - stage * self.steps_per_stage
+            stage = min(self.first_stage + step // self.steps_per_stage, self.segments)
+            within = step - (stage - self.first_stage) * self.steps_per_stage
             length = self.final_steps if stage == self.segments else self.steps_per_stage
         else:
             stage, within, length = self.segments, step, self.total_steps

@@ -40,7 +40,22 @@ def test_longer_final_stage_keeps_the_budget_equal_between_the_arms():
     assert [t for t in range(100) if cur.stage_changes_at(t)] == [10, 20, 30, 40]
 
 
+def test_first_stage_skips_the_early_stages_and_their_budget():
+    cur = CurriculumSchedule(steps_per_stage=10, segments=4, latent_steps=8, final_stage_steps=20, first_stage=1)
+    flat = CurriculumSchedule(steps_per_stage=10, segments=4, latent_steps=8, curriculum=False, final_stage_steps=20,
+                              first_stage=1)
+    assert cur.total_steps == flat.total_steps == 3 * 10 + 20
+    assert cur.at(0) == Phase(1, 2, 1, True) and cur.at(9).stage == 1 and cur.at(10) == Phase(2, 4, 2, True)
+    assert cur.at(30) == Phase(4, 8, 4, True) and cur.at(39).keep_answer and not cur.at(40).keep_answer
+    assert [t for t in range(50) if cur.stage_changes_at(t)] == [10, 20, 30]  # none at step 0: Adam is fresh there
+    assert flat.at(0) == Phase(4, 8, 4, True) and not flat.at(25).keep_answer
+    last = CurriculumSchedule(steps_per_stage=10, segments=4, latent_steps=8, first_stage=4)  # = the ablation
+    assert last.total_steps == 10 and last.at(0) == Phase(4, 8, 4, True) and not last.at(5).keep_answer
+
+
 def test_schedule_rejects_bad_settings():
+    with pytest.raises(ValueError, match="plume.first_stage"):
+        CurriculumSchedule(steps_per_stage=10, segments=4, first_stage=5)
     with pytest.raises(ValueError, match="multiple of plume.segments"):
         CurriculumSchedule(steps_per_stage=10, segments=4, latent_steps=6)
     with pytest.raises(ValueError, match="steps_per_stage"):

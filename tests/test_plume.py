@@ -77,6 +77,29 @@ def test_curriculum_phases_resets_and_latent_eval(plume_run):
     assert "latent->latent" in report["pairs"]
 
 
+def test_first_stage_starts_from_a_reasoning_model_and_probes_it_first(plume_run):
+    """``plume.first_stage`` skips the all-text stages for a model that already writes the reasoning:
+    the probe reads the start model before step 0, and the schedule opens at the given stage."""
+    tmp, _, _ = plume_run
+    r = _run(_cmd(tmp, "from-stage3", "--set", f"model.spec={tmp / 'runs' / 'straight' / 'final'}",
+                  "--set", "plume.first_stage=3", "--set", "eval.query_modes=[latent]", "--set", "eval.cand_modes=[latent]"))
+    assert r.returncode == 0, r.stderr[-4000:]
+    run_dir = tmp / "runs" / "from-stage3"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2 * PER_STAGE  # stage 3, then the last stage: the skipped stages cost no steps
+    assert r.stdout.count("explicit-reasoning probe on the start model") == 1 and "probe after stage 0" not in r.stdout
+    assert r.stdout.count("optimizer state reset") == 1
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    run_id = summary["mlflow_run_id"]
+    assert [m.value for m in client.get_metric_history(run_id, "plume/stage")] == [3, 3, 4, 4]
+    assert [m.value for m in client.get_metric_history(run_id, "plume/keep_answer")] == [1, 1, 1, 0]
+    assert [m.step for m in client.get_metric_history(run_id, "plume/explicit_answer_acc")] == [0]
+    assert json.loads((run_dir / "eval" / "plume-explicit.json").read_text())["n"] == 6 * 3
+
+
 def test_killed_mid_curriculum_resumes_to_the_same_weights(plume_run):
     ref_tmp, ref, _ = plume_run
     cmd = _cmd(ref_tmp, "killed")
