@@ -93,7 +93,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if result.skipped:
         print(f"skipped {len(result.skipped)} row(s) that could not be used (listed in the report)", file=sys.stderr)
     params = {"model": args.model, "data": args.data, "split": args.split, "query_mode": args.query_mode, "cand_mode": args.cand_mode}
-    report = write_report(result, Path(args.out), params)
+    report = write_report(result, Path(args.out), params, per_query=args.per_query)
     print(f"report: {report}")
     uri = tracking_uri_or_none(args.mlflow)
     if uri:
@@ -102,6 +102,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(args.experiment)
         print(f"mlflow run: {log_to_mlflow(result, report, params)} ({uri})")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from .compare import CompareError, compare_files, format_comparison
+
+    try:
+        c = compare_files(args.a, args.b, pair=args.pair, metric=args.metric, resamples=args.resamples, seed=args.seed)
+    except CompareError as e:
+        print(f"rime compare: {e}", file=sys.stderr)
+        return 2
+    print(format_comparison(c, args.a, args.b))
+    if args.json:
+        print(json.dumps(c.to_dict()))
     return 0
 
 
@@ -212,7 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", default="runs/eval/report.json")
     v.add_argument("--mlflow", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI; none = no tracking)")
     v.add_argument("--experiment", default="rime-eval")
+    v.add_argument("--per-query", action="store_true", help="also write every query's metrics (for rime compare)")
     v.set_defaults(func=_cmd_eval)
+
+    c = sub.add_parser("compare", help="paired comparison of two `rime eval --per-query` reports on the same queries")
+    c.add_argument("a", help="baseline report (A)")
+    c.add_argument("b", help="report compared against it (B); differences are B - A")
+    c.add_argument("--pair", default="latent->latent", help="query->candidate mode pair, e.g. disc->disc")
+    c.add_argument("--metric", default="hit@1", choices=["hit@1", "hit@5", "ndcg@5", "mrr"])
+    c.add_argument("--resamples", type=int, default=10_000, help="paired bootstrap resamples")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    c.set_defaults(func=_cmd_compare)
 
     from .mlflow_server import add_parser as add_mlflow_server_parser
     from .submit import add_parsers as add_submit_parsers

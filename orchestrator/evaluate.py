@@ -39,13 +39,17 @@ class EvalResult:
     rewrite_stats: dict[str, float] = field(default_factory=dict)  # gen queries: empty / well-formed fractions
     rewrite_samples: list[dict] = field(default_factory=list)  # a few per task, next to the ideal rewrite
     timings: dict[str, float] = field(default_factory=dict)
+    # "qmode->cmode" -> query_id -> that query's metrics: what a paired comparison of two models needs
+    per_query: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
+    def to_dict(self, per_query: bool = False) -> dict:
+        """The report; ``per_query`` adds every query's metrics (for ``rime compare``)."""
         return {
             "pairs": self.pairs, "n_queries": self.n_queries, "n_candidates": self.n_candidates,
             "skipped": self.skipped, "n_skipped": len(self.skipped),
             "rewrite_tokens_mean": self.rewrite_tokens_mean, "rewrite_stats": self.rewrite_stats,
             "rewrite_samples": self.rewrite_samples, "timings": self.timings,
+            **({"per_query": self.per_query} if per_query else {}),
         }
 
     def flat_metrics(self) -> dict[str, float]:
@@ -204,10 +208,10 @@ def evaluate(
         token_counts += counts
         timings[f"query_{m}_s"] = round(time.perf_counter() - t, 3)
 
-    pairs = {}
+    pairs, per_query = {}, {}
     for qm in query_modes:
         for cm in cand_modes:
-            rows = []
+            rows, by_id = [], {}
             for qi, q in enumerate(queries):
                 idx = [cand_index[c] for c in q["cand_ids"] if c in cand_index] if q.get("cand_ids") else by_task.get(q["task"], [])
                 grades = dict(zip(q["positive_ids"], q.get("positive_grades") or [1.0] * len(q["positive_ids"])))
@@ -216,10 +220,12 @@ def evaluate(
                     skipped.append({"id": q["query_id"], "error": "no usable relevant candidate left to rank"})
                     continue
                 rows.append((q["task"], query_metrics(cvecs[cm][idx] @ qvecs[qm][qi], rel)))
+                by_id[q["query_id"]] = {"task": q["task"], **rows[-1][1]}
             pairs[f"{qm}->{cm}"] = aggregate(rows, {t: "image" for t in by_task})
+            per_query[f"{qm}->{cm}"] = by_id
     mean_tokens = float(np.mean(token_counts)) if token_counts else None
     return EvalResult(pairs, len(queries), len(cands), _dedupe(skipped), mean_tokens, rewrite_stats=stats,
-                      rewrite_samples=samples, timings=timings)
+                      rewrite_samples=samples, timings=timings, per_query=per_query)
 
 
 def _rewrite_report(queries: list[dict], produced: list, per_task: int = 3) -> tuple[list[dict], dict[str, float]]:
@@ -272,8 +278,8 @@ def log_to_mlflow(result: EvalResult, report_path: Path, params: dict[str, Any],
         return run.info.run_id
 
 
-def write_report(result: EvalResult, path: str | Path, extra: dict | None = None) -> Path:
+def write_report(result: EvalResult, path: str | Path, extra: dict | None = None, per_query: bool = False) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**(extra or {}), **result.to_dict()}, indent=2))
+    path.write_text(json.dumps({**(extra or {}), **result.to_dict(per_query)}, indent=2))
     return path

@@ -73,6 +73,21 @@ def test_rime_eval_on_mmeb_fixture_all_pairs(zoo_cache, mmeb_fixture, tmp_path):
     assert {x["task"] for x in rep["rewrite_samples"]} == {"ColourCls", "ColourT2I"}
     assert all(set(x) >= {"rewrite", "ideal", "well_formed", "tokens"} for x in rep["rewrite_samples"])
     assert 0.0 <= rep["rewrite_stats"]["empty_frac"] <= 1.0 and 0.0 <= rep["rewrite_stats"]["well_formed_frac"] <= 1.0
+    assert "per_query" not in rep  # opt-in: reports stay small
+
+    # --per-query: every query's metrics, which average back to the report's, and feed `rime compare`
+    out_pq = tmp_path / "report-pq.json"
+    r = _rime("eval", "--data", str(tmp_path / "ds"), "--query-mode", "disc", "--cand-mode", "disc", "--per-query",
+              "--out", str(out_pq), "--mlflow", "none")
+    assert r.returncode == 0, r.stderr[-3000:]
+    pq_rep = json.loads(out_pq.read_text())
+    rows = pq_rep["per_query"]["disc->disc"]
+    assert len(rows) == 6 and {m["task"] for m in rows.values()} == {"ColourCls", "ColourT2I"}
+    for task, ms in pq_rep["pairs"]["disc->disc"]["tasks"].items():
+        mine = [m["hit@1"] for m in rows.values() if m["task"] == task]
+        assert sum(mine) / len(mine) == pytest.approx(ms["hit@1"]) and len(mine) == ms["n"]
+    r = _rime("compare", str(out_pq), str(out_pq), "--pair", "disc->disc")
+    assert r.returncode == 0 and "on 6 shared queries" in r.stdout and "B - A: +0.0000" in r.stdout, r.stdout + r.stderr
 
     import mlflow
 

@@ -1,0 +1,54 @@
+"""`rime compare`: paired statistics of two eval reports, checked on hand-made per-query rows."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.compare import CompareError, compare_reports, mcnemar_exact
+
+
+def _report(hits: dict[str, float], pair: str = "latent->latent") -> dict:
+    return {"per_query": {pair: {q: {"task": "t", "hit@1": h, "mrr": 0.5 + h / 2} for q, h in hits.items()}}}
+
+
+def test_mcnemar_exact_matches_the_binomial_tail():
+    assert mcnemar_exact(1, 9) == pytest.approx(2 * (1 + 10) / 2 ** 10)
+    assert mcnemar_exact(5, 5) == 1.0 and mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(0, 12) == pytest.approx(2 / 2 ** 12) and mcnemar_exact(12, 0) == mcnemar_exact(0, 12)
+
+
+def test_paired_comparison_counts_discordant_queries_and_leaves_out_unshared_ones():
+    # 40 queries: both right on 10, only B right on 12, only A right on 2, both wrong on 16; A has one extra id
+    a = {f"q{i}": float(i < 10 or 22 <= i < 24) for i in range(40)} | {"extra": 1.0}
+    b = {f"q{i}": float(i < 22) for i in range(40)}
+    c = compare_reports(_report(a), _report(b), resamples=2000)
+    assert c.n == 40 and c.not_shared == 1
+    assert (c.mean_a, c.mean_b) == (pytest.approx(12 / 40), pytest.approx(22 / 40))
+    assert c.diff == pytest.approx(10 / 40) and (c.only_a, c.only_b) == (2, 12)
+    assert c.p_mcnemar == pytest.approx(2 * sum(math.comb(14, i) for i in range(3)) / 2 ** 14)
+    assert c.ci_low < c.diff < c.ci_high and c.ci_low > 0  # a clear win: the interval excludes 0
+    same = compare_reports(_report(a), _report(a))
+    assert same.diff == 0 and same.ci_low == same.ci_high == 0 and same.p_mcnemar == 1.0
+    graded = compare_reports(_report(a), _report(b), metric="mrr")  # not 0/1: no McNemar
+    assert graded.p_mcnemar is None and graded.diff == pytest.approx(5 / 40)
+
+
+def test_compare_errors_say_what_to_do(tmp_path, capsys):
+    with pytest.raises(CompareError, match="--per-query"):
+        compare_reports({"pairs": {}}, _report({"q": 1.0}))
+    with pytest.raises(CompareError, match=r"pair 'disc->disc' not in the report.*--pair"):
+        compare_reports(_report({"q": 1.0}), _report({"q": 1.0}), pair="disc->disc")
+    with pytest.raises(CompareError, match="share no query ids"):
+        compare_reports(_report({"q": 1.0}), _report({"r": 1.0}))
+    (tmp_path / "a.json").write_text(json.dumps(_report({"q0": 0.0, "q1": 1.0})))
+    (tmp_path / "b.json").write_text(json.dumps(_report({"q0": 1.0, "q1": 1.0})))
+    assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "on 2 shared queries" in out and "only A right: 0, only B right: 1" in out
+    assert json.loads(out.strip().splitlines()[-1])["diff"] == pytest.approx(0.5)
+    assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "missing.json")]) == 2
+    assert "B: cannot read report" in capsys.readouterr().err
