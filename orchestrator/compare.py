@@ -3,7 +3,8 @@
 Ablations in this repo (curriculum vs none, one seed vs another) end within a few points of each
 other; an unpaired look at two Hit@1 numbers cannot tell such a gap from noise, a paired one on the
 same queries can: the per-query difference's bootstrap interval, and for 0/1 metrics McNemar's exact
-test on the queries where exactly one model is right.
+test on the queries where exactly one model is right. Both measure the noise of the test queries for
+these two trained models only; a training seed moves more than that, so claims need several seeds.
 """
 
 from __future__ import annotations
