@@ -5,7 +5,8 @@ the first s segments (left to right) by s·K/S latent steps; the last stage (opt
 ``final_stage_steps``) is fully latent and drops the answer text in its second half, which leaves exactly the inference layout
 ``<bot> [K latent] <eot></think>\\n<gen_emb>``. Without the curriculum the whole budget runs the
 last stage (the "no curriculum" ablation). ``first_stage`` > 0 starts the curriculum later, for a model
-that already writes the explicit reasoning (a CoT embedder such as UME-R1, or a finished stage 0). Pure functions: the driver and the learners both use them.
+that already writes the explicit reasoning (a CoT embedder such as UME-R1, or a finished stage 0).
+Pure functions: the driver and the learners both use them.
 """
 
 from __future__ import annotations
