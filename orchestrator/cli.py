@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="paired comparison of two `rime eval --per-query` reports on the same queries")
     c.add_argument("a", help="baseline report (A)")
     c.add_argument("b", help="report compared against it (B); differences are B - A")
-    c.add_argument("--pair", default="latent->latent", help="query->candidate mode pair, e.g. disc->disc")
+    c.add_argument("--pair", default="latent->latent", help="query->candidate mode pair; quote it in a shell: --pair 'disc->disc'")
     c.add_argument("--metric", default="hit@1", choices=["hit@1", "hit@5", "ndcg@5", "mrr"])
     c.add_argument("--resamples", type=int, default=10_000, help="paired bootstrap resamples")
     c.add_argument("--seed", type=int, default=0)
