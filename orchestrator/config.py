@@ -153,6 +153,9 @@ class PlumeConfig:
     # Curriculum stage to start at: 1.. skips the all-text stage 0 (and its budget) for a start model that
     # already writes the explicit reasoning; the explicit-reasoning probe then runs on it before step 0
     first_stage: int = 0
+    # Curriculum stage to end with (-1 = the fully latent last stage): 0 trains explicit reasoning only
+    # (a CoT start model for a later first_stage: 1 run; the probe reads it at the end)
+    last_stage: int = -1
     segments: int = 4  # reasoning segments per record, replaced left to right
     latent_steps: int = 8  # K; each replaced segment becomes latent_steps / segments steps
     lr: float = 2e-4
@@ -185,7 +188,7 @@ class PlumeConfig:
         from rime_model.curriculum import CurriculumSchedule
 
         return CurriculumSchedule(self.steps_per_stage, self.segments, self.latent_steps, self.curriculum,
-                                  self.final_stage_steps, self.first_stage)
+                                  self.final_stage_steps, self.first_stage, self.last_stage)
 
     def adapter(self) -> dict:
         """Keyword arguments of ``rime_model.latent.AdapterConfig`` (hidden size comes from the model)."""

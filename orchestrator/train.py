@@ -356,6 +356,8 @@ class Trainer:
                     f"nce_disc {m['train/nce_disc']:.3f}, bal {m['train/balance']:.4f})")
 
         out = self._supervised_steps(group, pc.batch_by_task, schedule.total_steps, log, before)
+        if schedule.end_stage == 0 and pc.probe_queries_per_task:  # an explicit-reasoning run: probe what it made
+            self._probe_explicit_reasoning(group, "after stage 0")
         if st["plume_rows_short_reasoning"]:
             print(f"[rime] plume: {st['plume_rows_short_reasoning']} training row(s) had fewer than {pc.segments} "
                   "reasoning segments (padded with empty segments; counted in data/rows_short_reasoning)")

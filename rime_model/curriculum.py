@@ -42,6 +42,7 @@ class CurriculumSchedule:
     curriculum: bool = True
     final_stage_steps: int = 0  # the fully latent last stage's length; 0 = steps_per_stage (Coconut-style longer last stage)
     first_stage: int = 0  # the stage the curriculum starts at; earlier stages are skipped (and not in the budget)
+    last_stage: int = -1  # the stage it ends with; -1 = the fully latent last stage. 0 = an explicit-reasoning (CoT) run
 
     def __post_init__(self) -> None:
         if self.steps_per_stage < 2:
@@ -52,6 +53,12 @@ class CurriculumSchedule:
             raise ValueError(f"plume.segments: must be >= 1, got {self.segments}")
         if not 0 <= self.first_stage <= self.segments:
             raise ValueError(f"plume.first_stage: must be in 0..plume.segments ({self.segments}), got {self.first_stage}")
+        if not (self.last_stage == -1 or self.first_stage <= self.last_stage <= self.segments):
+            raise ValueError(f"plume.last_stage: must be -1 (to the end) or in plume.first_stage..plume.segments "
+                             f"({self.first_stage}..{self.segments}), got {self.last_stage}")
+        if not self.curriculum and self.end_stage < self.segments:
+            raise ValueError(f"plume.last_stage: {self.last_stage} ends before the fully latent stage, which is all the "
+                             "no-curriculum ablation (plume.curriculum: false) runs; set it to -1")
         if self.latent_steps < self.segments or self.latent_steps % self.segments:
             raise ValueError(f"plume.latent_steps: {self.latent_steps} must be a positive multiple of plume.segments "
                              f"({self.segments}): each replaced segment becomes latent_steps/segments latent steps")
@@ -65,7 +72,14 @@ class CurriculumSchedule:
         return self.final_stage_steps or self.steps_per_stage
 
     @property
+    def end_stage(self) -> int:
+        """The last curriculum stage this schedule runs."""
+        return self.segments if self.last_stage == -1 else self.last_stage
+
+    @property
     def total_steps(self) -> int:
+        if self.end_stage < self.segments:  # stops before the fully latent stage: no final stage in the budget
+            return (self.end_stage - self.first_stage + 1) * self.steps_per_stage
         return (self.segments - self.first_stage) * self.steps_per_stage + self.final_steps
 
     def at(self, step: int) -> Phase:
@@ -73,7 +87,7 @@ class CurriculumSchedule:
         if not 0 <= step < self.total_steps:
             raise ValueError(f"step {step} outside the schedule's 0..{self.total_steps - 1}")
         if self.curriculum:
-            stage = min(self.first_stage + step // self.steps_per_stage, self.segments)
+            stage = min(self.first_stage + step // self.steps_per_stage, self.end_stage)
             within = step - (stage - self.first_stage) * self.steps_per_stage
             length = self.final_steps if stage == self.segments else self.steps_per_stage
         else:

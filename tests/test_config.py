@@ -34,6 +34,7 @@ def test_shipped_config_parses():
         ({"run": {"stages": ["plume"]}, "plume": {"latent_steps": 32}}, r"plume\.latent_steps: 32 > plume\.max_latent_steps"),
         ({"run": {"stages": ["plume"]}, "plume": {"final_stage_steps": 1}}, r"plume\.final_stage_steps: must be 0"),
         ({"run": {"stages": ["plume"]}, "plume": {"first_stage": 5}}, r"plume\.first_stage: must be in 0\.\.plume\.segments \(4\)"),
+        ({"run": {"stages": ["plume"]}, "plume": {"last_stage": 0, "curriculum": False}}, r"plume\.last_stage: 0 ends before"),
         ({"plume": {"target_layout": "both"}}, r"plume\.target_layout: 'both' is not one of"),
         ({"rollout": {"weight_sync": "nccl"}}, r"rollout\.weight_sync: 'nccl' is not one of"),
         ({"cma": {"embedding_lr": -1}}, r"cma\.embedding_lr: must be >= 0"),

@@ -53,7 +53,22 @@ def test_first_stage_skips_the_early_stages_and_their_budget():
     assert last.total_steps == 10 and last.at(0) == Phase(4, 8, 4, True) and not last.at(5).keep_answer
 
 
+def test_last_stage_ends_the_curriculum_early_without_a_final_stage():
+    cot = CurriculumSchedule(steps_per_stage=10, segments=4, latent_steps=8, final_stage_steps=60, last_stage=0)
+    assert cot.total_steps == 10 and cot.end_stage == 0  # explicit reasoning only: a CoT start model
+    assert all(cot.at(t) == Phase(0, 0, 0, True) for t in range(10))
+    mid = CurriculumSchedule(steps_per_stage=10, segments=4, latent_steps=8, first_stage=1, last_stage=2)
+    assert mid.total_steps == 20 and mid.at(19) == Phase(2, 4, 2, True)
+    assert [t for t in range(20) if mid.stage_changes_at(t)] == [10]
+    full = CurriculumSchedule(steps_per_stage=10, segments=4, latent_steps=8, last_stage=4)
+    assert full.total_steps == CurriculumSchedule(steps_per_stage=10).total_steps == 50
+
+
 def test_schedule_rejects_bad_settings():
+    with pytest.raises(ValueError, match=r"plume.last_stage: must be -1 \(to the end\) or in plume.first_stage"):
+        CurriculumSchedule(steps_per_stage=10, first_stage=2, last_stage=1)
+    with pytest.raises(ValueError, match="no-curriculum ablation"):
+        CurriculumSchedule(steps_per_stage=10, curriculum=False, last_stage=0)
     with pytest.raises(ValueError, match="plume.first_stage"):
         CurriculumSchedule(steps_per_stage=10, segments=4, first_stage=5)
     with pytest.raises(ValueError, match="multiple of plume.segments"):

@@ -77,11 +77,18 @@ def test_curriculum_phases_resets_and_latent_eval(plume_run):
     assert "latent->latent" in report["pairs"]
 
 
-def test_first_stage_starts_from_a_reasoning_model_and_probes_it_first(plume_run):
-    """``plume.first_stage`` skips the all-text stages for a model that already writes the reasoning:
-    the probe reads the start model before step 0, and the schedule opens at the given stage."""
+def test_explicit_reasoning_run_then_first_stage_from_it(plume_run):
+    """``plume.last_stage: 0`` trains explicit reasoning only (a CoT start model, probed at its end);
+    ``plume.first_stage`` then skips the all-text stages: the probe reads the start model before step 0,
+    and the schedule opens at the given stage."""
     tmp, _, _ = plume_run
-    r = _run(_cmd(tmp, "from-stage3", "--set", f"model.spec={tmp / 'runs' / 'straight' / 'final'}",
+    r = _run(_cmd(tmp, "cot", "--set", "plume.last_stage=0"))
+    assert r.returncode == 0, r.stderr[-4000:]
+    cot = json.loads((tmp / "runs" / "cot" / "summary.json").read_text())
+    assert cot["steps"] == PER_STAGE and r.stdout.count("explicit-reasoning probe after stage 0") == 1
+    assert "optimizer state reset" not in r.stdout
+
+    r = _run(_cmd(tmp, "from-stage3", "--set", f"model.spec={tmp / 'runs' / 'cot' / 'final'}",
                   "--set", "plume.first_stage=3", "--set", "eval.query_modes=[latent]", "--set", "eval.cand_modes=[latent]"))
     assert r.returncode == 0, r.stderr[-4000:]
     run_dir = tmp / "runs" / "from-stage3"
@@ -91,8 +98,10 @@ def test_first_stage_starts_from_a_reasoning_model_and_probes_it_first(plume_run
     assert r.stdout.count("optimizer state reset") == 1
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp / 'runs' / 'cot' / 'mlflow.db'}")
+    assert [m.value for m in client.get_metric_history(cot["mlflow_run_id"], "plume/stage")] == [0] * PER_STAGE
+    assert [m.step for m in client.get_metric_history(cot["mlflow_run_id"], "plume/explicit_answer_acc")] == [PER_STAGE]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
     run_id = summary["mlflow_run_id"]
     assert [m.value for m in client.get_metric_history(run_id, "plume/stage")] == [3, 3, 4, 4]
     assert [m.value for m in client.get_metric_history(run_id, "plume/keep_answer")] == [1, 1, 1, 0]
