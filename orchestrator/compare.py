@@ -76,7 +76,7 @@ def compare_reports(a: dict, b: dict, pair: str = "latent->latent", metric: str 
     rng = np.random.default_rng(seed)
     boots = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
     lo, hi = np.quantile(boots, [0.025, 0.975])
-    binary = bool(np.isin(np.concatenate([xa, xb]), (0.0, 1.0)).all())
+    binary = metric.startswith("hit@")  # 0/1 per query: McNemar applies
     only_a = int(((xa == 1) & (xb == 0)).sum()) if binary else None
     only_b = int(((xa == 0) & (xb == 1)).sum()) if binary else None
     return PairedComparison(pair, metric, len(shared), float(xa.mean()), float(xb.mean()), float(d.mean()),

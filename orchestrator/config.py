@@ -10,11 +10,14 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .tracking import NO_TRACKING
+
+if TYPE_CHECKING:  # annotations only: validation stays torch-free and imports the schedule lazily
+    from rime_model.curriculum import CurriculumSchedule
 
 
 class ConfigError(ValueError):
@@ -183,7 +186,7 @@ class PlumeConfig:
     probe_queries_per_task: int = 32
     probe_max_new_tokens: int = 128
 
-    def schedule(self):
+    def schedule(self) -> CurriculumSchedule:
         """The ``rime_model.curriculum.CurriculumSchedule`` these settings describe (ValueError names the key)."""
         from rime_model.curriculum import CurriculumSchedule
 
