@@ -108,16 +108,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     import json
 
-    from .compare import CompareError, compare_files, format_comparison
+    from .compare import CompareError, compare_files, format_comparison, format_runs_summary, summarize_runs
 
+    reports = args.reports
     try:
-        c = compare_files(args.a, args.b, pair=args.pair, metric=args.metric, resamples=args.resamples, seed=args.seed)
+        if len(reports) < 2 or len(reports) % 2:
+            raise CompareError(f"give reports in pairs, A B [A2 B2 ...] (one pair per seed); got {len(reports)}")
+        pairs = list(zip(reports[0::2], reports[1::2]))
+        comps = [compare_files(a, b, pair=args.pair, metric=args.metric, resamples=args.resamples, seed=args.seed)
+                 for a, b in pairs]
+        summary = summarize_runs(comps) if len(comps) > 1 else None
     except CompareError as e:
         print(f"rime compare: {e}", file=sys.stderr)
         return 2
-    print(format_comparison(c, args.a, args.b))
+    print("\n".join(format_comparison(c, a, b) for c, (a, b) in zip(comps, pairs)))
+    if summary is not None:
+        print(format_runs_summary(summary))
     if args.json:
-        print(json.dumps(c.to_dict()))
+        out = comps[0].to_dict() if summary is None else {"runs": [c.to_dict() for c in comps], "summary": summary.to_dict()}
+        print(json.dumps(out))
     return 0
 
 
@@ -231,9 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--per-query", action="store_true", help="also write every query's metrics (for rime compare)")
     v.set_defaults(func=_cmd_eval)
 
-    c = sub.add_parser("compare", help="paired comparison of two `rime eval --per-query` reports on the same queries")
-    c.add_argument("a", help="baseline report (A)")
-    c.add_argument("b", help="report compared against it (B); differences are B - A")
+    c = sub.add_parser("compare", help="paired comparison of `rime eval --per-query` reports on the same queries: "
+                       "A B, or A1 B1 A2 B2 ... (one pair per seed) for an across-seed test as well")
+    c.add_argument("reports", nargs="+", metavar="REPORT",
+                   help="A B [A2 B2 ...]: baseline then compared report, per pair; differences are B - A")
     c.add_argument("--pair", default="latent->latent", help="query->candidate mode pair; quote it in a shell: --pair 'disc->disc'")
     c.add_argument("--metric", default="hit@1", choices=["hit@1", "hit@5", "ndcg@5", "mrr"])
     c.add_argument("--resamples", type=int, default=10_000, help="paired bootstrap resamples")

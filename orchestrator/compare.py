@@ -4,7 +4,9 @@ Ablations in this repo (curriculum vs none, one seed vs another) end within a fe
 other; an unpaired look at two Hit@1 numbers cannot tell such a gap from noise, a paired one on the
 same queries can: the per-query difference's bootstrap interval, and for 0/1 metrics McNemar's exact
 test on the queries where exactly one model is right. Both measure the noise of the test queries for
-these two trained models only; a training seed moves more than that, so claims need several seeds.
+these two trained models only; a training seed moves more than that, so claims need several seeds:
+given several (A, B) pairs of runs, one per seed, ``summarize_runs`` treats the run as the unit and
+tests the mean of the per-run differences across seeds (Student's t, exact for few runs).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 
 class CompareError(ValueError):
@@ -102,3 +105,53 @@ def format_comparison(c: PairedComparison, name_a: str, name_b: str) -> str:
     if c.p_mcnemar is not None:
         lines.append(f"  only A right: {c.only_a}, only B right: {c.only_b}, exact McNemar p = {c.p_mcnemar:.4f}")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class RunsSummary:
+    """B - A over several independent pairs of runs (one per seed): the seed, not the query, is the unit."""
+
+    pair: str
+    metric: str
+    runs: int
+    diffs: list[float]  # per pair of runs, B - A on its shared queries
+    mean_diff: float
+    sd: float  # across runs
+    ci_low: float  # 95% Student-t interval of the mean difference across runs
+    ci_high: float
+    p_t: float  # two-sided one-sample t-test of mean difference = 0
+    b_better: int  # pairs where B - A > 0
+    a_better: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize_runs(comparisons: list[PairedComparison]) -> RunsSummary:
+    """Across-seed test of the per-run differences; needs >= 2 pairs on the same pair and metric."""
+    if len(comparisons) < 2:
+        raise CompareError(f"an across-runs summary needs at least 2 pairs of reports, got {len(comparisons)}")
+    keys = {(c.pair, c.metric) for c in comparisons}
+    if len(keys) != 1:
+        raise CompareError(f"the pairs compare different mode pairs or metrics: {sorted(keys)}")
+    d = np.array([c.diff for c in comparisons])
+    n, mean, sd = len(d), float(d.mean()), float(d.std(ddof=1))
+    if sd == 0.0:  # every run moved by the same amount: the interval is that point
+        lo = hi = mean
+        p = 1.0 if mean == 0.0 else 0.0
+    else:
+        half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+        lo, hi = mean - half, mean + half
+        p = float(stats.ttest_1samp(d, 0.0).pvalue)
+    return RunsSummary(comparisons[0].pair, comparisons[0].metric, n, [float(x) for x in d], mean, sd, lo, hi, p,
+                       int((d > 0).sum()), int((d < 0).sum()))
+
+
+def format_runs_summary(s: RunsSummary) -> str:
+    return "\n".join([
+        f"across {s.runs} pairs of runs (the run is the unit): {s.pair} {s.metric}",
+        "  B - A per pair: " + ", ".join(f"{x:+.4f}" for x in s.diffs),
+        f"  mean B - A: {s.mean_diff:+.4f} (sd {s.sd:.4f}; 95% t interval {s.ci_low:+.4f} .. {s.ci_high:+.4f}; "
+        f"t-test p = {s.p_t:.4f})",
+        f"  B better in {s.b_better}, A better in {s.a_better}, tied in {s.runs - s.b_better - s.a_better}",
+    ])

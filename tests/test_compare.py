@@ -8,7 +8,7 @@ import math
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.compare import CompareError, compare_reports, mcnemar_exact
+from orchestrator.compare import CompareError, compare_reports, mcnemar_exact, summarize_runs
 
 
 def _report(hits: dict[str, float], pair: str = "latent->latent") -> dict:
@@ -52,3 +52,40 @@ def test_compare_errors_say_what_to_do(tmp_path, capsys):
     assert json.loads(out.strip().splitlines()[-1])["diff"] == pytest.approx(0.5)
     assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "missing.json")]) == 2
     assert "B: cannot read report" in capsys.readouterr().err
+
+
+def _hits(n_right: int, n: int = 20) -> dict[str, float]:
+    return {f"q{i}": float(i < n_right) for i in range(n)}
+
+
+def test_across_seeds_summary_treats_the_run_as_the_unit(tmp_path, capsys):
+    # three seeds, B - A = +5/20, +1/20, +3/20: mean 0.15, sd 0.10, t = 0.15 / (0.1 / sqrt 3) = 2.598 on 2 df
+    pairs = [(_hits(5), _hits(10)), (_hits(8), _hits(9)), (_hits(2), _hits(5))]
+    comps = [compare_reports(_report(a), _report(b), resamples=500) for a, b in pairs]
+    s = summarize_runs(comps)
+    assert s.runs == 3 and s.diffs == pytest.approx([0.25, 0.05, 0.15])
+    assert s.mean_diff == pytest.approx(0.15) and s.sd == pytest.approx(0.10)
+    half = 4.302653 * 0.10 / math.sqrt(3)  # t_{0.975, 2 df}
+    assert (s.ci_low, s.ci_high) == (pytest.approx(0.15 - half, abs=1e-5), pytest.approx(0.15 + half, abs=1e-5))
+    assert s.p_t == pytest.approx(0.1217, abs=5e-4) and (s.b_better, s.a_better) == (3, 0)
+    # each seed alone is a clear McNemar win, yet three seeds do not exclude 0: the interval straddles it
+    assert comps[0].p_mcnemar < 0.07 and s.ci_low < 0 < s.ci_high
+    flat = summarize_runs([comps[1], comps[1]])  # no spread: the interval is the point
+    assert flat.ci_low == flat.ci_high == pytest.approx(0.05) and flat.p_t == 0.0
+    with pytest.raises(CompareError, match="at least 2 pairs"):
+        summarize_runs(comps[:1])
+    with pytest.raises(CompareError, match="different mode pairs or metrics"):
+        summarize_runs([comps[0], compare_reports(_report(pairs[1][0]), _report(pairs[1][1]), metric="mrr")])
+
+    files = []
+    for i, (a, b) in enumerate(pairs):
+        for name, hits in (("a", a), ("b", b)):
+            (tmp_path / f"{name}{i}.json").write_text(json.dumps(_report(hits)))
+            files.append(str(tmp_path / f"{name}{i}.json"))
+    assert main(["compare", *files, "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("shared queries") == 3 and "across 3 pairs of runs" in out and "B better in 3, A better in 0" in out
+    js = json.loads(out.strip().splitlines()[-1])
+    assert len(js["runs"]) == 3 and js["summary"]["mean_diff"] == pytest.approx(0.15)
+    assert main(["compare", *files[:3]]) == 2
+    assert "give reports in pairs" in capsys.readouterr().err
