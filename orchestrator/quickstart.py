@@ -2,8 +2,8 @@
 
 It exists so a fresh machine proves the whole model path in about a minute: the zoo builds the
 tiny model offline, scenes are generated, images and captions are embedded in disc and gen mode,
-and caption->image retrieval is scored in all four query/candidate mode pairs. Training stages
-(CMA, Refine-RL, PLUME) will plug in here as they land.
+and caption->image retrieval is scored in all four query/candidate mode pairs. It ends by naming the
+commands that train, evaluate, serve and submit, so the smoke path leads to the real ones.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ import numpy as np
 from rime_data.scenes import random_scene, render
 from rime_model import GenerationConfig, load_embedder
 
-ROADMAP = (
-    ("data pipeline, MMEB-V2 import, rime eval", 3),
-    ("CMA training on DeepSpeed learner actors, MLflow tracking", 4),
-    ("Refine-RL: rollout workers, anchor reward service, GRPO", 5),
-    ("Ray Serve embedding API", 6),
-    ("rime submit to a Ray cluster", 7),
-    ("PLUME latent mode and curriculum", 8),
+NEXT_STEPS = (  # (what, command): printed after the table; the README documents each
+    ("CMA + Refine-RL on 2 DeepSpeed learners, MLflow in runs/tiny-cpu", "rime train configs/tiny-cpu.yaml"),
+    ("PLUME latent mode and explicit-to-latent curriculum", "rime train configs/plume-tiny.yaml"),
+    ("retrieval eval in any query/candidate mode pair", "rime eval --model runs/tiny-cpu/final --data data/synth"),
+    ("Ray Serve /v1/embeddings", "rime serve --model runs/tiny-cpu/final"),
+    ("the same job on a Ray cluster", "rime submit configs/tiny-cpu.yaml --address http://HEAD:8265"),
 )
 
 
@@ -85,6 +84,6 @@ def _print(report: dict, out: Path) -> None:
     for pair, v in report["caption_to_image_hit@1"].items():
         print(f"    {pair:10s} {v:.3f}")
     print("  timings (s): " + ", ".join(f"{k}={v}" for k, v in report["timings"].items()))
-    for what, issue in ROADMAP:
-        print(f"  not yet: {what} (see issue #{issue})")
+    for what, command in NEXT_STEPS:
+        print(f"  next: {command:70s} # {what}")
     print(f"  report: {out / 'report.json'}")

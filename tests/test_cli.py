@@ -20,7 +20,10 @@ def test_quickstart_runs_and_writes_report(zoo_cache, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert set(report["caption_to_image_hit@1"]) == {"disc->disc", "disc->gen", "gen->disc", "gen->gen"}
     assert report["dim"] == 128 and report["n_scenes"] == 6
-    assert "not yet:" in r.stdout
+    from orchestrator.quickstart import NEXT_STEPS
+
+    assert "not yet" not in r.stdout  # every stage has landed: the smoke path names the real commands
+    assert all(f"next: {command}" in r.stdout for _, command in NEXT_STEPS)
 
 
 def test_embed_command_errors_name_the_field(zoo_cache, tmp_path):
