@@ -117,7 +117,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         pairs = list(zip(reports[0::2], reports[1::2]))
         comps = [compare_files(a, b, pair=args.pair, metric=args.metric, resamples=args.resamples, seed=args.seed)
                  for a, b in pairs]
-        summary = summarize_runs(comps) if len(comps) > 1 else None
+        groups = [g.strip() for g in args.groups.split(",")] if args.groups else None
+        summary = summarize_runs(comps, groups) if len(comps) > 1 or groups else None
     except CompareError as e:
         print(f"rime compare: {e}", file=sys.stderr)
         return 2
@@ -160,6 +161,18 @@ def _model_tag(spec: str) -> str | None:
     if not weights:
         return None
     return f"{Path(spec).resolve()}:" + ",".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
+
+
+COMPARE_JSON_HELP = """\
+--json prints one line last. One pair: the pair's object
+  {pair, metric, n, mean_a, mean_b, diff, ci_low, ci_high, only_a, only_b, p_mcnemar, not_shared}
+(diff = mean_b - mean_a; only_a/only_b/p_mcnemar are null for graded metrics).
+Several pairs (or --groups): {"runs": [one such object per pair], "summary":
+  {pair, metric, runs, diffs, groups, unit, unit_diffs, mean_diff, sd, ci_low, ci_high, p_t,
+   b_better, a_better}}
+where unit is "run" (unit_diffs = diffs) or "group" (unit_diffs = per-group means, first-seen order)
+and ci_low..ci_high is the 95% Student-t interval of mean_diff over the units.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,14 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_cmd_eval)
 
     c = sub.add_parser("compare", help="paired comparison of `rime eval --per-query` reports on the same queries: "
-                       "A B, or A1 B1 A2 B2 ... (one pair per seed) for an across-seed test as well")
+                       "A B, or A1 B1 A2 B2 ... (one pair per seed) for an across-seed test as well",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=COMPARE_JSON_HELP)
     c.add_argument("reports", nargs="+", metavar="REPORT",
                    help="A B [A2 B2 ...]: baseline then compared report, per pair; differences are B - A")
     c.add_argument("--pair", default="latent->latent", help="query->candidate mode pair; quote it in a shell: --pair 'disc->disc'")
     c.add_argument("--metric", default="hit@1", choices=["hit@1", "hit@5", "ndcg@5", "mrr"])
     c.add_argument("--resamples", type=int, default=10_000, help="paired bootstrap resamples")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    c.add_argument("--groups", default=None, metavar="G1,G2,...",
+                   help="one label per pair (e.g. its start checkpoint): average the pairs of a group, then test "
+                        "across groups, for pairs that share a checkpoint and so are not independent")
+    c.add_argument("--json", action="store_true", help="also print the result as one JSON line (shape below)")
     c.set_defaults(func=_cmd_compare)
 
     from .mlflow_server import add_parser as add_mlflow_server_parser

@@ -6,7 +6,9 @@ same queries can: the per-query difference's bootstrap interval, and for 0/1 met
 test on the queries where exactly one model is right. Both measure the noise of the test queries for
 these two trained models only; a training seed moves more than that, so claims need several seeds:
 given several (A, B) pairs of runs, one per seed, ``summarize_runs`` treats the run as the unit and
-tests the mean of the per-run differences across seeds (Student's t, exact for few runs).
+tests the mean of the per-run differences across seeds (Student's t, exact for few runs). Pairs
+that share something random (the start checkpoint of a fine-tuning ablation) are not independent:
+given a group label per pair, it averages within each group first and makes the group the unit.
 """
 
 from __future__ import annotations
@@ -109,49 +111,75 @@ def format_comparison(c: PairedComparison, name_a: str, name_b: str) -> str:
 
 @dataclass(frozen=True)
 class RunsSummary:
-    """B - A over several independent pairs of runs (one per seed): the seed, not the query, is the unit."""
+    """B - A over several pairs of runs (one per seed): the run, or a group of runs, is the unit, not the query."""
 
     pair: str
     metric: str
     runs: int
     diffs: list[float]  # per pair of runs, B - A on its shared queries
-    mean_diff: float
-    sd: float  # across runs
-    ci_low: float  # 95% Student-t interval of the mean difference across runs
+    groups: list[str] | None  # per pair, the label it shares with others (e.g. its start checkpoint); None: none
+    unit: str  # "run", or "group": the per-group mean differences are what is tested
+    unit_diffs: list[float]  # what the test is over: diffs, or one mean per group in first-seen order
+    mean_diff: float  # mean of unit_diffs
+    sd: float  # across units
+    ci_low: float  # 95% Student-t interval of the mean difference across units
     ci_high: float
     p_t: float  # two-sided one-sample t-test of mean difference = 0
-    b_better: int  # pairs where B - A > 0
+    b_better: int  # pairs of runs where B - A > 0
     a_better: int
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def summarize_runs(comparisons: list[PairedComparison]) -> RunsSummary:
-    """Across-seed test of the per-run differences; needs >= 2 pairs on the same pair and metric."""
+def _group_means(diffs: list[float], groups: list[str]) -> list[float]:
+    order = list(dict.fromkeys(groups))
+    return [float(np.mean([d for d, g in zip(diffs, groups) if g == label])) for label in order]
+
+
+def summarize_runs(comparisons: list[PairedComparison], groups: list[str] | None = None) -> RunsSummary:
+    """Across-seed test of the per-run differences; needs >= 2 units on the same pair and metric.
+
+    With ``groups`` (one label per comparison) the runs of a group are averaged first and the t-test is
+    over the group means: honest when the groups (start checkpoints) move the difference more than the
+    run seed does, at the cost of fewer units.
+    """
     if len(comparisons) < 2:
         raise CompareError(f"an across-runs summary needs at least 2 pairs of reports, got {len(comparisons)}")
     keys = {(c.pair, c.metric) for c in comparisons}
     if len(keys) != 1:
         raise CompareError(f"the pairs compare different mode pairs or metrics: {sorted(keys)}")
-    d = np.array([c.diff for c in comparisons])
-    n, mean, sd = len(d), float(d.mean()), float(d.std(ddof=1))
-    if sd == 0.0:  # every run moved by the same amount: the interval is that point
+    diffs = [float(c.diff) for c in comparisons]
+    if groups is not None:
+        if len(groups) != len(comparisons):
+            raise CompareError(f"--groups gives {len(groups)} labels for {len(comparisons)} pairs of reports; "
+                               "give one label per pair, in the same order (e.g. --groups ckpt0,ckpt0,ckpt1)")
+        if len(set(groups)) < 2:
+            raise CompareError(f"--groups puts every pair in one group ({groups[0]!r}); a test across groups "
+                               "needs at least 2 different labels")
+    units = np.array(diffs if groups is None else _group_means(diffs, groups))
+    n, mean, sd = len(units), float(units.mean()), float(units.std(ddof=1))
+    if sd == 0.0:  # every unit moved by the same amount: the interval is that point
         lo = hi = mean
         p = 1.0 if mean == 0.0 else 0.0
     else:
         half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
         lo, hi = mean - half, mean + half
-        p = float(stats.ttest_1samp(d, 0.0).pvalue)
-    return RunsSummary(comparisons[0].pair, comparisons[0].metric, n, [float(x) for x in d], mean, sd, lo, hi, p,
-                       int((d > 0).sum()), int((d < 0).sum()))
+        p = float(stats.ttest_1samp(units, 0.0).pvalue)
+    d = np.array(diffs)
+    return RunsSummary(comparisons[0].pair, comparisons[0].metric, len(diffs), diffs,
+                       None if groups is None else list(groups), "run" if groups is None else "group",
+                       [float(x) for x in units], mean, sd, lo, hi, p, int((d > 0).sum()), int((d < 0).sum()))
 
 
 def format_runs_summary(s: RunsSummary) -> str:
-    return "\n".join([
-        f"across {s.runs} pairs of runs (the run is the unit): {s.pair} {s.metric}",
-        "  B - A per pair: " + ", ".join(f"{x:+.4f}" for x in s.diffs),
-        f"  mean B - A: {s.mean_diff:+.4f} (sd {s.sd:.4f}; 95% t interval {s.ci_low:+.4f} .. {s.ci_high:+.4f}; "
-        f"t-test p = {s.p_t:.4f})",
-        f"  B better in {s.b_better}, A better in {s.a_better}, tied in {s.runs - s.b_better - s.a_better}",
-    ])
+    lines = [f"across {s.runs} pairs of runs (the {s.unit} is the unit): {s.pair} {s.metric}",
+             "  B - A per pair: " + ", ".join(f"{x:+.4f}" for x in s.diffs)]
+    if s.groups is not None:
+        labels = list(dict.fromkeys(s.groups))
+        lines.append(f"  B - A per group ({len(labels)}, mean of its pairs): " + ", ".join(
+            f"{g} {x:+.4f} (n={s.groups.count(g)})" for g, x in zip(labels, s.unit_diffs)))
+    lines += [f"  mean B - A: {s.mean_diff:+.4f} (sd {s.sd:.4f} over {len(s.unit_diffs)} {s.unit}s; "
+              f"95% t interval {s.ci_low:+.4f} .. {s.ci_high:+.4f}; t-test p = {s.p_t:.4f})",
+              f"  B better in {s.b_better}, A better in {s.a_better}, tied in {s.runs - s.b_better - s.a_better} pairs"]
+    return "\n".join(lines)

@@ -89,3 +89,38 @@ def test_across_seeds_summary_treats_the_run_as_the_unit(tmp_path, capsys):
     assert len(js["runs"]) == 3 and js["summary"]["mean_diff"] == pytest.approx(0.15)
     assert main(["compare", *files[:3]]) == 2
     assert "give reports in pairs" in capsys.readouterr().err
+
+
+def test_groups_make_the_shared_start_checkpoint_the_unit(tmp_path, capsys):
+    # pairs B - A = +0.25 (ckpt x), +0.05 and +0.15 (ckpt y): group means 0.25 and 0.10, tested on 1 df
+    pairs = [(_hits(5), _hits(10)), (_hits(8), _hits(9)), (_hits(2), _hits(5))]
+    comps = [compare_reports(_report(a), _report(b), resamples=200) for a, b in pairs]
+    s = summarize_runs(comps, groups=["x", "y", "y"])
+    assert s.unit == "group" and s.runs == 3 and s.unit_diffs == pytest.approx([0.25, 0.10])
+    sd = 0.15 / math.sqrt(2)
+    assert s.mean_diff == pytest.approx(0.175) and s.sd == pytest.approx(sd)
+    half = 12.706205 * sd / math.sqrt(2)  # t_{0.975, 1 df}: two groups leave one degree of freedom
+    assert (s.ci_low, s.ci_high) == (pytest.approx(0.175 - half, abs=1e-5), pytest.approx(0.175 + half, abs=1e-5))
+    # on 1 df the t distribution is Cauchy: p = 1 - (2 / pi) * atan(t)
+    assert s.p_t == pytest.approx(1 - 2 / math.pi * math.atan(0.175 / (sd / math.sqrt(2))), abs=1e-6)
+    assert (s.b_better, s.a_better) == (3, 0)  # wins still count pairs of runs
+    ungrouped = summarize_runs(comps)
+    assert ungrouped.unit == "run" and ungrouped.unit_diffs == ungrouped.diffs and ungrouped.groups is None
+    assert s.ci_high - s.ci_low > 3 * (ungrouped.ci_high - ungrouped.ci_low)  # 2 units, not 3: wider
+    with pytest.raises(CompareError, match="2 labels for 3 pairs"):
+        summarize_runs(comps, groups=["x", "y"])
+    with pytest.raises(CompareError, match="every pair in one group"):
+        summarize_runs(comps, groups=["x", "x", "x"])
+
+    files = []
+    for i, (a, b) in enumerate(pairs):
+        for name, hits in (("a", a), ("b", b)):
+            (tmp_path / f"{name}{i}.json").write_text(json.dumps(_report(hits)))
+            files.append(str(tmp_path / f"{name}{i}.json"))
+    assert main(["compare", *files, "--groups", "x, y,y", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "the group is the unit" in out and "x +0.2500 (n=1), y +0.1000 (n=2)" in out and "over 2 groups" in out
+    js = json.loads(out.strip().splitlines()[-1])
+    assert js["summary"]["groups"] == ["x", "y", "y"] and js["summary"]["mean_diff"] == pytest.approx(0.175)
+    assert main(["compare", *files[:2], "--groups", "x"]) == 2  # one pair cannot be summarised
+    assert "at least 2 pairs" in capsys.readouterr().err
