@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# PLUME's curriculum ablation as one command: for every start model and run seed, train the curriculum
+# arm and the fully latent arm (plume.curriculum=false) with the same budget, score both on the same
+# fresh test queries (`rime eval --per-query`), then compare them paired per seed and across seeds,
+# with the start model as the group (`rime compare --groups`): pairs fine-tuned from one checkpoint are
+# not independent. A single Hit@1 pair says little here: the training seed moves it more than the
+# test queries do (README, PLUME section).
+#
+#   bash scripts/plume_ablation.sh NAME START[,START...] SEED[,SEED...] [rime train args...]
+#   e.g. bash scripts/plume_ablation.sh ref runs/ref-s0/final,runs/ref-s1/final 0,1,2
+#
+# START is anything model.spec takes (a saved embedder folder, hf:<local path>, a zoo name). Extra
+# arguments go to every `rime train` (e.g. --set learners.precision=bf16 on a GPU). Environment:
+#   CONFIG        training config of both arms (default configs/plume-referring.yaml)
+#   TEST_DATA     fresh test queries (default data/synth-ref-test1000; generated when missing)
+#   TEST_QUERIES  queries per task scored, and generated (default 1000)
+#   TASKS         tasks of generated test data and of the eval (default referring)
+#   RUNS_DIR      where the training runs go (default runs)
+#   OUT           reports, logs and the comparison (default runs/ablations/NAME)
+#   PAIR, METRIC  what is compared (default latent->latent, hit@1)
+# Re-running skips every arm whose report exists, so an interrupted ablation continues.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+usage() { sed -n '9,10p' "$0" >&2; exit 2; }
+[ $# -ge 3 ] || usage
+NAME=$1; STARTS=$2; SEEDS=$3; shift 3
+RIME=${RIME:-.venv/bin/rime}
+CONFIG=${CONFIG:-configs/plume-referring.yaml}
+TEST_DATA=${TEST_DATA:-data/synth-ref-test1000}
+TEST_QUERIES=${TEST_QUERIES:-1000}
+TASKS=${TASKS:-referring}
+RUNS_DIR=${RUNS_DIR:-runs}
+OUT=${OUT:-runs/ablations/$NAME}
+PAIR=${PAIR:-latent->latent}
+METRIC=${METRIC:-hit@1}
+
+[ -x "$RIME" ] || { echo "plume_ablation: $RIME not found; run bash scripts/setup.sh first (or set RIME)" >&2; exit 2; }
+[ -f "$CONFIG" ] || { echo "plume_ablation: CONFIG=$CONFIG does not exist" >&2; exit 2; }
+IFS=, read -r -a start_list <<< "$STARTS"
+IFS=, read -r -a seed_list <<< "$SEEDS"
+for s in "${seed_list[@]}"; do
+  [[ $s =~ ^[0-9]+$ ]] || { echo "plume_ablation: seed '$s' is not a non-negative integer (SEEDS=$SEEDS)" >&2; exit 2; }
+done
+for m in "${start_list[@]}"; do
+  [[ -n $m && $m != *" "* ]] || { echo "plume_ablation: start model '$m' is empty or has a space (STARTS=$STARTS)" >&2; exit 2; }
+done
+if [ "$(printf '%s\n' "${start_list[@]}" | sort | uniq -d)" != "" ]; then
+  echo "plume_ablation: a start model is listed twice (STARTS=$STARTS); list each once, runs from one" \
+       "checkpoint are one group" >&2
+  exit 2
+fi
+if [ $(( ${#start_list[@]} * ${#seed_list[@]} )) -lt 2 ]; then
+  echo "plume_ablation: one start model and one seed give one pair, which cannot tell a seed's noise from" \
+       "an effect; give at least 2 seeds (or 2 start models)" >&2
+  exit 2
+fi
+mkdir -p "$OUT/reports" "$OUT/logs"
+
+if [ ! -f "$TEST_DATA/test/queries.parquet" ]; then
+  echo "[ablation] generating $TEST_QUERIES test queries per task ($TASKS) in $TEST_DATA"
+  "$RIME" data synth --out "$TEST_DATA" --train 0 --val 0 --test "$TEST_QUERIES" --tasks "$TASKS" > "$OUT/logs/test-data.log" 2>&1 \
+    || { echo "plume_ablation: generating $TEST_DATA failed, see $OUT/logs/test-data.log" >&2; exit 1; }
+fi
+
+run_arm() {  # start_index start seed arm [rime train args...] -> the report path on stdout
+  local i=$1 start=$2 seed=$3 arm=$4
+  shift 4
+  local run="$NAME-m$i-seed$seed-$arm" report="$OUT/reports/m$i-seed$seed-$arm.json"
+  if [ ! -f "$report" ]; then
+    local extra=()
+    [ "$arm" = nocur ] && extra=(--set plume.curriculum=false --set plume.probe_queries_per_task=0)
+    echo "[ablation] train $run (model.spec=$start)" >&2
+    "$RIME" train "$CONFIG" --overwrite --set run.name="$run" --set run.seed="$seed" --set run.out_dir="$RUNS_DIR" \
+      --set model.spec="$start" "${extra[@]}" "$@" > "$OUT/logs/$run.log" 2>&1 \
+      || { echo "plume_ablation: training $run failed, see $OUT/logs/$run.log" >&2; return 1; }
+    echo "[ablation] eval $run on $TEST_DATA" >&2
+    "$RIME" eval --model "$RUNS_DIR/$run/final" --data "$TEST_DATA" --split test --tasks "$TASKS" \
+      --query-mode disc,latent --cand-mode disc,latent --max-queries-per-task "$TEST_QUERIES" \
+      --per-query --mlflow none --out "$report.tmp" > "$OUT/logs/eval-$run.log" 2>&1 \
+      || { echo "plume_ablation: eval of $run failed, see $OUT/logs/eval-$run.log" >&2; return 1; }
+    mv "$report.tmp" "$report"
+  fi
+  echo "$report"
+}
+
+reports=(); groups=()
+for i in "${!start_list[@]}"; do
+  for seed in "${seed_list[@]}"; do
+    reports+=("$(run_arm "$i" "${start_list[$i]}" "$seed" nocur "$@")")
+    reports+=("$(run_arm "$i" "${start_list[$i]}" "$seed" cur "$@")")
+    groups+=("${start_list[$i]}")
+  done
+done
+
+group_args=()
+[ ${#start_list[@]} -gt 1 ] && group_args=(--groups "$(IFS=,; echo "${groups[*]}")")
+"$RIME" compare "${reports[@]}" --pair "$PAIR" --metric "$METRIC" "${group_args[@]}" --json > "$OUT/compare.txt"
+tail -n 1 "$OUT/compare.txt" > "$OUT/compare.json"
+sed '$d' "$OUT/compare.txt"
+echo "[ablation] B = curriculum, A = no curriculum; reports in $OUT/reports, comparison in $OUT/compare.json"

@@ -1,0 +1,71 @@
+"""`scripts/plume_ablation.sh` end to end on the tiny model (a few steps per arm): both arms per seed
+trained, scored per query on generated test data, compared paired and across seeds; a re-run skips
+the arms already scored and groups the pairs by start model; bad arguments fail fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.compare import compare_files
+
+SCRIPT = "scripts/plume_ablation.sh"
+TRAIN_ARGS = ["--set", "data.synth_train=20", "--set", "data.synth_test=4", "--set", "data.synth_val=0",
+              "--set", "plume.steps_per_stage=2", "--set", "plume.final_stage_steps=2",
+              "--set", "learners.micro_batch_size=4", "--set", "eval.max_queries_per_task=3",
+              "--set", "plume.probe_queries_per_task=0", "--set", "eval.before_training=false",
+              "--set", "tracking.log_model=false", "--set", "checkpoint.every_steps=100"]
+
+
+def _run(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env |= {"RIME": str(Path(sys.executable).parent / "rime"), "RUNS_DIR": str(tmp / "runs"), "OUT": str(tmp / "out"),
+            "TEST_DATA": str(tmp / "test"), "TEST_QUERIES": "6"}
+    return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, timeout=1500, env=env)
+
+
+def test_ablation_trains_both_arms_per_seed_compares_them_and_resumes(tmp_path, zoo_cache):
+    r = _run(tmp_path, "smoke", "tiny", "0,1", "--set", f"data.path={tmp_path / 'data'}", *TRAIN_ARGS)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stderr.count("[ablation] train") == 4 and r.stderr.count("[ablation] eval") == 4
+    reports = tmp_path / "out" / "reports"
+    assert sorted(p.name for p in reports.glob("*.json")) == [
+        "m0-seed0-cur.json", "m0-seed0-nocur.json", "m0-seed1-cur.json", "m0-seed1-nocur.json"]
+    for seed in (0, 1):  # each arm is its own trained run, with its own seed and curriculum setting
+        for arm, curriculum in (("cur", True), ("nocur", False)):
+            cfg = yaml.safe_load((tmp_path / "runs" / f"smoke-m0-seed{seed}-{arm}" / "config.yaml").read_text())
+            assert cfg["run"]["seed"] == seed and cfg["plume"]["curriculum"] is curriculum
+    out = json.loads((tmp_path / "out" / "compare.json").read_text())
+    s = out["summary"]
+    assert s["unit"] == "run" and s["groups"] is None and s["runs"] == 2
+    for seed, run, diff in zip((0, 1), out["runs"], s["diffs"]):  # B = curriculum, A = no curriculum, per seed
+        c = compare_files(reports / f"m0-seed{seed}-nocur.json", reports / f"m0-seed{seed}-cur.json", resamples=100)
+        assert c.n == run["n"] == 6 and c.diff == pytest.approx(diff) and c.mean_b == pytest.approx(run["mean_b"])
+    assert "across 2 pairs of runs (the run is the unit)" in r.stdout
+
+    # a second start model: the seed-0 pair of the first is reused, only the new model's arms train,
+    # and the pairs are grouped by start model
+    second = str(tmp_path / "runs" / "smoke-m0-seed0-cur" / "final")
+    r = _run(tmp_path, "smoke", f"tiny,{second}", "0", "--set", f"data.path={tmp_path / 'data'}", *TRAIN_ARGS)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stderr.count("[ablation] train") == 2 and "smoke-m1-seed0-nocur" in r.stderr and "train smoke-m0" not in r.stderr
+    s = json.loads((tmp_path / "out" / "compare.json").read_text())["summary"]
+    assert s["unit"] == "group" and s["groups"] == ["tiny", second] and s["runs"] == 2
+    assert "the group is the unit" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["x", "tiny", "0"], "one start model and one seed give one pair"),
+    (["x", "tiny", "0,a"], "seed 'a' is not a non-negative integer"),
+    (["x", "tiny,tiny", "0"], "a start model is listed twice"),
+    (["x"], "plume_ablation.sh NAME START"),
+])
+def test_ablation_rejects_bad_arguments_before_training(tmp_path, args, message):
+    r = _run(tmp_path, *args)
+    assert r.returncode == 2 and message in r.stderr and not (tmp_path / "runs").exists()
