@@ -154,6 +154,8 @@ def summarize_runs(comparisons: list[PairedComparison], groups: list[str] | None
         if len(groups) != len(comparisons):
             raise CompareError(f"--groups gives {len(groups)} labels for {len(comparisons)} pairs of reports; "
                                "give one label per pair, in the same order (e.g. --groups ckpt0,ckpt0,ckpt1)")
+        if not all(groups):
+            raise CompareError(f"--groups has an empty label ({','.join(groups)!r}); name every pair's group")
         if len(set(groups)) < 2:
             raise CompareError(f"--groups puts every pair in one group ({groups[0]!r}); a test across groups "
                                "needs at least 2 different labels")

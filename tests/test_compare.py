@@ -109,6 +109,8 @@ def test_groups_make_the_shared_start_checkpoint_the_unit(tmp_path, capsys):
     assert s.ci_high - s.ci_low > 3 * (ungrouped.ci_high - ungrouped.ci_low)  # 2 units, not 3: wider
     with pytest.raises(CompareError, match="2 labels for 3 pairs"):
         summarize_runs(comps, groups=["x", "y"])
+    with pytest.raises(CompareError, match="empty label"):
+        summarize_runs(comps, groups=["x", "", "y"])
     with pytest.raises(CompareError, match="every pair in one group"):
         summarize_runs(comps, groups=["x", "x", "x"])
 
