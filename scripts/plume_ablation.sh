@@ -18,7 +18,13 @@
 #   RUNS_DIR      where the training runs go (default runs)
 #   OUT           reports, logs and the comparison (default runs/ablations/NAME)
 #   PAIR, METRIC  what is compared (default latent->latent, hit@1)
-# Re-running skips every arm whose report exists, so an interrupted ablation continues.
+#   PARALLEL      arms trained and scored at once (default 1). On GPUs, join one Ray cluster
+#                 (`ray start --head`, a profile's --sets give cluster.address=auto) so Ray places
+#                 the arms side by side; an arm whose placement waits past cluster.placement_timeout_s
+#                 fails with Ray's free resources in its log. Without a cluster each arm starts its own
+#                 local Ray, which does not share the machine's GPUs out between arms.
+# Re-running skips every arm whose report exists, so an interrupted ablation continues. After a failed
+# arm no new arm starts; the ones running finish (and are kept for the re-run), then the script exits 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,9 +40,11 @@ RUNS_DIR=${RUNS_DIR:-runs}
 OUT=${OUT:-runs/ablations/$NAME}
 PAIR=${PAIR:-latent->latent}
 METRIC=${METRIC:-hit@1}
+PARALLEL=${PARALLEL:-1}
 
 [ -x "$RIME" ] || { echo "plume_ablation: $RIME not found; run bash scripts/setup.sh first (or set RIME)" >&2; exit 2; }
 [ -f "$CONFIG" ] || { echo "plume_ablation: CONFIG=$CONFIG does not exist" >&2; exit 2; }
+[[ $PARALLEL =~ ^[1-9][0-9]*$ ]] || { echo "plume_ablation: PARALLEL=$PARALLEL must be a positive integer (arms run at once)" >&2; exit 2; }
 IFS=, read -r -a start_list <<< "$STARTS"
 IFS=, read -r -a seed_list <<< "$SEEDS"
 for s in "${seed_list[@]}"; do
@@ -63,35 +71,64 @@ if [ ! -f "$TEST_DATA/test/queries.parquet" ]; then
     || { echo "plume_ablation: generating $TEST_DATA failed, see $OUT/logs/test-data.log" >&2; exit 1; }
 fi
 
-run_arm() {  # start_index start seed arm [rime train args...] -> the report path on stdout
+report_of() { echo "$OUT/reports/m$1-seed$2-$3.json"; }  # start_index seed arm
+
+run_arm() {  # start_index start seed arm [rime train args...]: train the arm, score it into its report
   local i=$1 start=$2 seed=$3 arm=$4
   shift 4
-  local run="$NAME-m$i-seed$seed-$arm" report="$OUT/reports/m$i-seed$seed-$arm.json"
-  if [ ! -f "$report" ]; then
-    local extra=()
-    [ "$arm" = nocur ] && extra=(--set plume.curriculum=false --set plume.probe_queries_per_task=0)
-    echo "[ablation] train $run (model.spec=$start)" >&2
-    "$RIME" train "$CONFIG" --overwrite --set run.name="$run" --set run.seed="$seed" --set run.out_dir="$RUNS_DIR" \
-      --set model.spec="$start" "${extra[@]}" "$@" > "$OUT/logs/$run.log" 2>&1 \
-      || { echo "plume_ablation: training $run failed, see $OUT/logs/$run.log" >&2; return 1; }
-    echo "[ablation] eval $run on $TEST_DATA" >&2
-    "$RIME" eval --model "$RUNS_DIR/$run/final" --data "$TEST_DATA" --split test --tasks "$TASKS" \
-      --query-mode disc,latent --cand-mode disc,latent --max-queries-per-task "$TEST_QUERIES" \
-      --per-query --mlflow none --out "$report.tmp" > "$OUT/logs/eval-$run.log" 2>&1 \
-      || { echo "plume_ablation: eval of $run failed, see $OUT/logs/eval-$run.log" >&2; return 1; }
-    mv "$report.tmp" "$report"
-  fi
-  echo "$report"
+  local run="$NAME-m$i-seed$seed-$arm" report
+  report=$(report_of "$i" "$seed" "$arm")
+  local extra=()
+  [ "$arm" = nocur ] && extra=(--set plume.curriculum=false --set plume.probe_queries_per_task=0)
+  echo "[ablation] train $run (model.spec=$start)" >&2
+  "$RIME" train "$CONFIG" --overwrite --set run.name="$run" --set run.seed="$seed" --set run.out_dir="$RUNS_DIR" \
+    --set model.spec="$start" "${extra[@]}" "$@" > "$OUT/logs/$run.log" 2>&1 \
+    || { echo "plume_ablation: training $run failed, see $OUT/logs/$run.log" >&2; return 1; }
+  echo "[ablation] eval $run on $TEST_DATA" >&2
+  "$RIME" eval --model "$RUNS_DIR/$run/final" --data "$TEST_DATA" --split test --tasks "$TASKS" \
+    --query-mode disc,latent --cand-mode disc,latent --max-queries-per-task "$TEST_QUERIES" \
+    --per-query --mlflow none --out "$report.tmp" > "$OUT/logs/eval-$run.log" 2>&1 \
+    || { echo "plume_ablation: eval of $run failed, see $OUT/logs/eval-$run.log" >&2; return 1; }
+  mv "$report.tmp" "$report"
+  echo "[ablation] scored $run" >&2
 }
 
-reports=(); groups=()
+reports=(); groups=(); todo=()
 for i in "${!start_list[@]}"; do
   for seed in "${seed_list[@]}"; do
-    reports+=("$(run_arm "$i" "${start_list[$i]}" "$seed" nocur "$@")")
-    reports+=("$(run_arm "$i" "${start_list[$i]}" "$seed" cur "$@")")
+    for arm in nocur cur; do  # compare takes A B per pair: A = no curriculum, B = curriculum
+      reports+=("$(report_of "$i" "$seed" "$arm")")
+      [ -f "${reports[-1]}" ] || todo+=("$i $seed $arm")
+    done
     groups+=("${start_list[$i]}")
   done
 done
+
+# at most PARALLEL arms at once (PARALLEL=1: one after another); a failure stops new arms from starting.
+# Polling with `wait PID` rather than `wait -n`: bash forgets an arm that ends outside `wait -n`.
+pids=(); failed=0
+wait_below() {  # N: wait until fewer than N arms run, counting the failed ones
+  while [ ${#pids[@]} -ge "$1" ]; do
+    local alive=() p
+    for p in "${pids[@]}"; do
+      if kill -0 "$p" 2>/dev/null; then alive+=("$p"); else wait "$p" || failed=$((failed + 1)); fi
+    done
+    pids=(${alive[@]+"${alive[@]}"})
+    if [ ${#pids[@]} -ge "$1" ]; then sleep 2; fi
+  done
+}
+for job in ${todo[@]+"${todo[@]}"}; do
+  wait_below "$PARALLEL"
+  [ "$failed" -eq 0 ] || break
+  read -r i seed arm <<< "$job"
+  run_arm "$i" "${start_list[$i]}" "$seed" "$arm" "$@" &
+  pids+=($!)
+done
+wait_below 1
+if [ "$failed" -gt 0 ]; then
+  echo "plume_ablation: $failed arm(s) failed (logs above); the arms scored so far are kept, re-run to continue" >&2
+  exit 1
+fi
 
 group_args=()
 [ ${#start_list[@]} -gt 1 ] && group_args=(--groups "$(IFS=,; echo "${groups[*]}")")

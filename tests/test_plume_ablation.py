@@ -23,17 +23,18 @@ TRAIN_ARGS = ["--set", "data.synth_train=20", "--set", "data.synth_test=4", "--s
               "--set", "tracking.log_model=false", "--set", "checkpoint.every_steps=100"]
 
 
-def _run(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+def _run(tmp: Path, *args: str, parallel: str = "1") -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env |= {"RIME": str(Path(sys.executable).parent / "rime"), "RUNS_DIR": str(tmp / "runs"), "OUT": str(tmp / "out"),
-            "TEST_DATA": str(tmp / "test"), "TEST_QUERIES": "6"}
+            "TEST_DATA": str(tmp / "test"), "TEST_QUERIES": "6", "PARALLEL": parallel}
     return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, timeout=1500, env=env)
 
 
 def test_ablation_trains_both_arms_per_seed_compares_them_and_resumes(tmp_path, zoo_cache):
-    r = _run(tmp_path, "smoke", "tiny", "0,1", "--set", f"data.path={tmp_path / 'data'}", *TRAIN_ARGS)
+    # two arms at once: the same four reports as one after another
+    r = _run(tmp_path, "smoke", "tiny", "0,1", "--set", f"data.path={tmp_path / 'data'}", *TRAIN_ARGS, parallel="2")
     assert r.returncode == 0, r.stderr[-4000:]
-    assert r.stderr.count("[ablation] train") == 4 and r.stderr.count("[ablation] eval") == 4
+    assert r.stderr.count("[ablation] train") == 4 and r.stderr.count("[ablation] scored") == 4
     reports = tmp_path / "out" / "reports"
     assert sorted(p.name for p in reports.glob("*.json")) == [
         "m0-seed0-cur.json", "m0-seed0-nocur.json", "m0-seed1-cur.json", "m0-seed1-nocur.json"]
@@ -48,6 +49,18 @@ def test_ablation_trains_both_arms_per_seed_compares_them_and_resumes(tmp_path, 
         c = compare_files(reports / f"m0-seed{seed}-nocur.json", reports / f"m0-seed{seed}-cur.json", resamples=100)
         assert c.n == run["n"] == 6 and c.diff == pytest.approx(diff) and c.mean_b == pytest.approx(run["mean_b"])
     assert "across 2 pairs of runs (the run is the unit)" in r.stdout
+    compare_before = (tmp_path / "out" / "compare.json").read_text()
+
+    # a start model that cannot load: its arms fail, no new arm starts after the first failure, the
+    # scored reports stay, nothing is compared, exit 1
+    bad = str(tmp_path / "no-such-model")
+    r = _run(tmp_path, "smoke", f"tiny,{bad}", "0,1", "--set", f"data.path={tmp_path / 'data'}", *TRAIN_ARGS,
+             parallel="2")
+    assert r.returncode == 1, r.stderr[-4000:]
+    assert "train smoke-m0" not in r.stderr and r.stderr.count("[ablation] train smoke-m1") == 2, r.stderr[-4000:]
+    assert "training smoke-m1-seed0-nocur failed" in r.stderr and "2 arm(s) failed" in r.stderr
+    assert "is neither a zoo name" in (tmp_path / "out" / "logs" / "smoke-m1-seed0-nocur.log").read_text()
+    assert len(list(reports.glob("*.json"))) == 4 and (tmp_path / "out" / "compare.json").read_text() == compare_before
 
     # a second start model: the seed-0 pair of the first is reused, only the new model's arms train,
     # and the pairs are grouped by start model
@@ -60,12 +73,14 @@ def test_ablation_trains_both_arms_per_seed_compares_them_and_resumes(tmp_path, 
     assert "the group is the unit" in r.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["x", "tiny", "0"], "one start model and one seed give one pair"),
-    (["x", "tiny", "0,a"], "seed 'a' is not a non-negative integer"),
-    (["x", "tiny,tiny", "0"], "a start model is listed twice"),
-    (["x"], "plume_ablation.sh NAME START"),
+@pytest.mark.parametrize("args, parallel, message", [
+    (["x", "tiny", "0"], "1", "one start model and one seed give one pair"),
+    (["x", "tiny", "0,a"], "1", "seed 'a' is not a non-negative integer"),
+    (["x", "tiny,tiny", "0"], "1", "a start model is listed twice"),
+    (["x"], "1", "plume_ablation.sh NAME START"),
+    (["x", "tiny", "0,1"], "0", "PARALLEL=0 must be a positive integer"),
+    (["x", "tiny", "0,1"], "two", "PARALLEL=two must be a positive integer"),
 ])
-def test_ablation_rejects_bad_arguments_before_training(tmp_path, args, message):
-    r = _run(tmp_path, *args)
+def test_ablation_rejects_bad_arguments_before_training(tmp_path, args, parallel, message):
+    r = _run(tmp_path, *args, parallel=parallel)
     assert r.returncode == 2 and message in r.stderr and not (tmp_path / "runs").exists()
