@@ -23,6 +23,13 @@
 #                 the arms side by side; an arm whose placement waits past cluster.placement_timeout_s
 #                 fails with Ray's free resources in its log. Without a cluster each arm starts its own
 #                 local Ray, which does not share the machine's GPUs out between arms.
+#   SUBMIT        a Ray dashboard address (http://HEAD:8265): every arm trains as a Ray job
+#                 (`rime submit --follow`; `rime jobs list` shows them) instead of a local driver.
+#                 Extra arguments then go to `rime submit` (e.g. --profile clusters/profiles/1gpu.yaml).
+#                 RUNS_DIR is made absolute and must be storage both the cluster and this machine
+#                 see (the head's disk when the script runs there), since the evals read the arms'
+#                 models here. The address is checked before any arm starts. Stopping the script
+#                 does not stop a submitted arm: `rime jobs stop ID --address SUBMIT`.
 # Re-running skips every arm whose report exists, so an interrupted ablation continues. After a failed
 # arm no new arm starts; the ones running finish (and are kept for the re-run), then the script exits 1.
 set -euo pipefail
@@ -41,6 +48,7 @@ OUT=${OUT:-runs/ablations/$NAME}
 PAIR=${PAIR:-latent->latent}
 METRIC=${METRIC:-hit@1}
 PARALLEL=${PARALLEL:-1}
+SUBMIT=${SUBMIT:-}
 
 [ -x "$RIME" ] || { echo "plume_ablation: $RIME not found; run bash scripts/setup.sh first (or set RIME)" >&2; exit 2; }
 [ -f "$CONFIG" ] || { echo "plume_ablation: CONFIG=$CONFIG does not exist" >&2; exit 2; }
@@ -63,6 +71,13 @@ if [ $(( ${#start_list[@]} * ${#seed_list[@]} )) -lt 2 ]; then
        "an effect; give at least 2 seeds (or 2 start models)" >&2
   exit 2
 fi
+if [ -n "$SUBMIT" ]; then
+  RUNS_DIR=$(realpath -m "$RUNS_DIR")  # the job runs in a copy of the checkout: a relative dir would stay there
+  "$RIME" jobs list --address "$SUBMIT" > /dev/null \
+    || { echo "plume_ablation: SUBMIT=$SUBMIT is not a Ray dashboard that answers (see above); start one with" \
+              "'ray start --head' or unset SUBMIT to train locally" >&2; exit 2; }
+  echo "[ablation] arms train as Ray jobs on $SUBMIT, writing to $RUNS_DIR" >&2
+fi
 mkdir -p "$OUT/reports" "$OUT/logs"
 
 if [ ! -f "$TEST_DATA/test/queries.parquet" ]; then
@@ -80,8 +95,13 @@ run_arm() {  # start_index start seed arm [rime train args...]: train the arm, s
   report=$(report_of "$i" "$seed" "$arm")
   local extra=()
   [ "$arm" = nocur ] && extra=(--set plume.curriculum=false --set plume.probe_queries_per_task=0)
-  echo "[ablation] train $run (model.spec=$start)" >&2
-  "$RIME" train "$CONFIG" --overwrite --set run.name="$run" --set run.seed="$seed" --set run.out_dir="$RUNS_DIR" \
+  local train=(train "$CONFIG")
+  if [ -n "$SUBMIT" ]; then
+    train=(submit "$CONFIG" --address "$SUBMIT" --follow)
+    if [ -e "$start" ]; then start=$(realpath "$start"); fi  # a local model folder: runs/ is not uploaded with the checkout
+  fi
+  echo "[ablation] train $run (model.spec=$start${SUBMIT:+, as a Ray job})" >&2
+  "$RIME" "${train[@]}" --overwrite --set run.name="$run" --set run.seed="$seed" --set run.out_dir="$RUNS_DIR" \
     --set model.spec="$start" "${extra[@]}" "$@" > "$OUT/logs/$run.log" 2>&1 \
     || { echo "plume_ablation: training $run failed, see $OUT/logs/$run.log" >&2; return 1; }
   echo "[ablation] eval $run on $TEST_DATA" >&2

@@ -84,3 +84,19 @@ def test_ablation_trains_both_arms_per_seed_compares_them_and_resumes(tmp_path, 
 def test_ablation_rejects_bad_arguments_before_training(tmp_path, args, parallel, message):
     r = _run(tmp_path, *args, parallel=parallel)
     assert r.returncode == 2 and message in r.stderr and not (tmp_path / "runs").exists()
+
+
+def test_ablation_with_an_unreachable_submit_address_fails_before_training(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env |= {"RIME": str(Path(sys.executable).parent / "rime"), "RUNS_DIR": str(tmp_path / "runs"), "OUT": str(tmp_path / "out"),
+            "TEST_DATA": str(tmp_path / "test"), "SUBMIT": f"http://127.0.0.1:{port}"}
+    r = subprocess.run(["bash", SCRIPT, "x", "tiny", "0,1"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"SUBMIT=http://127.0.0.1:{port} is not a Ray dashboard that answers" in r.stderr
+    assert "cannot connect to a Ray dashboard" in r.stderr  # rime's own message says why
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "test").exists()

@@ -347,3 +347,44 @@ def test_jobs_stop_ends_a_running_submission(head_and_mlflow, zoo_cache, capsys)
     assert str(jc.get_job_status(job_id).value) == "RUNNING"
     assert main(["jobs", "stop", job_id, "--address", c["address"], "--wait", "60"]) == 0
     assert capsys.readouterr().out.strip() == f"{job_id}: stop requested; status STOPPED"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_plume_ablation_trains_every_arm_as_a_ray_job(head_and_mlflow, zoo_cache):
+    """`SUBMIT=ADDRESS scripts/plume_ablation.sh`: each arm is a Ray job on the head (its driver joins the
+    cluster), writes its run where the script's local eval reads it (a relative RUNS_DIR made absolute,
+    since the job runs in an uploaded copy of the checkout), and logs to the forwarded MLflow server."""
+    from test_plume_ablation import TRAIN_ARGS  # tests/ is on sys.path (pytest prepend import mode)
+
+    c = head_and_mlflow
+    tmp = c["tmp"] / "ablation"
+    env = _env(RIME=str(VENV_BIN / "rime"), RUNS_DIR=os.path.relpath(tmp / "runs", ROOT), OUT=str(tmp / "out"),
+               TEST_DATA=str(tmp / "test"), TEST_QUERIES="6", SUBMIT=c["address"], MLFLOW_TRACKING_URI=c["uri"])
+    r = subprocess.run(["bash", "scripts/plume_ablation.sh", "jobs", "tiny", "0,1", "--profile", PROFILE,
+                        "--env", f"RIME_CACHE={zoo_cache}", "--set", f"data.path={tmp / 'data'}", *TRAIN_ARGS],
+                       capture_output=True, text=True, timeout=840, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stderr.count("as a Ray job") == 4 and r.stderr.count("[ablation] scored") == 4
+    arms = [f"jobs-m0-seed{seed}-{arm}" for seed in (0, 1) for arm in ("nocur", "cur")]
+    job_ids = {}
+    for run in arms:
+        log = (tmp / "out" / "logs" / f"{run}.log").read_text()
+        job_ids[run] = re.search(r"submitted job (\S+) to", log).group(1)
+        assert f"job {job_ids[run]}: SUCCEEDED" in log
+        cfg = yaml.safe_load((tmp / "runs" / run / "config.yaml").read_text())  # written by the job, read here
+        assert cfg["cluster"]["address"] == "auto" and cfg["plume"]["curriculum"] is run.endswith("-cur")
+        assert cfg["run"]["seed"] == int(run.split("seed")[1][0]) and cfg["run"]["out_dir"] == str(tmp / "runs")
+    from ray.job_submission import JobSubmissionClient
+
+    jobs = {j.submission_id: j for j in JobSubmissionClient(c["address"]).list_jobs()}
+    for run, job_id in job_ids.items():
+        assert str(jobs[job_id].status.value) == "SUCCEEDED" and jobs[job_id].metadata["run_name"] == run
+    out = json.loads((tmp / "out" / "compare.json").read_text())
+    assert out["summary"]["runs"] == 2 and [x["n"] for x in out["runs"]] == [6, 6]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=c["uri"])
+    logged = {run.data.params.get("run.name") for e in client.search_experiments() for run in
+              client.search_runs([e.experiment_id], filter_string="attributes.status = 'FINISHED'")}
+    assert set(arms) <= logged
