@@ -23,10 +23,10 @@ TRAIN_ARGS = ["--set", "data.synth_train=20", "--set", "data.synth_test=4", "--s
               "--set", "tracking.log_model=false", "--set", "checkpoint.every_steps=100"]
 
 
-def _run(tmp: Path, *args: str, parallel: str = "1") -> subprocess.CompletedProcess:
+def _run(tmp: Path, *args: str, parallel: str = "1", **extra_env: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env |= {"RIME": str(Path(sys.executable).parent / "rime"), "RUNS_DIR": str(tmp / "runs"), "OUT": str(tmp / "out"),
-            "TEST_DATA": str(tmp / "test"), "TEST_QUERIES": "6", "PARALLEL": parallel}
+            "TEST_DATA": str(tmp / "test"), "TEST_QUERIES": "6", "PARALLEL": parallel, **extra_env}
     return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, timeout=1500, env=env)
 
 
@@ -92,10 +92,7 @@ def test_ablation_with_an_unreachable_submit_address_fails_before_training(tmp_p
     with socket.socket() as s:  # a port nothing listens on once closed
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env |= {"RIME": str(Path(sys.executable).parent / "rime"), "RUNS_DIR": str(tmp_path / "runs"), "OUT": str(tmp_path / "out"),
-            "TEST_DATA": str(tmp_path / "test"), "SUBMIT": f"http://127.0.0.1:{port}"}
-    r = subprocess.run(["bash", SCRIPT, "x", "tiny", "0,1"], capture_output=True, text=True, timeout=120, env=env)
+    r = _run(tmp_path, "x", "tiny", "0,1", SUBMIT=f"http://127.0.0.1:{port}")
     assert r.returncode == 2, r.stderr[-3000:]
     assert f"SUBMIT=http://127.0.0.1:{port} is not a Ray dashboard that answers" in r.stderr
     assert "cannot connect to a Ray dashboard" in r.stderr  # rime's own message says why

@@ -366,15 +366,15 @@ def test_plume_ablation_trains_every_arm_as_a_ray_job(head_and_mlflow, zoo_cache
                        capture_output=True, text=True, timeout=840, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-4000:]
     assert r.stderr.count("as a Ray job") == 4 and r.stderr.count("[ablation] scored") == 4
-    arms = [f"jobs-m0-seed{seed}-{arm}" for seed in (0, 1) for arm in ("nocur", "cur")]
+    arms = {f"jobs-m0-seed{seed}-{arm}": (seed, arm == "cur") for seed in (0, 1) for arm in ("nocur", "cur")}
     job_ids = {}
-    for run in arms:
+    for run, (seed, curriculum) in arms.items():
         log = (tmp / "out" / "logs" / f"{run}.log").read_text()
         job_ids[run] = re.search(r"submitted job (\S+) to", log).group(1)
         assert f"job {job_ids[run]}: SUCCEEDED" in log
         cfg = yaml.safe_load((tmp / "runs" / run / "config.yaml").read_text())  # written by the job, read here
-        assert cfg["cluster"]["address"] == "auto" and cfg["plume"]["curriculum"] is run.endswith("-cur")
-        assert cfg["run"]["seed"] == int(run.split("seed")[1][0]) and cfg["run"]["out_dir"] == str(tmp / "runs")
+        assert cfg["cluster"]["address"] == "auto" and cfg["plume"]["curriculum"] is curriculum
+        assert cfg["run"]["seed"] == seed and cfg["run"]["out_dir"] == str(tmp / "runs")
     from ray.job_submission import JobSubmissionClient
 
     jobs = {j.submission_id: j for j in JobSubmissionClient(c["address"]).list_jobs()}
