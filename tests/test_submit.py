@@ -351,17 +351,19 @@ def test_jobs_stop_ends_a_running_submission(head_and_mlflow, zoo_cache, capsys)
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_plume_ablation_trains_every_arm_as_a_ray_job(head_and_mlflow, zoo_cache):
+def test_plume_ablation_trains_every_arm_as_a_ray_job(head_and_mlflow, zoo_cache, tiny):
     """`SUBMIT=ADDRESS scripts/plume_ablation.sh`: each arm is a Ray job on the head (its driver joins the
-    cluster), writes its run where the script's local eval reads it (a relative RUNS_DIR made absolute,
-    since the job runs in an uploaded copy of the checkout), and logs to the forwarded MLflow server."""
+    cluster), starts from a local model folder given by a relative path and writes its run where the
+    script's local eval reads it (both made absolute, since the job runs in an uploaded copy of the
+    checkout, where a relative path points nowhere), and logs to the forwarded MLflow server."""
     from test_plume_ablation import TRAIN_ARGS  # tests/ is on sys.path (pytest prepend import mode)
 
     c = head_and_mlflow
     tmp = c["tmp"] / "ablation"
+    start = tiny.save(tmp / "start")  # a saved embedder folder, as a finished run's `final/` is
     env = _env(RIME=str(VENV_BIN / "rime"), RUNS_DIR=os.path.relpath(tmp / "runs", ROOT), OUT=str(tmp / "out"),
                TEST_DATA=str(tmp / "test"), TEST_QUERIES="6", SUBMIT=c["address"], MLFLOW_TRACKING_URI=c["uri"])
-    r = subprocess.run(["bash", "scripts/plume_ablation.sh", "jobs", "tiny", "0,1", "--profile", PROFILE,
+    r = subprocess.run(["bash", "scripts/plume_ablation.sh", "jobs", os.path.relpath(start, ROOT), "0,1", "--profile", PROFILE,
                         "--env", f"RIME_CACHE={zoo_cache}", "--set", f"data.path={tmp / 'data'}", *TRAIN_ARGS],
                        capture_output=True, text=True, timeout=840, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -375,6 +377,7 @@ def test_plume_ablation_trains_every_arm_as_a_ray_job(head_and_mlflow, zoo_cache
         cfg = yaml.safe_load((tmp / "runs" / run / "config.yaml").read_text())  # written by the job, read here
         assert cfg["cluster"]["address"] == "auto" and cfg["plume"]["curriculum"] is curriculum
         assert cfg["run"]["seed"] == seed and cfg["run"]["out_dir"] == str(tmp / "runs")
+        assert cfg["model"]["spec"] == str(start.resolve())
     from ray.job_submission import JobSubmissionClient
 
     jobs = {j.submission_id: j for j in JobSubmissionClient(c["address"]).list_jobs()}
