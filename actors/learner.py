@@ -189,11 +189,11 @@ class Learner:
         lm_head, n = emb.model.get_output_embeddings(), len(pairs)
         if cfg["target_layout"] == "phase":  # targets follow the query's phase: one pass for both sides
             texts += [continuation_text(emb.template, emb.tokens, [], phase, p["t_rewrite"]) for p in pairs]
-            conts = [emb.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+            conts = [emb.token_ids(t) for t in texts]
             outs = [latent_pass(emb, q_items + t_items, phase.latent_steps, conts)]
             g, c = outs[0].gen_embedding(), outs[0].disc_embedding()
         else:  # "latent": targets are embedded exactly as at inference (K latent steps, no text)
-            conts = [emb.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+            conts = [emb.token_ids(t) for t in texts]
             outs = [latent_pass(emb, q_items, phase.latent_steps, conts), latent_pass(emb, t_items, cfg["latent_steps"])]
             g = torch.cat([o.gen_embedding() for o in outs])
             c = torch.cat([o.disc_embedding() for o in outs])

@@ -9,6 +9,7 @@ bodies naming the field; the replica keeps serving.
 
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,6 +23,7 @@ from rime_model.inputs import InputError
 from .embedding_api import ApiError, Limits, parse_body, parse_request, response
 
 app = FastAPI(title="rime embeddings", version="1")
+logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment(name="EmbedderServer", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
@@ -37,9 +39,13 @@ class EmbedderServer:
         from rime_model import GenerationConfig, load_embedder
 
         torch.set_num_threads(torch_threads)
-        import torch
+        # CUDA only where Ray gave this replica a GPU (ray_actor_options.num_gpus): Ray does not hide the
+        # node's GPUs from an actor that asked for none, and an unaccounted model there would crowd the
+        # GPUs Ray handed to training.
+        import ray
 
-        self.emb = load_embedder(model, device="cuda" if torch.cuda.is_available() else None)  # the replica's GPU, if it has one
+        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else None
+        self.emb = load_embedder(model, device=device)  # a models:/ URI is downloaded here, on the replica's node
         self.model_name = model_name or model
         self.limits = Limits(**(limits or {}))
         self.generation = GenerationConfig(max_new_tokens=max_new_tokens)
@@ -75,6 +81,17 @@ class EmbedderServer:
             self.pools["latent"], lambda: self.emb.embed(items, mode="latent", batch_size=len(items), steps=self.latent_steps))
         return list(res.vectors)
 
+    def _prepare(self, items: list) -> list[dict]:
+        """Items decoded once (text, RGB image, instruction); the first bad one is a 400 naming it."""
+        out = []
+        for i, item in enumerate(items):
+            try:
+                (text, image, instruction), = self.emb.prepare([item])
+            except InputError as e:
+                raise ApiError(400, f"input[{i}].{e.field}", str(e).split(": ", 1)[-1]) from e
+            out.append({"text": text, "image": image, "instruction": instruction})
+        return out
+
     # ------------------------------------------------------------------ routes
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> JSONResponse:
@@ -82,23 +99,27 @@ class EmbedderServer:
         try:
             req = parse_request(parse_body(await request.body(), self.limits), self.limits)
             mode = req.mode
-            for i, item in enumerate(req.items):  # decode + validate before queueing: a bad item fails only its request
-                try:
-                    (text, image, instruction), = self.emb.prepare([item])
-                except InputError as e:
-                    raise ApiError(400, f"input[{i}].{e.field}", str(e).split(": ", 1)[-1]) from e
-                req.items[i] = {"text": text, "image": image, "instruction": instruction}  # decoded once, here
+            # decode + validate before queueing, so a bad item fails only its request; in a thread, so image
+            # decoding does not stall the event loop that every other request's batching runs on
+            req.items = await asyncio.to_thread(self._prepare, req.items)
         except ApiError as e:
             self.requests.inc(tags={"mode": mode, "status": str(e.status)})
             return JSONResponse(e.body(), status_code=e.status)
-        if req.mode in ("disc", "latent"):
-            queue = self._disc_batch if req.mode == "disc" else self._latent_batch
-            vectors = await asyncio.gather(*[queue(it) for it in req.items])
-            rewrites = None
-        else:
-            outs = await asyncio.gather(*[self._gen_batch(it) for it in req.items])
-            vectors, rewrites = [o[0] for o in outs], [o[1] for o in outs]
-        tokens = sum(len(self.emb.tokenizer(it.get("text") or "", add_special_tokens=False).input_ids) for it in req.items)
+        try:
+            if req.mode in ("disc", "latent"):
+                queue = self._disc_batch if req.mode == "disc" else self._latent_batch
+                vectors = await asyncio.gather(*[queue(it) for it in req.items])
+                rewrites = None
+            else:
+                outs = await asyncio.gather(*[self._gen_batch(it) for it in req.items])
+                vectors, rewrites = [o[0] for o in outs], [o[1] for o in outs]
+        except Exception as e:  # noqa: BLE001 - a model failure: every request of the batch gets a JSON 500
+            logger.exception("embedding batch failed")
+            self.requests.inc(tags={"mode": mode, "status": "500"})
+            return JSONResponse({"error": {"message": f"the model failed on this batch ({type(e).__name__}: {str(e)[:200]}); "
+                                           "the replica keeps serving, retry", "type": "server_error", "param": None,
+                                           "code": 500}}, status_code=500)
+        tokens = sum(len(self.emb.token_ids(it.get("text") or "")) for it in req.items)
         self.requests.inc(tags={"mode": mode, "status": "200"})
         self.items.inc(len(req.items), tags={"mode": mode})
         return JSONResponse(response(vectors, req, self.model_name, rewrites, tokens))

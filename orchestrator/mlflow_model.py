@@ -8,18 +8,25 @@ per row (L2-normalised).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pandas as pd
+
+import orchestrator
+import rime_model
 
 
 class EmbedderPyfunc(mlflow.pyfunc.PythonModel):
     """Loads the saved embedder folder logged as the ``embedder`` artifact."""
 
     def load_context(self, context) -> None:
+        import torch
+
         from rime_model import load_embedder
 
-        self.emb = load_embedder(context.artifacts["embedder"])
+        self.emb = load_embedder(context.artifacts["embedder"], device="cuda" if torch.cuda.is_available() else None)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         from rime_model import GenerationConfig
@@ -47,6 +54,20 @@ def log_embedder_model(embedder_dir: str, name: str = "embedder") -> str:
     )
     info = mlflow.pyfunc.log_model(
         name=name, python_model=EmbedderPyfunc(), artifacts={"embedder": embedder_dir}, signature=sig,
-        pip_requirements=["rime"],  # the project itself; its pinned stack comes with it (constraints.txt)
+        code_paths=[str(Path(m.__file__).parent) for m in (rime_model, orchestrator)],  # the pickle names these
+        pip_requirements=pinned_requirements(),
     )
     return info.model_uri
+
+
+# What loading the model imports (rime's own code travels in code_paths; it is not on PyPI).
+RUNTIME_PACKAGES = ("torch", "transformers", "safetensors", "pillow", "numpy", "pandas", "pyyaml", "mlflow")
+
+
+def pinned_requirements() -> list[str]:
+    """This environment's versions of the runtime packages, so `mlflow models serve` or a spark_udf
+    rebuilds the stack that produced the embeddings (local version tags such as ``+cpu`` dropped: the
+    serving host picks its own torch build)."""
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p).split('+')[0]}" for p in RUNTIME_PACKAGES]

@@ -13,14 +13,10 @@ from pathlib import Path
 import yaml
 
 
-def resolve_model_uri(model: str) -> str:
-    """MLflow ``models:/`` or ``runs:/`` URIs become the logged embedder folder; anything else passes through."""
-    if model.startswith(("models:/", "runs:/")):
-        import mlflow
-
-        local = mlflow.artifacts.download_artifacts(artifact_uri=model.rstrip("/") + "/artifacts/embedder")
-        return local
-    return model
+def local_model_spec(model: str) -> str:
+    """A model path that exists here is made absolute: replicas do not share the driver's working dir.
+    Zoo names, ``hf:`` and MLflow URIs pass through (replicas resolve those themselves)."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
 
 
 def load_serve_config(path: str | Path) -> dict:
@@ -47,7 +43,7 @@ def run_server(model: str | None, config: str, host: str | None, port: int | Non
     args = dict(app_cfg["args"])
     if model:
         args["model"] = model
-    args["model"] = resolve_model_uri(args["model"])
+    args["model"] = local_model_spec(args["model"])
     http = {**cfg.get("http_options", {}), **({"host": host} if host else {}), **({"port": port} if port else {})}
     http.setdefault("host", "127.0.0.1")
     http.setdefault("port", 8000)

@@ -9,6 +9,7 @@ off-by-one), L2-normalised in float32.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers import GenerationConfig as HFGenerationConfig
 from transformers import PreTrainedModel
 from transformers.processing_utils import ProcessorMixin
 
@@ -132,6 +134,18 @@ class Embedder:
         if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in self.stop_ids:
             self.stop_ids.append(self.tokenizer.eos_token_id)
         self.reserved = tuple(self.tokens.all()) + family.control_tokens
+        # rime's GenerationConfig is the only source of sampling settings. ``generate`` fills every setting a
+        # call leaves unset from the checkpoint's generation_config.json (Qwen2-VL-Instruct's carries a
+        # repetition penalty), so rollouts would sample from another distribution than the raw-logit
+        # log-probs PPO's ratio uses, and than the vLLM backend, which ignores those defaults. Keep only ids.
+        old = getattr(self.model, "generation_config", None)
+        if old is not None:
+            self.model.generation_config = HFGenerationConfig(
+                bos_token_id=old.bos_token_id, eos_token_id=old.eos_token_id, pad_token_id=old.pad_token_id)
+        # HF fast tokenizers are not thread-safe: a padded batch call switches the Rust tokenizer's padding
+        # on and off, and a call from another thread meanwhile fails with "Already borrowed". Serving runs
+        # one thread per mode on one embedder, so every tokenizer/processor use goes through this lock.
+        self.tokenizer_lock = threading.RLock()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -171,9 +185,10 @@ class Embedder:
 
     def _encode_texts(self, texts: list[str], images: list[Image.Image | None]) -> dict[str, torch.Tensor]:
         present = [im for im in images if im is not None]
-        enc = self.processor(
-            text=texts, images=present or None, padding=True, return_tensors="pt", add_special_tokens=False
-        )
+        with self.tokenizer_lock:
+            enc = self.processor(
+                text=texts, images=present or None, padding=True, return_tensors="pt", add_special_tokens=False
+            )
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def _read_positions(self, input_ids: torch.Tensor, token: str) -> torch.Tensor:
@@ -205,7 +220,7 @@ class Embedder:
             completions.append(self.template.gen_completion(r.strip(), self.tokens))
         enc = self._encode_texts([p + c for p, c in zip(prompts, completions)], [im for _, im, _ in items])
         ids = enc["input_ids"]
-        comp_lens = [len(self.tokenizer(c, add_special_tokens=False).input_ids) for c in completions]
+        comp_lens = [len(self.token_ids(c)) for c in completions]
         labels = torch.full_like(ids, -100)
         for b, n in enumerate(comp_lens):
             labels[b, ids.shape[1] - n :] = ids[b, ids.shape[1] - n :]
@@ -317,14 +332,21 @@ class Embedder:
             for gen in seqs[:, enc["input_ids"].shape[1] :].tolist():
                 ids = [t for t in cut_at_stop(gen, self.tokenizer.pad_token_id, self.stop_ids) if t not in self.stop_ids]
                 cut = ids.index(think_end) if think_end in ids else len(ids)
-                reasoning = self.tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
-                answer = self.tokenizer.decode(ids[cut + 1 :], skip_special_tokens=True).strip()
+                with self.tokenizer_lock:
+                    reasoning = self.tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
+                    answer = self.tokenizer.decode(ids[cut + 1 :], skip_special_tokens=True).strip()
                 out.append((reasoning, answer))
         return out
 
     def parse_rewrite(self, generated: list[int]) -> Rewrite:
         """Cut generated ids at the first stop token; the text is what precedes ``</rewrite>``."""
-        return parse_generated(generated, self.tokenizer, self.stop_ids, self.token_id["rewrite_end"], self.token_id["gen_emb"])
+        with self.tokenizer_lock:
+            return parse_generated(generated, self.tokenizer, self.stop_ids, self.token_id["rewrite_end"], self.token_id["gen_emb"])
+
+    def token_ids(self, text: str) -> list[int]:
+        """``text``'s token ids without special tokens, safe to call from any thread."""
+        with self.tokenizer_lock:
+            return self.tokenizer(text, add_special_tokens=False).input_ids
 
     # ------------------------------------------------------------------ Refine-RL (rollouts scored by the learner)
     def forced_suffix(self, completion: Sequence[int]) -> list[int]:
@@ -407,8 +429,9 @@ class Embedder:
                                       eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
                                       output_logits=True, return_dict_in_generate=True, **sampling, **generation.extra)
             new = res.sequences[:, enc["input_ids"].shape[1] :]
-            logp = torch.stack([torch.log_softmax(x.float(), dim=-1) for x in res.logits], dim=1)  # [B*n, L, V]
-            tok_lp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+            # one step at a time: a stacked fp32 [B*n, L, V] log-softmax is GBs at a 151k vocabulary
+            tok_lp = torch.stack([torch.log_softmax(x.float(), dim=-1).gather(-1, new[:, t : t + 1]).squeeze(-1)
+                                  for t, x in enumerate(res.logits)], dim=1)
             for b in range(new.shape[0]):
                 ids = cut_at_stop(new[b].tolist(), self.tokenizer.pad_token_id, self.stop_ids)
                 out.append((ids, tok_lp[b, : len(ids)].tolist()))
@@ -431,6 +454,13 @@ class Embedder:
             meta["latent_adapter"] = adapter.cfg.to_dict()
         (path / EMBEDDER_CONFIG).write_text(json.dumps(meta, indent=2))
         return path
+
+    @staticmethod
+    def reserved_tokens_of(path: str | Path) -> tuple[str, ...]:
+        """The control tokens a saved embedder refuses in input text (``self.reserved``), read from its
+        settings file without loading weights: the data stream checks training rows against them."""
+        meta = json.loads((Path(path) / EMBEDDER_CONFIG).read_text())
+        return tuple(SpecialTokens.from_dict(meta["tokens"]).all()) + FAMILIES[meta["family"]].control_tokens
 
     @classmethod
     def load(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None) -> "Embedder":

@@ -17,6 +17,9 @@ from typing import Any, Iterable, Union
 from PIL import Image, UnidentifiedImageError
 
 ImageLike = Union[Image.Image, bytes, bytearray, str, Path]
+# Decoded-size limit, checked from the header before decoding: Qwen2-VL resizes to at most ~12.8M
+# pixels, so a larger image only costs memory (PIL's own bomb check allows ~179M, ~0.5 GB as RGB).
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 class InputError(ValueError):
@@ -61,13 +64,28 @@ def load_image(image: ImageLike, index: int | None = None) -> Image.Image:
     )
 
 
-def _decode(data: bytes, index: int | None) -> Image.Image:
+def open_image(data: bytes, index: int | None = None) -> Image.Image:
+    """Decode encoded image bytes (not yet converted to RGB), refusing corrupt data and images whose
+    header claims more than ``MAX_IMAGE_PIXELS`` before any pixel is decoded."""
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as e:  # none of the errors below: PIL's own, larger size limit
+        raise InputError(index, "image", f"{e}; downscale it") from e
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InputError(index, "image", f"cannot decode image bytes ({e}); send PNG/JPEG/WebP bytes") from e
+    w, h = img.size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise InputError(index, "image", f"{w}x{h} is {w * h / 1e6:.0f}M pixels, over the {MAX_IMAGE_PIXELS / 1e6:.0f}M "
+                         "limit (a few KB of PNG can decode to GBs); downscale it, the model resizes to far less anyway")
+    try:
         img.load()
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise InputError(index, "image", f"cannot decode image bytes ({e}); send PNG/JPEG/WebP bytes") from e
-    return img.convert("RGB")
+    return img
+
+
+def _decode(data: bytes, index: int | None) -> Image.Image:
+    return open_image(data, index).convert("RGB")
 
 
 def normalize_inputs(
@@ -101,13 +119,14 @@ def normalize_inputs(
         text = (text or "").strip()
         if not text and item.image is None:
             raise InputError(i, "text", "empty: give non-empty text, an image, or both")
-        for tok in reserved:
-            if tok in text:
-                raise InputError(i, "text", f"contains the reserved control token {tok!r}; remove it")
         image = load_image(item.image, i) if item.image is not None else None
         instruction = item.instruction if item.instruction is not None else default_instruction
         if not isinstance(instruction, str):
             raise InputError(i, "instruction", f"must be a string, got {type(instruction).__name__}")
+        for field, value in (("text", text), ("instruction", instruction)):  # both go into the prompt
+            for tok in reserved:
+                if tok in value:
+                    raise InputError(i, field, f"contains the reserved control token {tok!r}; remove it")
         out.append((text, image, instruction.strip()))
     if not out:
         raise InputError(None, "inputs", "empty list: give at least one item")

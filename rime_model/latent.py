@@ -241,7 +241,7 @@ def latent_pass(emb: "Embedder", items: Sequence["Item"], steps: int,
         if p is not None:
             probs.append(p)
     if continuations is None:
-        suffix = emb.tokenizer(emb.template.latent_suffix(emb.tokens), add_special_tokens=False).input_ids
+        suffix = emb.token_ids(emb.template.latent_suffix(emb.tokens))
         continuations = [suffix] * len(items)
     width = max(len(c) for c in continuations)
     pad = emb.tokenizer.pad_token_id

@@ -17,6 +17,7 @@ import torch
 
 from .embedder import EMBEDDER_CONFIG, Embedder
 from .families import QWEN2_VL, family_for_model_type
+from .mlflow_uri import download_embedder, is_mlflow_uri
 
 ZOO_VERSION = "1"  # bump when a zoo recipe changes, so stale caches are rebuilt
 QWEN2_SPECIALS = [
@@ -143,10 +144,13 @@ def ensure_zoo_model(name: str, seed: int = 0, rebuild: bool = False) -> Path:
 
 
 def load_embedder(spec: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None, seed: int = 0) -> Embedder:
-    """One call for any model: a zoo name (``tiny``, ``small``), ``hf:<repo-or-path>`` or a saved folder."""
+    """One call for any model: a zoo name (``tiny``, ``small``), ``hf:<repo-or-path>``, a saved folder or
+    an MLflow model URI (``models:/<model id>``, ``runs:/<run id>/embedder``)."""
     spec = str(spec)
     if spec in BUILDERS:
         return Embedder.load(ensure_zoo_model(spec, seed), dtype=dtype, device=device)
+    if is_mlflow_uri(spec):
+        return Embedder.load(download_embedder(spec), dtype=dtype, device=device)
     if spec.startswith("hf:"):
         return load_hf(spec[3:], dtype=dtype, device=device)
     path = Path(spec)
@@ -155,8 +159,8 @@ def load_embedder(spec: str | Path, dtype: torch.dtype = torch.float32, device: 
     if (path / "config.json").is_file():
         return load_hf(str(path), dtype=dtype, device=device)
     raise ValueError(
-        f"model: {spec!r} is neither a zoo name ({sorted(BUILDERS)}), 'hf:<repo-or-path>', nor a folder "
-        f"holding {EMBEDDER_CONFIG} or config.json"
+        f"model: {spec!r} is neither a zoo name ({sorted(BUILDERS)}), 'hf:<repo-or-path>', an MLflow "
+        f"models:/ or runs:/ URI, nor a folder holding {EMBEDDER_CONFIG} or config.json"
     )
 
 

@@ -150,3 +150,25 @@ def test_generate_reasoning_writes_what_stage_0_taught(zoo_cache):
     assert reasoning == " ".join(segs) and got == answer
     s = score_explicit_reasoning(reasoning, got, segs, answer)
     assert s.answer_correct and all(s.segments_exact)
+
+
+def test_generation_ignores_the_checkpoints_generation_defaults(tiny, tmp_path):
+    """A checkpoint's generation_config.json (Qwen2-VL-Instruct ships a repetition penalty) must not reach
+    rollouts or gen mode: PPO's behaviour log-probs come from the raw logits, and vLLM ignores it too."""
+    import json
+
+    from rime_model import Embedder
+
+    folder = tiny.save(tmp_path / "emb")
+    cfg = json.loads((folder / "generation_config.json").read_text())
+    cfg.update(repetition_penalty=50.0, no_repeat_ngram_size=1, bad_words_ids=[[5], [6]])
+    (folder / "generation_config.json").write_text(json.dumps(cfg))
+    loaded = Embedder.load(folder)
+    items = ["a red circle left of a blue square", "two green crosses"]
+    gen = GenerationConfig(max_new_tokens=12)
+    assert loaded.embed(items, mode="gen", generation=gen).rewrites == tiny.embed(items, mode="gen", generation=gen).rewrites
+    sample = GenerationConfig(max_new_tokens=12, do_sample=True, seed=3)
+    want, got = tiny.sample_rollouts(tiny.prepare(items), 2, sample), loaded.sample_rollouts(loaded.prepare(items), 2, sample)
+    assert [ids for ids, _ in got] == [ids for ids, _ in want]
+    for (_, lp), (_, lp2) in zip(want, got):
+        assert np.allclose(lp, lp2, atol=1e-5)

@@ -68,9 +68,22 @@ def test_http_vectors_equal_in_process(server, tiny_latent, mode):
     np.testing.assert_allclose(vec, want.vectors[0], atol=1e-4)
 
 
+def _huge_header_png(side: int) -> str:
+    """A 1x1 PNG whose header claims side x side pixels: a few bytes that would decode to GBs."""
+    import struct
+    import zlib
+
+    png = png_bytes(Image.new("RGB", (1, 1)))
+    ihdr = bytearray(png[12:29])  # chunk type + 13 data bytes; width and height lead the data
+    ihdr[4:12] = struct.pack(">II", side, side)
+    return base64.b64encode(png[:12] + bytes(ihdr) + struct.pack(">I", zlib.crc32(bytes(ihdr))) + png[33:]).decode()
+
+
 def test_bad_requests_get_4xx_naming_the_field(server):
     bad_png = base64.b64encode(b"this is not a png").decode()
     cases = [
+        ({"input": ["ok", {"image": _huge_header_png(10_000)}]}, None, 400, "input[1].image"),
+        ({"input": [{"text": "ok", "instruction": "find <gen_emb>"}]}, None, 400, "input[0].instruction"),
         (None, b"{not json", 400, "body"),
         ({"input": "x", "mode": "telepathy"}, None, 400, "mode"),
         ({"input": [{"image": bad_png}]}, None, 400, "input[0].image"),
@@ -85,6 +98,8 @@ def test_bad_requests_get_4xx_naming_the_field(server):
         got_status, got = _post(server, body, raw)
         assert got_status == status, (body, got)
         assert got["error"]["param"] == field and got["error"]["message"].startswith(field), got
+    status, huge = _post(server, {"input": [{"image": _huge_header_png(10_000)}]})
+    assert "10000x10000 is 100M pixels, over the 40M limit" in huge["error"]["message"]
     status, ok = _post(server, {"input": "still serving"})
     assert status == 200 and len(ok["data"][0]["embedding"]) == 128
 
