@@ -169,9 +169,10 @@ COMPARE_JSON_HELP = """\
 (diff = mean_b - mean_a; only_a/only_b/p_mcnemar are null for graded metrics).
 Several pairs (or --groups): {"runs": [one such object per pair], "summary":
   {pair, metric, runs, diffs, groups, unit, unit_diffs, mean_diff, sd, ci_low, ci_high, p_t,
-   b_better, a_better}}
+   b_better, a_better, test}}
 where unit is "run" (unit_diffs = diffs) or "group" (unit_diffs = per-group means, first-seen order)
-and ci_low..ci_high is the 95% Student-t interval of mean_diff over the units.
+and ci_low..ci_high is the 95% Student-t interval of mean_diff over the units; test is "t", or "sign"
+when the units are all equal (no t statistic: p_t is then the exact sign test's p).
 """
 
 

@@ -72,6 +72,10 @@ def compare_reports(a: dict, b: dict, pair: str = "latent->latent", metric: str 
                     resamples: int = 10_000, seed: int = 0) -> PairedComparison:
     """B against A on the queries both scored (the difference is B - A)."""
     ra, rb = _rows(a, "A", pair, metric), _rows(b, "B", pair, metric)
+    sa, sb = a.get("queries_sha1"), b.get("queries_sha1")
+    if sa and sb and sa != sb:
+        raise CompareError(f"A and B were scored on different query files (sha1 {sa[:12]} vs {sb[:12]}): a query id "
+                           "names different queries in different datasets; score both on the same --data and --split")
     shared = sorted(set(ra) & set(rb))
     if not shared:
         raise CompareError("the reports share no query ids: were they run on the same --data and --split?")
@@ -124,9 +128,10 @@ class RunsSummary:
     sd: float  # across units
     ci_low: float  # 95% Student-t interval of the mean difference across units
     ci_high: float
-    p_t: float  # two-sided one-sample t-test of mean difference = 0
+    p_t: float  # two-sided one-sample t-test of mean difference = 0 (sign test when every unit is equal)
     b_better: int  # pairs of runs where B - A > 0
     a_better: int
+    test: str = "t"  # "t", or "sign" where the units have no spread and the t statistic is undefined
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -161,9 +166,13 @@ def summarize_runs(comparisons: list[PairedComparison], groups: list[str] | None
                                "needs at least 2 different labels")
     units = np.array(diffs if groups is None else _group_means(diffs, groups))
     n, mean, sd = len(units), float(units.mean()), float(units.std(ddof=1))
-    if sd == 0.0:  # every unit moved by the same amount: the interval is that point
+    test = "t"
+    if sd == 0.0:  # every unit moved by the same amount (Hit@k differences are steps of 1/n): no t statistic.
+        # A zero-width interval and p = 0 would claim certainty from two equal numbers; the exact sign
+        # test is what is left (2 equal units: p = 0.5).
         lo = hi = mean
-        p = 1.0 if mean == 0.0 else 0.0
+        test = "sign"
+        p = 1.0 if mean == 0.0 else float(stats.binomtest(n, n, 0.5).pvalue)
     else:
         half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
         lo, hi = mean - half, mean + half
@@ -171,7 +180,7 @@ def summarize_runs(comparisons: list[PairedComparison], groups: list[str] | None
     d = np.array(diffs)
     return RunsSummary(comparisons[0].pair, comparisons[0].metric, len(diffs), diffs,
                        None if groups is None else list(groups), "run" if groups is None else "group",
-                       [float(x) for x in units], mean, sd, lo, hi, p, int((d > 0).sum()), int((d < 0).sum()))
+                       [float(x) for x in units], mean, sd, lo, hi, p, int((d > 0).sum()), int((d < 0).sum()), test)
 
 
 def format_runs_summary(s: RunsSummary) -> str:
@@ -182,6 +191,7 @@ def format_runs_summary(s: RunsSummary) -> str:
         lines.append(f"  B - A per group ({len(labels)}, mean of its pairs): " + ", ".join(
             f"{g} {x:+.4f} (n={s.groups.count(g)})" for g, x in zip(labels, s.unit_diffs)))
     lines += [f"  mean B - A: {s.mean_diff:+.4f} (sd {s.sd:.4f} over {len(s.unit_diffs)} {s.unit}s; "
-              f"95% t interval {s.ci_low:+.4f} .. {s.ci_high:+.4f}; t-test p = {s.p_t:.4f})",
+              + (f"95% t interval {s.ci_low:+.4f} .. {s.ci_high:+.4f}; t-test p = {s.p_t:.4f})" if s.test == "t" else
+               f"no spread, so no t interval; exact sign test p = {s.p_t:.4f})"),
               f"  B better in {s.b_better}, A better in {s.a_better}, tied in {s.runs - s.b_better - s.a_better} pairs"]
     return "\n".join(lines)

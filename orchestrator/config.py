@@ -253,6 +253,8 @@ class Config:
 
 
 STAGES = ("cma", "refine-rl", "plume")
+EVAL_QUERY_MODES = ("disc", "gen", "oracle", "latent")  # rime eval's too (orchestrator.evaluate)
+EVAL_CAND_MODES = ("disc", "gen", "latent")
 CHOICES = {
     "rollout.backend": ("hf", "vllm"),
     "rollout.weight_sync": ("object_store", "collective"),
@@ -339,6 +341,33 @@ def _check(cfg: Config) -> None:
     for s in cfg.run.stages:
         if s not in STAGES:
             raise ConfigError(f"run.stages: unknown stage {s!r}; available: {STAGES}")
+    if not cfg.run.stages or len(set(cfg.run.stages)) != len(cfg.run.stages):
+        raise ConfigError(f"run.stages: {list(cfg.run.stages)}: list each stage to run once, in order, e.g. [cma, refine-rl]")
+    for key, modes, allowed in (("eval.query_modes", cfg.eval.query_modes, EVAL_QUERY_MODES),
+                                ("eval.cand_modes", cfg.eval.cand_modes, EVAL_CAND_MODES)):
+        bad = [m for m in modes if m not in allowed]
+        if bad or not modes:
+            raise ConfigError(f"{key}: {list(modes)} must be a non-empty list from {allowed}")
+    from rime_data.synth import EXTRA_TASKS, TASKS  # torch-free
+
+    unknown_tasks = [t for t in cfg.data.synth_tasks if t not in TASKS + EXTRA_TASKS]
+    if unknown_tasks or not cfg.data.synth_tasks:
+        raise ConfigError(f"data.synth_tasks: {unknown_tasks or '[]'} not generated tasks; choose from {TASKS + EXTRA_TASKS}")
+    for k, v in {"learners.lr": cfg.learners.lr, "refine_rl.lr": cfg.refine_rl.lr, "plume.lr": cfg.plume.lr}.items():
+        if not v > 0:
+            raise ConfigError(f"{k}: must be > 0, got {v}")
+    for k, v in {"learners.warmup_steps": cfg.learners.warmup_steps, "refine_rl.warmup_steps": cfg.refine_rl.warmup_steps,
+                 "plume.warmup_steps": cfg.plume.warmup_steps, "eval.every_steps": cfg.eval.every_steps,
+                 "eval.max_queries_per_task": cfg.eval.max_queries_per_task,
+                 "reward.cpus_per_actor": cfg.reward.cpus_per_actor, "reward.gpus_per_actor": cfg.reward.gpus_per_actor,
+                 "rollout.cpus_per_worker": cfg.rollout.cpus_per_worker,
+                 "rollout.gpus_per_worker": cfg.rollout.gpus_per_worker}.items():
+        if v < 0:
+            raise ConfigError(f"{k}: must be >= 0, got {v}")
+    for k, v in {"checkpoint.every_steps": cfg.checkpoint.every_steps, "eval.batch_size": cfg.eval.batch_size,
+                 "eval.max_new_tokens": cfg.eval.max_new_tokens, "data.shuffle_buffer": cfg.data.shuffle_buffer}.items():
+        if v < 1:
+            raise ConfigError(f"{k}: must be >= 1, got {v}" + (" (1 = no shuffling)" if k == "data.shuffle_buffer" else ""))
     positive = {
         "learners.num_learners": cfg.learners.num_learners, "learners.micro_batch_size": cfg.learners.micro_batch_size,
         "learners.grad_accum_steps": cfg.learners.grad_accum_steps, "cma.steps": cfg.cma.steps,

@@ -23,8 +23,9 @@ from rime_data.metrics import METRICS, aggregate, query_metrics
 from rime_data.schema import read_table, split_paths, validate_candidate, validate_query
 from rime_model import Embedder, GenerationConfig, InputError
 
-QUERY_MODES = ("disc", "gen", "oracle", "latent")
-CAND_MODES = ("disc", "gen", "latent")
+from .config import EVAL_CAND_MODES, EVAL_QUERY_MODES
+
+QUERY_MODES, CAND_MODES = EVAL_QUERY_MODES, EVAL_CAND_MODES
 
 
 @dataclass
@@ -41,6 +42,9 @@ class EvalResult:
     timings: dict[str, float] = field(default_factory=dict)
     # "qmode->cmode" -> query_id -> that query's metrics: what a paired comparison of two models needs
     per_query: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    # what the query ids refer to: synthetic ids repeat across seeds (referring/test/q0), so `rime compare`
+    # refuses two reports whose query files differ, wherever the files lie
+    queries_sha1: str = ""
 
     def to_dict(self, per_query: bool = False) -> dict:
         """The report; ``per_query`` adds every query's metrics (for ``rime compare``)."""
@@ -48,7 +52,7 @@ class EvalResult:
             "pairs": self.pairs, "n_queries": self.n_queries, "n_candidates": self.n_candidates,
             "skipped": self.skipped, "n_skipped": len(self.skipped),
             "rewrite_tokens_mean": self.rewrite_tokens_mean, "rewrite_stats": self.rewrite_stats,
-            "rewrite_samples": self.rewrite_samples, "timings": self.timings,
+            "rewrite_samples": self.rewrite_samples, "timings": self.timings, "queries_sha1": self.queries_sha1,
             **({"per_query": self.per_query} if per_query else {}),
         }
 
@@ -103,7 +107,15 @@ def load_queries(emb: Embedder, data: str | Path, split: str, tasks: tuple[str, 
                 kept[q["task"]] = kept.get(q["task"], 0) + 1
                 limited.append(q)
         queries = limited
-    return _usable(emb, queries, query_item, "query_id", validate_query, skipped)
+    usable, seen = [], set()
+    for q in _usable(emb, queries, query_item, "query_id", validate_query, skipped):
+        if q["query_id"] in seen:  # per-query reports and `rime compare` key on the id
+            skipped.append({"id": q["query_id"], "error": "query_id: appears twice in the split; give every query a "
+                            "unique id (the first one is scored)"})
+            continue
+        seen.add(q["query_id"])
+        usable.append(q)
+    return usable
 
 
 def embed_rows(emb: Embedder, items: list[dict], mode: str, batch_size: int, gen: GenerationConfig,
@@ -208,24 +220,47 @@ def evaluate(
         token_counts += counts
         timings[f"query_{m}_s"] = round(time.perf_counter() - t, 3)
 
+    ranked = _rankable(queries, cands, cand_index, by_task, skipped)
     pairs, per_query = {}, {}
     for qm in query_modes:
         for cm in cand_modes:
             rows, by_id = [], {}
-            for qi, q in enumerate(queries):
-                idx = [cand_index[c] for c in q["cand_ids"] if c in cand_index] if q.get("cand_ids") else by_task.get(q["task"], [])
-                grades = dict(zip(q["positive_ids"], q.get("positive_grades") or [1.0] * len(q["positive_ids"])))
-                rel = [grades.get(cands[i]["cand_id"], 0.0) for i in idx]
-                if not idx or not any(rel):
-                    skipped.append({"id": q["query_id"], "error": "no usable relevant candidate left to rank"})
-                    continue
+            for qi, idx, rel in ranked:
+                q = queries[qi]
                 rows.append((q["task"], query_metrics(cvecs[cm][idx] @ qvecs[qm][qi], rel)))
                 by_id[q["query_id"]] = {"task": q["task"], **rows[-1][1]}
             pairs[f"{qm}->{cm}"] = aggregate(rows, {t: "image" for t in by_task})
             per_query[f"{qm}->{cm}"] = by_id
     mean_tokens = float(np.mean(token_counts)) if token_counts else None
-    return EvalResult(pairs, len(queries), len(cands), _dedupe(skipped), mean_tokens, rewrite_stats=stats,
-                      rewrite_samples=samples, timings=timings, per_query=per_query)
+    return EvalResult(pairs, len(ranked), len(cands), _dedupe(skipped), mean_tokens, rewrite_stats=stats,
+                      rewrite_samples=samples, timings=timings, per_query=per_query,
+                      queries_sha1=hashlib.sha1(split_paths(data, split)[0].read_bytes()).hexdigest())
+
+
+def _rankable(queries: list[dict], cands: list[dict], cand_index: dict[str, int], by_task: dict[str, list[int]],
+              skipped: list[dict]) -> list[tuple[int, list[int], list[float]]]:
+    """(query index, candidate indices, relevance) of every query that can be ranked as the benchmark
+    defines it. A query whose own candidate list names a candidate that is missing or was unusable is
+    skipped and reported: ranked against fewer negatives it would score higher than it should."""
+    out = []
+    for qi, q in enumerate(queries):
+        if q.get("cand_ids"):
+            missing = [c for c in q["cand_ids"] if c not in cand_index]
+            if missing:
+                skipped.append({"id": q["query_id"], "error": f"cand_ids: {len(missing)} of {len(q['cand_ids'])} candidates "
+                                f"missing from the split or unusable (e.g. {missing[0]!r}); fix or remove them"})
+                continue
+            idx = [cand_index[c] for c in q["cand_ids"]]
+        else:
+            idx = by_task.get(q["task"], [])
+        grades = dict(zip(q["positive_ids"], q.get("positive_grades") or [1.0] * len(q["positive_ids"])))
+        rel = [float(grades.get(cands[i]["cand_id"], 0.0)) for i in idx]
+        if not any(r > 0 for r in rel):
+            skipped.append({"id": q["query_id"], "error": "positive_ids: no relevant candidate among the usable candidates "
+                            "of its task; check the candidates table"})
+            continue
+        out.append((qi, idx, rel))
+    return out
 
 
 def _rewrite_report(queries: list[dict], produced: list, per_task: int = 3) -> tuple[list[dict], dict[str, float]]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from rime_data.pipeline import CleanBatches, PipelineConfig, query_dataset
+from rime_data.pipeline import CleanBatches, PipelineConfig, append_errors, clean_candidates, query_dataset
 from rime_data.schema import read_table, split_paths
 
 
@@ -64,10 +64,14 @@ class PairStream:
                  pipeline: PipelineConfig | None = None, group_by_task: bool = True):
         q_path, c_path = split_paths(data_dir, split)
         self.q_path = q_path
-        self.cands = {c["cand_id"]: c for c in read_table(c_path).to_pylist()}
-        self.target_ids = target_id_map(self.cands)
         self.seed, self.buffer, self.errors_file = seed, max(1, shuffle_buffer), errors_file
         self.pipeline = pipeline or PipelineConfig()
+        good, bad = clean_candidates(read_table(c_path).to_pylist(), self.pipeline)
+        self.cands = {c["cand_id"]: c for c in good}
+        self.bad_candidates = len(bad)  # reported beside the bad query rows; logged once, here
+        if bad and errors_file is not None:
+            append_errors(errors_file, bad, "cand_id")
+        self.target_ids = target_id_map(self.cands)
         self.pos = StreamPosition()
         self._source: CleanBatches | None = None
         self.group_by_task = group_by_task
@@ -88,7 +92,8 @@ class PairStream:
             for q in batch:
                 cand = self.cands.get(q["positive_ids"][0])
                 if cand is None:
-                    source.log_bad([{**q, "_error": f"positive_ids[0]: candidate {q['positive_ids'][0]!r} not in the split's candidates"}])
+                    source.log_bad([{**q, "_error": f"positive_ids[0]: candidate {q['positive_ids'][0]!r} is not among "
+                                                    "the split's usable candidates (a bad one has its own line here)"}])
                     continue
                 buf.append(to_pair(q, cand, self.target_ids[cand["cand_id"]]))
                 if len(buf) >= self.buffer:
@@ -104,8 +109,9 @@ class PairStream:
 
     @property
     def bad_rows(self) -> int:
-        """Bad rows met so far in the current epoch (the same rows recur each epoch; logged once)."""
-        return self._source.n_bad if self._source else 0
+        """Bad candidates plus the bad query rows met so far in the current epoch (the same rows recur
+        each epoch; logged once)."""
+        return self.bad_candidates + (self._source.n_bad if self._source else 0)
 
     def _epoch_batches(self, epoch: int, n: int) -> Iterator[list[dict]]:
         """Batches of ``n`` pairs; with ``group_by_task`` every batch comes from one task, so in-batch

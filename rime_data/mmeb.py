@@ -4,7 +4,9 @@ Accepted columns per row (VLM2Vec / MMEB eval layout):
   qry_inst (optional), qry_text, qry_img_path   the query; an empty path means text-only
   tgt_inst (optional), tgt_text (list), tgt_img_path or tgt_img_paths (list)
                                                 the candidate list, positive FIRST
-  task (optional)                               else the file name's stem
+  task (optional)                               else the file name's stem, or its folder's name
+                                                when the stem only names a split (HF's
+                                                ImageNet-1K/test-00000-of-00001.parquet)
 Image paths are relative to ``image_root``. MMEB's inline image markers (``<|image_1|>``,
 ``<image>``) are stripped from texts: rime places media itself. Identical candidates shared by
 many queries (class labels, a common corpus) are stored once. A row that cannot be used
@@ -42,7 +44,18 @@ def _rows(path: Path) -> Iterator[dict[str, Any]]:
         raise ValueError(f"data: {path} has suffix {path.suffix!r}; MMEB files must be .jsonl or .parquet")
 
 
-def _clean(text: Any) -> str:
+SPLIT_STEM = re.compile(r"^(test|train|val|validation|dev|eval|data)([-_.].*)?$", re.IGNORECASE)
+
+
+def default_task(file: Path) -> str:
+    """The task of a file's rows that name none: its stem, unless the stem only names a split (HF
+    datasets keep one folder per dataset, all holding ``test-*.parquet``), then its folder's name."""
+    return file.parent.name if SPLIT_STEM.match(file.stem) and file.parent.name else file.stem
+
+
+def _clean(text: Any, field: str = "text") -> str:
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"{field}: expected a string, got {type(text).__name__}")
     return IMAGE_MARKERS.sub("", text or "").strip()
 
 
@@ -52,9 +65,11 @@ def _as_list(v: Any) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
-def _image(root: Path, rel: str | None, field: str) -> bytes | None:
+def _image(root: Path, rel: Any, field: str) -> bytes | None:
     if not rel:
         return None
+    if not isinstance(rel, str):
+        raise ValueError(f"{field}: expected a path string, got {type(rel).__name__}")
     p = root / rel
     if not p.is_file():
         raise ValueError(f"{field}: image file not found: {p}")
@@ -67,13 +82,18 @@ def import_mmeb(files: list[str | Path], image_root: str | Path, out: str | Path
     queries: list[dict] = []
     cands: dict[str, dict] = {}
     errors: list[dict] = []
+    seen: dict[str, str] = {}  # query_id -> the file that gave it
     for file in map(Path, files):
         for n, row in enumerate(_rows(file)):
             try:
                 q, row_cands = _convert(row, file, n, root)
+                if q["query_id"] in seen:
+                    raise ValueError(f"query_id: {q['query_id']!r} again (first from {seen[q['query_id']]}); two files "
+                                     "give the same task and name: rename one or set a task column")
             except ValueError as e:
                 errors.append({"file": str(file), "row": n, "error": str(e)})
                 continue
+            seen[q["query_id"]] = str(file)
             queries.append(q)
             for c in row_cands:
                 cands.setdefault(c["cand_id"], c)
@@ -86,9 +106,13 @@ def import_mmeb(files: list[str | Path], image_root: str | Path, out: str | Path
 
 
 def _convert(row: dict, file: Path, n: int, root: Path) -> tuple[dict, list[dict]]:
+    if not isinstance(row, dict):
+        raise ValueError(f"row: expected a JSON object with qry_text, tgt_text, ..., got {type(row).__name__}")
     if "__error__" in row:
         raise ValueError(row["__error__"])
-    task = row.get("task") or file.stem
+    task = row.get("task") or default_task(file)
+    if not isinstance(task, str):
+        raise ValueError(f"task: expected a string, got {type(task).__name__}")
     for col in ("qry_text", "tgt_text"):
         if col not in row:
             raise ValueError(f"{col}: column missing; MMEB rows need qry_text, qry_img_path, tgt_text, tgt_img_path")
@@ -98,22 +122,22 @@ def _convert(row: dict, file: Path, n: int, root: Path) -> tuple[dict, list[dict
         raise ValueError("tgt_text/tgt_img_path: both empty; the positive target must come first")
     k = max(len(texts), len(paths))
     texts, paths = texts + [""] * (k - len(texts)), paths + [""] * (k - len(paths))
-    tgt_inst = _clean(row.get("tgt_inst"))
+    tgt_inst = _clean(row.get("tgt_inst"), "tgt_inst")
     row_cands = []
     for j, (t, p) in enumerate(zip(texts, paths)):
         img = _image(root, p, f"tgt_img_path[{j}]")
-        text = _clean(t)
+        text = _clean(t, f"tgt_text[{j}]")
         if not text and img is None:
             raise ValueError(f"tgt_text[{j}]/tgt_img_path[{j}]: both empty")
         digest = hashlib.sha1(f"{task}\0{tgt_inst}\0{text}\0{p}".encode()).hexdigest()[:16]
         row_cands.append(dict(cand_id=f"{task}/{digest}", task=task, cand_inst=tgt_inst, cand_text=text or None, cand_image=img))
     qry_img = _image(root, row.get("qry_img_path"), "qry_img_path")
-    qry_text = _clean(row.get("qry_text"))
+    qry_text = _clean(row.get("qry_text"), "qry_text")
     if not qry_text and qry_img is None:
         raise ValueError("qry_text/qry_img_path: both empty")
     ids = list(dict.fromkeys(c["cand_id"] for c in row_cands))  # keep order, drop in-row duplicates
     query = dict(
-        query_id=f"{task}/{file.stem}/{n}", task=task, qry_inst=_clean(row.get("qry_inst")), qry_text=qry_text or None,
+        query_id=f"{task}/{file.stem}/{n}", task=task, qry_inst=_clean(row.get("qry_inst"), "qry_inst"), qry_text=qry_text or None,
         qry_image=qry_img, positive_ids=[ids[0]], cand_ids=ids,
     )
     return query, row_cands

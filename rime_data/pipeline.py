@@ -17,10 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .schema import validate_query
+from rime_model.inputs import InputError, open_image
+
+from .schema import validate_candidate, validate_query
 
 ERROR_COL = "_error"
 
@@ -34,12 +37,28 @@ class PipelineConfig:
     task_cpus: float = 0.5
     max_image_side: int = 448  # larger images are downscaled once here, not in every model call
     image_columns: tuple[str, ...] = ("qry_image",)
+    # the model's control tokens (Embedder.reserved_tokens_of): a text holding one would move the position
+    # an embedding is read from, so such a row is bad data, caught here rather than in a learner's step
+    reserved_tokens: tuple[str, ...] = ()
+    text_columns: tuple[str, ...] = ("qry_text", "qry_inst", "rewrite", "reasoning")
+
+
+def reserved_token_error(row: dict[str, Any], columns: tuple[str, ...], reserved: tuple[str, ...]) -> str | None:
+    """Why a row's text holds a control token (column named), or None; list cells are checked per item."""
+    for col in columns:
+        value = row.get(col)
+        texts = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple, np.ndarray)) else []
+        for t in texts:
+            hit = next((tok for tok in reserved if isinstance(t, str) and tok in t), None)
+            if hit:
+                return f"{col}: contains the model's control token {hit!r}; remove it from the data"
+    return None
 
 
 def normalise_image(data: bytes, max_side: int) -> bytes:
-    """Decode (raises on corrupt bytes), convert to RGB, downscale if needed, re-encode as PNG."""
-    img = Image.open(io.BytesIO(data))
-    img.load()
+    """Decode (raises InputError on corrupt bytes or an oversized header), convert to RGB, downscale if
+    needed, re-encode as PNG."""
+    img = open_image(data)
     if img.mode == "RGB" and max(img.size) <= max_side and img.format == "PNG":
         return data
     img = img.convert("RGB")
@@ -55,7 +74,7 @@ def validate_and_normalise(batch: pd.DataFrame, cfg: PipelineConfig) -> pd.DataF
     errors: list[str | None] = []
     images: dict[str, list[Any]] = {c: [] for c in cfg.image_columns if c in batch.columns}
     for row in batch.to_dict("records"):
-        why = validate_query(row)
+        why = validate_query(row) or reserved_token_error(row, cfg.text_columns, cfg.reserved_tokens)
         for col in images:
             data = row.get(col)
             if not isinstance(data, (bytes, bytearray)) or why is not None:
@@ -63,15 +82,45 @@ def validate_and_normalise(batch: pd.DataFrame, cfg: PipelineConfig) -> pd.DataF
                 continue
             try:
                 images[col].append(normalise_image(data, cfg.max_image_side))
-            except (UnidentifiedImageError, OSError, ValueError) as e:
+            except InputError as e:
                 images[col].append(None)
-                why = f"{col}: cannot decode image ({e.__class__.__name__}); re-encode it as PNG/JPEG"
+                why = f"{col}: {str(e).split(': ', 1)[1]}"
         errors.append(why)
     out = batch.copy()
     for col, vals in images.items():
         out[col] = vals
     out[ERROR_COL] = errors
     return out
+
+
+CAND_TEXT_COLUMNS = ("cand_text", "cand_inst", "rewrite")
+
+
+def clean_candidates(rows: list[dict], cfg: PipelineConfig) -> tuple[list[dict], list[dict]]:
+    """(usable candidates with normalised images, bad ones tagged with ``_error``). Training joins
+    candidates to queries by id, so they are read whole and checked here, once, by the same rules as
+    queries: a bad candidate becomes a counted bad row, not a failed learner step."""
+    good, bad = [], []
+    for r in rows:
+        why = validate_candidate(r) or reserved_token_error(r, CAND_TEXT_COLUMNS, cfg.reserved_tokens)
+        if why is None and isinstance(r.get("cand_image"), (bytes, bytearray)):
+            try:
+                r = {**r, "cand_image": normalise_image(r["cand_image"], cfg.max_image_side)}
+            except InputError as e:
+                why = f"cand_image: {str(e).split(': ', 1)[1]}"
+        if why is None:
+            good.append(r)
+        else:
+            bad.append({**r, ERROR_COL: why})
+    return good, bad
+
+
+def append_errors(path: Path, rows: list[dict], id_column: str) -> None:
+    """One JSON line per bad row: its id and the reason."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for r in rows:
+            f.write(json.dumps({"id": r.get(id_column), "error": r[ERROR_COL]}) + "\n")
 
 
 def query_dataset(paths: str | Path | list, cfg: PipelineConfig | None = None):
@@ -126,10 +175,7 @@ class CleanBatches:
         self.n_bad += len(bad)
         self.bad_ids += [str(r.get(self.id_column)) for r in bad]
         if self.errors_file is not None:
-            self.errors_file.parent.mkdir(parents=True, exist_ok=True)
-            with self.errors_file.open("a") as f:
-                for r in bad:
-                    f.write(json.dumps({"id": r.get(self.id_column), "error": r[ERROR_COL]}) + "\n")
+            append_errors(self.errors_file, bad, self.id_column)
 
     def summary(self) -> dict:
         return {"good_rows": self.n_good, "bad_rows": self.n_bad, "errors_file": str(self.errors_file) if self.errors_file else None}

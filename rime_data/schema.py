@@ -9,6 +9,9 @@ decoded only when a model needs them.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -72,7 +75,13 @@ def validate_query(row: dict[str, Any]) -> str | None:
     grades = _seq(row.get("positive_grades"))
     if grades is not None and len(grades) != len(pos):
         return f"positive_grades: {len(grades)} grades for {len(pos)} positive_ids; give one grade per id"
+    if grades is not None and not all(isinstance(g, numbers.Real) and math.isfinite(g) and g > 0 for g in grades):
+        return f"positive_grades: {list(grades)} has a grade that is not a finite number > 0; a positive's grade is its relevance"
+    if len(set(map(str, pos))) != len(pos):
+        return "positive_ids: an id is listed twice; list each relevant candidate once"
     cands = _seq(row.get("cand_ids"))
+    if cands is not None and len(set(map(str, cands))) != len(cands):
+        return "cand_ids: an id is listed twice; a duplicate would be ranked as two candidates"
     if cands is not None and not set(pos) <= set(cands):
         return "cand_ids: does not contain every positive id; add the positives to the candidate list"
     return None

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.compare import CompareError, compare_reports, mcnemar_exact, summarize_runs
+from orchestrator.compare import CompareError, compare_reports, format_runs_summary, mcnemar_exact, summarize_runs
 
 
 def _report(hits: dict[str, float], pair: str = "latent->latent") -> dict:
@@ -70,8 +70,13 @@ def test_across_seeds_summary_treats_the_run_as_the_unit(tmp_path, capsys):
     assert s.p_t == pytest.approx(0.1217, abs=5e-4) and (s.b_better, s.a_better) == (3, 0)
     # each seed alone is a clear McNemar win, yet three seeds do not exclude 0: the interval straddles it
     assert comps[0].p_mcnemar < 0.07 and s.ci_low < 0 < s.ci_high
-    flat = summarize_runs([comps[1], comps[1]])  # no spread: the interval is the point
-    assert flat.ci_low == flat.ci_high == pytest.approx(0.05) and flat.p_t == 0.0
+    flat = summarize_runs([comps[1], comps[1]])  # no spread: no t statistic; two equal wins are a sign test's p 0.5
+    assert flat.ci_low == flat.ci_high == pytest.approx(0.05) and flat.test == "sign" and flat.p_t == pytest.approx(0.5)
+    assert "no spread, so no t interval; exact sign test p = 0.5000" in format_runs_summary(flat)
+    assert summarize_runs([comps[1]] * 5).p_t == pytest.approx(2 / 2 ** 5)
+    with pytest.raises(CompareError, match="different query files"):
+        compare_reports({**_report(pairs[0][0]), "queries_sha1": "aa"}, {**_report(pairs[0][1]), "queries_sha1": "bb"})
+    assert compare_reports({**_report(pairs[0][0]), "queries_sha1": "aa"}, {**_report(pairs[0][1]), "queries_sha1": "aa"}).n == 20
     with pytest.raises(CompareError, match="at least 2 pairs"):
         summarize_runs(comps[:1])
     with pytest.raises(CompareError, match="different mode pairs or metrics"):

@@ -117,3 +117,70 @@ def test_evaluate_counts_bad_rows_and_oracle_mode(tiny, tmp_path):
         evaluate(tiny, tmp_path, query_modes=("nope",))
     with pytest.raises(FileNotFoundError, match="splits present"):
         evaluate(tiny, tmp_path, split="train")
+
+
+def test_evaluate_skips_queries_it_cannot_rank_as_defined(tiny, tmp_path):
+    """A query whose own candidate list names a missing candidate would be ranked against fewer negatives
+    (an inflated Hit@1), and a repeated query id would overwrite a per-query row: both are skipped and
+    reported once, and n_queries counts only what was scored."""
+    from rime_data.schema import CANDIDATE_SCHEMA, QUERY_SCHEMA, write_table
+    from rime_data.synth import synth_split
+    from orchestrator.evaluate import evaluate
+
+    d = synth_split("test", 4, seed=0, tasks=("referring",))
+    task_cands = [c["cand_id"] for c in d.candidates if c["task"] == "referring"]
+    short = d.queries[0]
+    short["cand_ids"] = [short["positive_ids"][0], "referring/no-such-candidate"] + [
+        c for c in task_cands if c != short["positive_ids"][0]][:2]
+    d.queries.append(dict(d.queries[1]))  # same query_id twice
+    write_table(d.queries, QUERY_SCHEMA, tmp_path / "test" / "queries.parquet")
+    write_table(d.candidates, CANDIDATE_SCHEMA, tmp_path / "test" / "candidates.parquet")
+    res = evaluate(tiny, tmp_path, query_modes=("disc",), cand_modes=("disc",))
+    why = {s["id"]: s["error"] for s in res.skipped}
+    assert len(res.skipped) == 2 and res.n_queries == 3
+    assert why[short["query_id"]].startswith("cand_ids: 1 of 4 candidates missing from the split or unusable")
+    assert why[d.queries[1]["query_id"]].startswith("query_id: appears twice in the split")
+    assert set(res.per_query["disc->disc"]) == {q["query_id"] for q in d.queries[1:4]}
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"positive_grades": [-1.0]}, "positive_grades: [-1.0] has a grade that is not a finite number > 0"),
+    ({"positive_grades": [float("nan")]}, "not a finite number > 0"),
+    ({"positive_ids": ["a", "a"], "positive_grades": None}, "positive_ids: an id is listed twice"),
+    ({"cand_ids": ["a", "b", "b"]}, "cand_ids: an id is listed twice"),
+])
+def test_validate_query_refuses_grades_and_ids_that_would_break_metrics(change, words):
+    import numpy as np
+
+    from rime_data.schema import validate_query
+
+    row = {"query_id": "q", "task": "t", "qry_text": "x", "positive_ids": ["a"], "positive_grades": [1.0],
+           "cand_ids": ["a", "b"], **change}
+    assert words in validate_query(row)
+    ok = {"query_id": "q", "task": "t", "qry_text": "x", "positive_ids": np.array(["a"]),
+          "positive_grades": np.array([0.5], dtype=np.float32), "cand_ids": None}
+    assert validate_query(ok) is None  # numpy cells, as Ray Data batches give them
+
+
+def test_import_mmeb_malformed_rows_and_per_dataset_folders(tmp_path):
+    """HF's MMEB layout (one folder per dataset, all files test-*.parquet/jsonl) gives one task per folder,
+    and a row of the wrong shape or types is an error line, never a failed import."""
+    for name in ("CatsCls", "DogsCls"):
+        (tmp_path / name).mkdir()
+        rows = [{"qry_text": f"a {name} query", "qry_img_path": "", "tgt_text": ["yes", "no"]}, ["not", "a", "row"],
+                {"qry_text": "x", "tgt_text": [5, "cat"]}, {"qry_text": "x", "qry_img_path": ["p.png"], "tgt_text": ["a"]}]
+        (tmp_path / name / "test-00000-of-00001.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "CatsCls.jsonl").write_text(json.dumps(
+        {"task": "CatsCls", "qry_text": "q", "tgt_text": ["a"]}) + "\n")
+    (tmp_path / "CatsCls.jsonl").write_text(json.dumps({"qry_text": "q2", "tgt_text": ["b"]}) + "\n")
+    summary = import_mmeb([tmp_path / "CatsCls" / "test-00000-of-00001.jsonl", tmp_path / "DogsCls" / "test-00000-of-00001.jsonl",
+                           tmp_path / "CatsCls.jsonl", tmp_path / "again" / "CatsCls.jsonl"], tmp_path, tmp_path / "out")
+    q = pq.read_table(tmp_path / "out" / "test" / "queries.parquet").to_pylist()
+    assert summary["queries"] == 3 and summary["errors"] == 7
+    assert sorted(r["task"] for r in q) == ["CatsCls", "CatsCls", "DogsCls"]
+    errors = [json.loads(l)["error"] for l in open(summary["errors_file"])]
+    assert sum("row: expected a JSON object" in e for e in errors) == 2
+    assert sum("tgt_text[0]: expected a string, got int" in e for e in errors) == 2
+    assert sum("qry_img_path: expected a path string, got list" in e for e in errors) == 2
+    assert sum("query_id: 'CatsCls/CatsCls/0' again" in e for e in errors) == 1

@@ -34,3 +34,39 @@ def test_resume_position_across_epoch_boundary(ray_local, tmp_path):
     resumed.close()
     assert _ids(part + rest) == _ids(ref)
     assert resumed.pos.epoch == 1 and straight.dropped_pairs == 0
+
+
+def test_bad_candidates_and_control_tokens_are_counted_bad_rows_not_failed_steps(ray_local, tmp_path):
+    """A corrupt candidate image, a candidate text or a query rewrite holding a model control token would
+    fail a learner step mid-run; the stream counts them as bad rows, logs why, and trains on the rest."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from rime_data.pipeline import PipelineConfig
+
+    write_synth(tmp_path / "d", {"train": 4}, seed=0)  # 24 queries, 6 tasks x 4, one positive each
+    q_path, c_path = tmp_path / "d/train/queries.parquet", tmp_path / "d/train/candidates.parquet"
+    queries, cands = pq.read_table(q_path).to_pylist(), pq.read_table(c_path).to_pylist()
+    by_id = {c["cand_id"]: c for c in cands}
+    broken_image = next(c for c in cands if c["cand_image"])
+    broken_image["cand_image"] = b"\x89PNG not really"
+    token_text = next(c for c in cands if c["cand_text"] and c is not broken_image)
+    token_text["cand_text"] += " <gen_emb>"
+    token_rewrite = next(q for q in queries if by_id[q["positive_ids"][0]] not in (broken_image, token_text))
+    token_rewrite["rewrite"] = "a rewrite <|im_end|> with a control token"
+    pq.write_table(pq.read_table(c_path).from_pylist(cands, schema=pq.read_schema(c_path)), c_path)
+    pq.write_table(pq.read_table(q_path).from_pylist(queries, schema=pq.read_schema(q_path)), q_path)
+    lost = {q["query_id"] for q in queries if q["positive_ids"][0] in (broken_image["cand_id"], token_text["cand_id"])}
+
+    stream = PairStream(tmp_path / "d", "train", seed=0, shuffle_buffer=4, errors_file=tmp_path / "err.jsonl",
+                        pipeline=PipelineConfig(reserved_tokens=("<gen_emb>", "<|im_end|>")), group_by_task=False)
+    seen = [p["query_id"] for _ in range(24 - len(lost) - 1) for p in stream.next_batch(1)]
+    stream.close()
+    assert set(seen) == {q["query_id"] for q in queries} - lost - {token_rewrite["query_id"]}
+    assert stream.bad_rows == 2 + len(lost) + 1
+    errors = {e["id"]: e["error"] for e in map(json.loads, (tmp_path / "err.jsonl").read_text().splitlines())}
+    assert "cand_image: cannot decode image bytes" in errors[broken_image["cand_id"]]
+    assert "cand_text: contains the model's control token '<gen_emb>'" in errors[token_text["cand_id"]]
+    assert "rewrite: contains the model's control token '<|im_end|>'" in errors[token_rewrite["query_id"]]
+    assert all("not among the split's usable candidates" in errors[q] for q in lost)
