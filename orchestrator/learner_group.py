@@ -20,8 +20,24 @@ def learner_request(cfg: Config) -> RoleRequest:
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))  # every interface: other nodes connect to it
         return s.getsockname()[1]
+
+
+def rendezvous(pg) -> tuple[str, int]:
+    """(IP, free port) on the node of the placement group's bundle 0, where rank 0 will run and host
+    torch.distributed's store. The driver's own address is wrong on a multi-node cluster (PACK may
+    put rank 0 elsewhere; a Ray Client driver is not even in the cluster): the other ranks would wait
+    out the process-group timeout. Found by a zero-CPU task in that bundle, as verl and OpenRLHF ask
+    their rank-0 actor."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def probe() -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), free_port()
+
+    return ray.get(probe.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)).remote())
 
 
 class LearnerGroup:
@@ -37,8 +53,8 @@ class LearnerGroup:
         self.size = lc.num_learners
         self.pg = reserve([learner_request(cfg)], cfg.cluster.placement_timeout_s, reserve_cpus=reserve_cpus)
         remote = ray.remote(Learner)
-        port = free_port()
-        addr = "127.0.0.1" if not cfg.cluster.address else ray.util.get_node_ip_address()
+        node_ip, port = rendezvous(self.pg)
+        addr = "127.0.0.1" if not cfg.cluster.address else node_ip
         self.actors = [
             remote.options(
                 num_cpus=lc.cpus_per_learner, num_gpus=lc.gpus_per_learner,

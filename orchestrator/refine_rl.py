@@ -41,7 +41,8 @@ def stage_config(cfg: Config) -> dict:
     """What the learners need for the refine-rl loss."""
     rl = cfg.refine_rl
     return {"policy": {"policy_loss": rl.policy_loss, "clip_ratio_low": rl.clip_ratio_low, "clip_ratio_high": rl.clip_ratio_high,
-                       "loss_agg_mode": rl.loss_agg_mode, "kl_coef": rl.kl_coef, "kl_type": rl.kl_type},
+                       "loss_agg_mode": rl.loss_agg_mode, "kl_coef": rl.kl_coef, "kl_type": rl.kl_type,
+                       "loss_scale_factor": cfg.rollout.max_new_tokens + 2},  # + the forced </rewrite><gen_emb>
             "lambda_nce": rl.lambda_nce, "nce_temperature": rl.nce_temperature}
 
 

@@ -64,12 +64,13 @@ class RLActors:
             for i in range(ro.num_workers)
         ]
         reward_cfg = {k: getattr(rw, k) for k in ("top_k", "neg_temperature", "format_weight", "length_weight", "length_target")}
+        threads = max(1, int(rw.cpus_per_actor))  # the CPUs Ray reserved for the actor; a fraction gets one thread
         self.reward = [
             ray.remote(AnchorRewardService).options(
                 num_cpus=rw.cpus_per_actor, num_gpus=rw.gpus_per_actor, scheduling_strategy=strategy(ro.num_workers + i),
                 max_restarts=rw.max_restarts, max_task_retries=rw.max_restarts,
-                runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
-            ).remote(model_path, data_dir, cfg.data.train_split, reward_cfg, rw.query_encoder)
+                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}},
+            ).remote(model_path, data_dir, cfg.data.train_split, reward_cfg, rw.query_encoder, torch_threads=threads)
             for i in range(rw.num_actors)
         ]
         ray.get([a.info.remote() for a in self.rollout] + [a.cache_info.remote() for a in self.reward])

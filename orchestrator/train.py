@@ -17,6 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from rime_data.pipeline import PipelineConfig
+
 from .config import Config, dump_config
 from .pairs import PairStream, StreamPosition
 from .tracking import run_dir_uri, tracking_uri_or_none
@@ -90,6 +92,33 @@ def resolve_model(cfg: Config) -> str:
     if not (base / "rime_embedder.json").is_file():
         load_embedder(spec).save(base)
     return str(base)
+
+
+def check_rl_objective(cfg: Config) -> None:
+    """Run the configured verl estimator and policy loss on hand-made inputs (verl is too slow to import
+    in config validation): a name verl lists but rime cannot feed fails here with its key, not after
+    every rollout and reward actor has started and the first batch is scored."""
+    import torch
+
+    from rewards.advantages import check_estimator
+    from rime_model.policy_loss import PolicyLossConfig, policy_loss
+
+    from .config import ConfigError
+
+    rl = cfg.refine_rl
+    try:
+        check_estimator(rl.estimator)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    lp = torch.zeros(2, 3)
+    try:
+        policy_loss(lp, lp, lp, torch.tensor([1.0, -1.0]), torch.ones(2, 3),
+                    PolicyLossConfig(policy_loss=rl.policy_loss, loss_agg_mode=rl.loss_agg_mode, kl_type=rl.kl_type,
+                                     kl_coef=rl.kl_coef, loss_scale_factor=cfg.rollout.max_new_tokens + 2))
+    except Exception as e:  # noqa: BLE001 - verl raises ValueError/NotImplementedError/TypeError by name
+        raise ConfigError(f"refine_rl.policy_loss/kl_type: {rl.policy_loss!r} with kl_type {rl.kl_type!r} fails in verl "
+                          f"({type(e).__name__}: {str(e)[:160]}); vanilla, gspo, clip_cov, kl_cov, gpg are verl's "
+                          "common policy losses, low_var_kl, kl, abs, mse its KL estimators") from None
 
 
 class Trainer:
@@ -195,6 +224,8 @@ class Trainer:
         from .learner_group import LearnerGroup
 
         cfg = self.cfg
+        if "refine-rl" in cfg.run.stages:
+            check_rl_objective(cfg)  # seconds, before data, model or actors
         self.data_dir = ensure_data(cfg)
         self.model_path = resolve_model(cfg)
         self._start_ray()
@@ -294,8 +325,11 @@ class Trainer:
               f"{self.state['stage_step']}), data position {client['position']}")
 
     def _stream(self, by_task: bool) -> PairStream:
+        from rime_model import Embedder
+
+        pipeline = PipelineConfig(reserved_tokens=Embedder.reserved_tokens_of(self.model_path))
         stream = PairStream(self.data_dir, self.cfg.data.train_split, self.cfg.run.seed, self.cfg.data.shuffle_buffer,
-                            self.run_dir / "data_errors.jsonl", group_by_task=by_task)
+                            self.run_dir / "data_errors.jsonl", pipeline=pipeline, group_by_task=by_task)
         stream.pos = StreamPosition(**self.state["position"])
         return stream
 

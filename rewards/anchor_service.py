@@ -26,6 +26,7 @@ class AnchorRewardService:
 
     def __init__(self, model_path: str, data_dir: str, split: str, reward_cfg: dict, query_encoder: str = "frozen",
                  torch_threads: int = 1, batch_size: int = 32):
+        from rime_data.pipeline import PipelineConfig, clean_candidates
         from rime_data.schema import read_table, split_paths
         from rime_model import Embedder
 
@@ -39,14 +40,17 @@ class AnchorRewardService:
         for e in {id(self.anchor_emb): self.anchor_emb, id(self.query_emb): self.query_emb}.values():
             e.model.requires_grad_(False)
         _, c_path = split_paths(data_dir, split)
-        self.cands = {c["cand_id"]: c for c in read_table(c_path).to_pylist()}
+        # the training stream's own candidate checks (PairStream counts and logs the bad ones): a corrupt
+        # candidate must not fail an anchor batch here; queries whose positive it was never arrive
+        good, _ = clean_candidates(read_table(c_path).to_pylist(), PipelineConfig(reserved_tokens=self.anchor_emb.reserved))
+        self.cands = {c["cand_id"]: c for c in good}
         self.by_task: dict[str, list[str]] = {}
         for cid, c in self.cands.items():
             self.by_task.setdefault(c["task"], []).append(cid)
         self.cache: dict[str, torch.Tensor] = {}
         self.batch_size = batch_size
         self.version = 0
-        self.stats = {"anchor_hits": 0, "anchor_misses": 0, "anchor_s": 0.0}
+        self.stats = {"anchor_hits": 0, "anchor_misses": 0, "anchor_s": 0.0, "own_list_without_negatives": 0}
 
     # ------------------------------------------------------------------ anchors
     def _anchors(self, cand_ids: list[str]) -> torch.Tensor:
@@ -66,9 +70,15 @@ class AnchorRewardService:
         return torch.stack([self.cache[c] for c in cand_ids])
 
     def pool(self, request: dict) -> tuple[list[str], str]:
-        """The query's ranking pool (its own list, else the task corpus) and its positive."""
+        """The query's ranking pool and its positive: its own candidate list, else (or when that list holds
+        no negative: the acc@k gate and the hard-negative term would vanish) the task corpus."""
         pos = request["positive_ids"][0]
-        pool = [c for c in (request.get("cand_ids") or self.by_task.get(request["task"], [])) if c in self.cands]
+        positives = set(request["positive_ids"])
+        pool = [c for c in (request.get("cand_ids") or []) if c in self.cands]
+        if not set(pool) - positives:
+            if request.get("cand_ids"):
+                self.stats["own_list_without_negatives"] += 1
+            pool = [c for c in self.by_task.get(request["task"], []) if c in self.cands]
         if pos not in self.cands:
             raise KeyError(f"positive_ids[0]: candidate {pos!r} of query {request.get('query_id')!r} is not in the split")
         if pos not in pool:
@@ -104,6 +114,8 @@ class AnchorRewardService:
             neg = anchors[[k for k, c in enumerate(pool) if c not in positives]]
             terms = total_reward(g_all[rows], pos_vec, neg, torch.tensor(r["well_formed"]),
                                  torch.tensor([len(c) for c in r["completions"]]), self.cfg)
+            # logged as reward/no_negatives_mean: the share of rewrites scored without any negative (acc ≡ 1)
+            terms["no_negatives"] = torch.full((len(rows),), float(neg.shape[0] == 0))
             results.append({"terms": {k: v.tolist() for k, v in terms.items()}, "anchor": pos_vec.tolist()})
         return {"results": results, "time_s": time.perf_counter() - t}
 

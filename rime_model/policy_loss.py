@@ -21,6 +21,10 @@ class PolicyLossConfig:
     loss_agg_mode: str = "token-mean"
     kl_coef: float = 0.04
     kl_type: str = "low_var_kl"
+    # seq-mean-token-sum-norm (Dr.GRPO) divides by a CONSTANT horizon; verl falls back to the micro-batch's
+    # longest response, which weights a sample by its neighbours' lengths. The stage sets the rewrite
+    # budget (rollout.max_new_tokens + the forced end markers).
+    loss_scale_factor: int | None = None
 
 
 def _verl_actor_config(cfg: PolicyLossConfig):
@@ -28,7 +32,8 @@ def _verl_actor_config(cfg: PolicyLossConfig):
 
     return ActorConfig(strategy="fsdp", clip_ratio=cfg.clip_ratio_low, clip_ratio_low=cfg.clip_ratio_low,
                        clip_ratio_high=cfg.clip_ratio_high, loss_agg_mode=cfg.loss_agg_mode, ppo_mini_batch_size=1,
-                       ppo_micro_batch_size_per_gpu=1, rollout_n=1)
+                       ppo_micro_batch_size_per_gpu=1, rollout_n=1, loss_scale_factor=cfg.loss_scale_factor,
+                       global_batch_info={"loss_scale_factor": cfg.loss_scale_factor})
 
 
 def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, ref_log_prob: torch.Tensor | None,
@@ -43,7 +48,8 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, ref_log_prob
     metrics = {k: float(v) for k, v in metrics.items()}
     loss = pg
     if ref_log_prob is not None and cfg.kl_coef > 0:
-        kl = agg_loss(kl_penalty(log_prob, ref_log_prob, cfg.kl_type), response_mask, cfg.loss_agg_mode)
+        kl = agg_loss(kl_penalty(log_prob, ref_log_prob, cfg.kl_type), response_mask, cfg.loss_agg_mode,
+                      loss_scale_factor=cfg.loss_scale_factor)
         loss = loss + cfg.kl_coef * kl
         metrics["actor/kl"] = float(kl)
     metrics["actor/pg_loss"] = float(pg)

@@ -72,3 +72,22 @@ def test_impossible_placement_fails_fast():
     with pytest.raises(PlacementError, match=r"need 2 GPU"):
         check_fits([RoleRequest("learner", 2, 0.5, 1.0)], {"CPU": 2.0})
     check_fits([RoleRequest("learner", 2, 0.5)], {"CPU": 2.0}, reserve_cpus=0.5)
+
+
+def test_rendezvous_comes_from_rank_zeros_bundle(ray_local):
+    """torch.distributed's store address is rank 0's node (bundle 0), not the driver's: on a multi-node
+    cluster the driver's IP would leave the other ranks waiting out the process-group timeout."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from orchestrator.learner_group import rendezvous
+
+    pg = placement_group([{"CPU": 0.01}])
+    ray.get(pg.ready(), timeout=60)
+    try:
+        ip, port = rendezvous(pg)
+        node = placement_group_table(pg)["bundles_to_node_id"][0]
+        assert ip == next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node)
+        assert 1024 < port < 65536
+    finally:
+        remove_placement_group(pg)

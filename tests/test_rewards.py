@@ -78,3 +78,67 @@ def test_policy_loss_clips_asymmetrically_and_adds_kl():
     assert m["actor/pg_clipfrac"] == pytest.approx(0.5)
     with_kl, m2 = policy_loss(lp, old, old, adv, mask, PolicyLossConfig(kl_coef=0.04))
     assert m2["actor/kl"] > 0 and with_kl.item() == pytest.approx(loss.item() + 0.04 * m2["actor/kl"], rel=1e-5)
+
+
+def test_estimators_that_read_verls_algo_config_run_and_the_rest_fail_before_actors():
+    """reinforce_plus_plus and grpo_passk read verl's AlgoConfig (gamma, std norm), which rime supplies; a
+    name verl lists but rime cannot feed (gae needs values) fails in the pre-flight check with its key."""
+    from orchestrator.config import ConfigError, load_config
+    from orchestrator.train import check_rl_objective
+
+    r, groups = torch.tensor([1.0, 0.0, 0.5, 0.2]), [0, 0, 1, 1]
+    rpp = group_advantages(r, groups, [2, 3, 1, 2], "reinforce_plus_plus")
+    assert rpp[0] > 0 > rpp[1] and rpp[2] > rpp[3]  # batch-whitened returns keep each group's order
+    passk = group_advantages(r, groups, [2, 3, 1, 2], "grpo_passk")
+    assert passk[1].item() == 0.0 and passk[0] > 0  # only the best of a group gets credit
+    check_rl_objective(load_config("configs/tiny-cpu.yaml", ["refine_rl.estimator=reinforce_plus_plus"]))
+    with pytest.raises(ConfigError, match="refine_rl.estimator: 'gae' cannot run on rime's one-reward-per-rewrite"):
+        check_rl_objective(load_config("configs/tiny-cpu.yaml", ["refine_rl.estimator=gae"]))
+    with pytest.raises(ConfigError, match="refine_rl.policy_loss/kl_type: 'nope'"):
+        check_rl_objective(load_config("configs/tiny-cpu.yaml", ["refine_rl.policy_loss=nope"]))
+
+
+def test_dr_grpo_normalises_by_a_constant_horizon_not_the_micro_batchs_longest_rewrite():
+    """seq-mean-token-sum-norm: a sample's gradient must not depend on how long its neighbours are."""
+    from rime_model.policy_loss import PolicyLossConfig, policy_loss
+
+    def grad(width: int, factor: int | None) -> float:
+        lp = torch.zeros(2, width, requires_grad=True)
+        mask = torch.zeros(2, width)
+        mask[0, :2] = 1.0
+        mask[1, :width] = 1.0  # the neighbour sets the span
+        cfg = PolicyLossConfig(loss_agg_mode="seq-mean-token-sum-norm", kl_coef=0.0, loss_scale_factor=factor)
+        loss, _ = policy_loss(lp, torch.zeros(2, width), None, torch.tensor([1.0, 1.0]), mask, cfg)
+        loss.backward()
+        return lp.grad[0, 0].item()
+
+    assert grad(4, 34) == pytest.approx(grad(16, 34)) == pytest.approx(-1 / 2 / 34)
+    assert grad(4, None) != pytest.approx(grad(16, None))  # verl's fallback, which the stage no longer uses
+
+
+def test_reward_pool_keeps_negatives_when_a_querys_own_list_has_none(tiny, tmp_path):
+    """A query whose own candidate list holds only its positive would be scored with no negative
+    (acc ≡ 1, no hard-negative term): the service ranks it against its task corpus instead, counts
+    it, and reports the share of rewrites scored without negatives; a corrupt candidate is left out."""
+    import pyarrow.parquet as pq
+
+    from rewards.anchor_service import AnchorRewardService
+    from rime_data.synth import write_synth
+
+    write_synth(tmp_path / "d", {"train": 4}, seed=0, tasks=("referring", "vqa"))
+    c_path = tmp_path / "d/train/candidates.parquet"
+    cands = pq.read_table(c_path).to_pylist()
+    bad = next(c for c in cands if c["task"] == "referring" and c["cand_image"])
+    bad["cand_image"] = b"broken"
+    pq.write_table(pq.read_table(c_path).from_pylist(cands, schema=pq.read_schema(c_path)), c_path)
+    svc = AnchorRewardService(str(tiny.save(tmp_path / "m")), str(tmp_path / "d"), "train",
+                              {"top_k": 1, "neg_temperature": 0.05, "format_weight": 0.1, "length_weight": 0.0, "length_target": 24})
+    q = next(r for r in pq.read_table(tmp_path / "d/train/queries.parquet").to_pylist()
+             if r["task"] == "referring" and r["positive_ids"][0] != bad["cand_id"])
+    pos = q["positive_ids"][0]
+    corpus = {c["cand_id"] for c in cands if c["task"] == "referring"} - {bad["cand_id"]}
+    pool, p = svc.pool({**q, "cand_ids": [pos]})
+    assert p == pos and set(pool) == corpus and svc.cache_info()["own_list_without_negatives"] == 1
+    item = {"text": q["qry_text"], "image": q["qry_image"], "instruction": q["qry_inst"] or None}
+    out = svc.score([{**q, "query": item, "cand_ids": [pos], "completions": [[1, 2, 3]], "well_formed": [False]}])
+    assert out["results"][0]["terms"]["no_negatives"] == [0.0]
