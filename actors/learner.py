@@ -18,7 +18,7 @@ import torch
 
 from rime_model import Embedder
 from rime_model.curriculum import Phase, continuation_text, split_segments
-from rime_model.latent import AdapterConfig, balance_loss, latent_pass
+from rime_model.latent import ADAPTER_ATTR, AdapterConfig, adapter_differences, balance_loss, latent_pass
 from rime_model.losses import cma_loss, completion_ce, info_nce, plume_loss
 from rime_model.policy_loss import PolicyLossConfig, policy_loss
 
@@ -75,9 +75,17 @@ class Learner:
         self.rank, self.world_size, self.lc, self.stage_cfg = rank, world_size, learner_cfg, stage_cfg
         self.sync_group = None  # rank 0 under collective weight sync: the BroadcastGroup it sends in
         self.emb = Embedder.load(model_path)
-        if latent_adapter is not None and self.emb.latent_adapter is None:
+        if latent_adapter is not None:
             # Before deepspeed.initialize, so ZeRO partitions, trains and checkpoints it with the rest.
-            self.emb.attach_latent_adapter(AdapterConfig(hidden_size=self.emb.dim, **latent_adapter), seed=seed)
+            want = AdapterConfig(hidden_size=self.emb.dim, **latent_adapter)
+            have = self.emb.latent_adapter
+            if have is not None and adapter_differences(have.cfg.to_dict(), want.to_dict()):
+                delattr(self.emb.model, ADAPTER_ATTR)  # the configured adapter (e.g. an ablation) replaces it
+                have = None  # (the driver said so: orchestrator.train.announce_adapter)
+            if have is None:
+                self.emb.attach_latent_adapter(want, seed=seed)
+            else:
+                have.cfg = want  # at most K's default differs
         if freeze_vision:
             for name, p in self.emb.model.named_parameters():
                 if "visual" in name or "vision_tower" in name:

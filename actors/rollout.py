@@ -59,7 +59,13 @@ def tied_keys(model: torch.nn.Module) -> set[str]:
 
 
 def load_exported(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load a learner export (tied tensors sent once); anything else missing or extra is an error."""
+    """Load a learner export (tied tensors sent once); anything else missing or extra is an error.
+    PLUME's transition adapter rides along in a learner's export once a run includes the plume stage;
+    a model without one (a rollout worker: rollouts never run latent mode) leaves it out, as vLLM does."""
+    from rime_model.latent import ADAPTER_ATTR, is_adapter_key
+
+    if not hasattr(model, ADAPTER_ATTR):
+        state_dict = {k: v for k, v in state_dict.items() if not is_adapter_key(k)}
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     bad = sorted(set(missing) - tied_keys(model)) + sorted(unexpected)
     if bad:
@@ -94,10 +100,10 @@ class VllmBackendAdapter:
     """``actors.rollout_vllm.VllmRolloutBackend`` behind the HF backend's (items, n, sampling) call, with
     rime's prompts, tokens and rewrite parsing read from the saved folder (no second HF model)."""
 
-    def __init__(self, model_path: str, seed: int = 0):
+    def __init__(self, model_path: str, seed: int = 0, engine: dict | None = None):
         from .rollout_vllm import VllmRolloutBackend
 
-        self.backend = VllmRolloutBackend(model_path, seed=seed)
+        self.backend = VllmRolloutBackend(model_path, seed=seed, **(engine or {}))
         self.tokenizer = self.backend.tokenizer
         tok, ids = self.backend.tokens, self.tokenizer.convert_tokens_to_ids
         self.rewrite_end_id, self.gen_emb_id = ids(tok.rewrite_end), ids(tok.gen_emb)
@@ -130,7 +136,8 @@ class VllmBackendAdapter:
 class RolloutWorker:
     """A Ray actor (created by ``orchestrator.rollout_group``) sampling rewrites for query batches."""
 
-    def __init__(self, model_path: str, backend: str = "hf", torch_threads: int = 1, batch_size: int = 16):
+    def __init__(self, model_path: str, backend: str = "hf", torch_threads: int = 1, batch_size: int = 16,
+                 vllm_engine: dict | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"rollout.backend: {backend!r} is not one of {BACKENDS}")
         torch.set_num_threads(torch_threads)
@@ -139,7 +146,7 @@ class RolloutWorker:
             self.backend = HfRolloutBackend(model_path, batch_size)
             self.emb = self.backend.emb  # prepare / parse_rewrite / parameters
         else:
-            self.backend = VllmBackendAdapter(model_path)
+            self.backend = VllmBackendAdapter(model_path, engine=vllm_engine)  # rl_actors.vllm_engine_options
             self.emb = self.backend
         self.version = 0
         self.load_log: list[dict] = []

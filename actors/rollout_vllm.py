@@ -162,7 +162,8 @@ def _register_model() -> str:
 class VllmRolloutBackend:
     """A vLLM engine over a saved rime embedder: batched n-sample rollouts + in-place weight sync."""
 
-    def __init__(self, model_path: str, seed: int = 0, max_model_len: int = 1024, dtype: str = "float32"):
+    def __init__(self, model_path: str, seed: int = 0, max_model_len: int = 1024, dtype: str = "float32",
+                 enforce_eager: bool = True, gpu_memory_utilization: float | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype: {dtype!r} is not one of {DTYPES}")
         path = Path(model_path)
@@ -193,7 +194,8 @@ class VllmRolloutBackend:
             dtype=dtype,
             seed=seed,
             max_model_len=max_model_len,
-            enforce_eager=True,
+            enforce_eager=enforce_eager,
+            **({"gpu_memory_utilization": gpu_memory_utilization} if gpu_memory_utilization else {}),
             logprobs_mode="raw_logprobs",
             max_logprobs=1,
             generation_config="vllm",  # sampling settings come only from generate()'s arguments

@@ -57,6 +57,10 @@ class ClusterConfig:
     address: str = ""  # "" = start a local Ray in-process; "auto" or ray://… to join one
     num_cpus: int = 0  # local Ray only; 0 = all cores
     placement_timeout_s: float = 60.0
+    # true on a cluster whose autoscaler adds nodes (ray_cluster.yaml, KubeRay with autoscaling): the
+    # check of the roles against the resources present now is skipped, and the placement group's pending
+    # demand makes the autoscaler scale up within placement_timeout_s
+    autoscaling: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,16 @@ class RolloutConfig:
     """Rollout workers (Refine-RL): who samples the G rewrites per query, and how."""
 
     backend: str = "hf"  # hf | vllm (vllm: GPU clusters; on CPU needs `bash scripts/setup_vllm.sh`)
+    # vllm: the Python of a venv with vLLM and this ray on every rollout node ("" = this checkout's
+    # .venv-vllm, which scripts/setup_vllm.sh makes; the GPU profiles name /opt/rime-vllm/bin/python,
+    # which ray_cluster.yaml and clusters/Dockerfile build). Checked on a rollout node before any actor.
+    vllm_python: str = ""
+    vllm_max_model_len: int = 1024  # prompt + rewrite tokens per sequence (training images are <= 448 px)
+    vllm_dtype: str = ""  # "" = the learners' precision (bf16 -> bfloat16); float32 | bfloat16 | float16
+    # share of the GPU's memory vLLM takes; 0 = 0.9 x gpus_per_worker, so engines that share a GPU by
+    # fractions (the 1gpu profile) leave the learners' and reward model's memory alone
+    vllm_gpu_memory_utilization: float = 0.0
+    vllm_enforce_eager: bool = True  # false: CUDA graphs (faster decoding, more memory, slower start)
     num_workers: int = 2
     cpus_per_worker: float = 0.1
     gpus_per_worker: float = 0.0
@@ -258,6 +272,7 @@ EVAL_CAND_MODES = ("disc", "gen", "latent")
 CHOICES = {
     "rollout.backend": ("hf", "vllm"),
     "rollout.weight_sync": ("object_store", "collective"),
+    "rollout.vllm_dtype": ("", "float32", "bfloat16", "float16"),
     "reward.query_encoder": ("frozen", "policy"),
     "plume.anchor": ("disc", "none"),
     "plume.target_layout": ("latent", "phase"),
@@ -391,6 +406,22 @@ def _check(cfg: Config) -> None:
                  "reward.neg_temperature": cfg.reward.neg_temperature}.items():
         if v < 0 or (v == 0 and k != "rollout.temperature"):
             raise ConfigError(f"{k}: must be > 0, got {v}")
+    gpu_fracs = {"learners.gpus_per_learner": cfg.learners.gpus_per_learner, "rollout.gpus_per_worker": cfg.rollout.gpus_per_worker,
+                 "reward.gpus_per_actor": cfg.reward.gpus_per_actor}
+    for k, v in gpu_fracs.items():
+        if v > 1 and v != int(v):
+            raise ConfigError(f"{k}: {v} GPUs: Ray schedules a fraction of one GPU or whole GPUs, not {v}")
+    shared = [k for k in ("learners.gpus_per_learner", "rollout.gpus_per_worker") if 0 < gpu_fracs[k] < 1]
+    if "refine-rl" in cfg.run.stages and cfg.rollout.weight_sync == "collective" and shared \
+            and cfg.learners.gpus_per_learner > 0 and cfg.rollout.gpus_per_worker > 0:
+        raise ConfigError(f"rollout.weight_sync: collective broadcasts over NCCL, which refuses two members on one "
+                          f"GPU, and {shared[0]} is a fraction; use rollout.weight_sync=object_store when roles share GPUs")
+    if not 0 <= cfg.rollout.vllm_gpu_memory_utilization <= 1:
+        raise ConfigError(f"rollout.vllm_gpu_memory_utilization: must be in [0, 1] (0 = 0.9 x gpus_per_worker), "
+                          f"got {cfg.rollout.vllm_gpu_memory_utilization}")
+    if cfg.rollout.vllm_max_model_len < cfg.rollout.max_new_tokens + 2:
+        raise ConfigError(f"rollout.vllm_max_model_len: {cfg.rollout.vllm_max_model_len} cannot hold a prompt and "
+                          f"rollout.max_new_tokens ({cfg.rollout.max_new_tokens}) + 2 end markers")
     if cfg.rollout.top_k < 0:
         raise ConfigError(f"rollout.top_k: must be >= 0 (0 = off), got {cfg.rollout.top_k}")
     if not 0 < cfg.rollout.top_p <= 1:

@@ -51,7 +51,8 @@ class LearnerGroup:
 
         lc = cfg.learners
         self.size = lc.num_learners
-        self.pg = reserve([learner_request(cfg)], cfg.cluster.placement_timeout_s, reserve_cpus=reserve_cpus)
+        self.pg = reserve([learner_request(cfg)], cfg.cluster.placement_timeout_s, reserve_cpus=reserve_cpus,
+                          check_totals=not cfg.cluster.autoscaling)
         remote = ray.remote(Learner)
         node_ip, port = rendezvous(self.pg)
         addr = "127.0.0.1" if not cfg.cluster.address else node_ip

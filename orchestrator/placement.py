@@ -48,12 +48,14 @@ def check_fits(requests: list[RoleRequest], available: dict[str, float], reserve
             )
 
 
-def reserve(requests: list[RoleRequest], timeout_s: float, reserve_cpus: float = 0.0):
-    """Check totals, then create one PACK placement group (one bundle per actor) and wait for it."""
+def reserve(requests: list[RoleRequest], timeout_s: float, reserve_cpus: float = 0.0, check_totals: bool = True):
+    """Check totals (not on an autoscaling cluster, whose nodes come with the demand), then create one
+    PACK placement group (one bundle per actor) and wait for it."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    check_fits(requests, ray.cluster_resources(), reserve_cpus)
+    if check_totals:
+        check_fits(requests, ray.cluster_resources(), reserve_cpus)
     bundles = [r.bundle() for r in requests for _ in range(r.count)]
     pg = placement_group(bundles, strategy="PACK")
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)

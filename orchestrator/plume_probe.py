@@ -27,7 +27,8 @@ def explicit_reasoning_probe(emb: Embedder, data: str | Path, split: str, querie
     if not rows:
         return {"n": 0, **counts, "metrics": {}, "samples": []}
     generated = emb.generate_reasoning([query_item(r) for r in rows], max_new_tokens, batch_size)
-    scores = [score_explicit_reasoning(reasoning, answer, split_segments(r["reasoning"], segments)[0], r.get("rewrite") or "")
+    scores = [score_explicit_reasoning(reasoning, answer, split_segments(r["reasoning"], segments)[0],
+                                      r.get("rewrite") or r.get("qry_text") or "")  # the answer training teacher-forces (pairs.to_pair)
               for r, (reasoning, answer) in zip(rows, generated)]
     n = len(rows)
     metrics = {"plume/explicit_answer_acc": sum(s.answer_correct for s in scores) / n}

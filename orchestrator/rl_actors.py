@@ -25,17 +25,61 @@ def rl_requests(cfg: Config) -> list[RoleRequest]:
 
 
 def rollout_runtime_env(cfg: Config) -> dict:
-    """Thread caps for every backend; for vLLM on CPU, the interpreter of ``.venv-vllm``."""
+    """Thread caps for every backend; for vLLM, the interpreter of the venv that has it (vLLM and verl
+    pin incompatible transformers, so vLLM never lives in the base environment: docs/decisions.md §1)."""
     env = {"env_vars": {"OMP_NUM_THREADS": str(cfg.rollout.torch_threads), "TOKENIZERS_PARALLELISM": "false"}}
     if cfg.rollout.backend == "vllm":
-        py = VLLM_VENV / "bin" / "python"
-        if cfg.rollout.gpus_per_worker == 0:
+        env["env_vars"]["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if cfg.rollout.vllm_python:  # a path on the rollout nodes: probed there (check_vllm_python)
+            env["py_executable"] = cfg.rollout.vllm_python
+        else:
+            py = VLLM_VENV / "bin" / "python"
             if not py.is_file():
-                raise RuntimeError(f"rollout.backend: vllm on CPU needs {py}; create it with `bash scripts/setup_vllm.sh` "
-                                   "or set rollout.backend=hf")
+                raise RuntimeError(f"rollout.vllm_python: empty, and this checkout has no {py}; create it with "
+                                   "`bash scripts/setup_vllm.sh` (vLLM for CPU), set rollout.vllm_python to the Python "
+                                   "of a venv with vLLM on the rollout nodes, or set rollout.backend=hf")
             env["py_executable"] = str(py)
-        env["env_vars"].update(VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=str(VLLM_VENV.parent))
+            env["env_vars"]["PYTHONPATH"] = str(VLLM_VENV.parent)  # this checkout's rime, for that venv
     return env
+
+
+PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def vllm_engine_options(cfg: Config) -> dict:
+    """The vLLM engine's settings from the config: dtype follows the learners unless set, and the
+    memory share follows the worker's GPU fraction (vLLM's own default, 0.9 of the card, would not
+    leave room for the roles that share it)."""
+    ro = cfg.rollout
+    opts = {"max_model_len": ro.vllm_max_model_len, "dtype": ro.vllm_dtype or PRECISION_DTYPE[cfg.learners.precision],
+            "enforce_eager": ro.vllm_enforce_eager}
+    if ro.gpus_per_worker > 0:
+        opts["gpu_memory_utilization"] = ro.vllm_gpu_memory_utilization or round(0.9 * min(ro.gpus_per_worker, 1.0), 3)
+    return opts
+
+
+def check_vllm_python(cfg: Config, pg, bundle: int) -> str:
+    """Import vLLM with the rollout workers' runtime_env inside their first bundle (so on their node)
+    and return its version: a wrong rollout.vllm_python fails here in seconds, naming the key, instead
+    of as actors that die in their constructor and are restarted max_restarts times."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def probe() -> str:
+        import vllm
+
+        return vllm.__version__
+
+    env = rollout_runtime_env(cfg)
+    try:
+        return ray.get(probe.options(runtime_env=env, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            pg, placement_group_bundle_index=bundle)).remote(), timeout=600)
+    except Exception as e:  # noqa: BLE001 - a missing interpreter and a failed import surface differently
+        reason = str(getattr(e, "cause", None) or e).strip().splitlines()[-1][:300]
+        raise RuntimeError(f"rollout.vllm_python: {env['py_executable']} cannot import vllm on the rollout node "
+                           f"({reason}); point it at the Python of a venv with vLLM and ray on every rollout node "
+                           "(ray_cluster.yaml and clusters/Dockerfile build /opt/rime-vllm), or set rollout.backend=hf") from None
 
 
 class RLActors:
@@ -50,17 +94,21 @@ class RLActors:
 
         self.cfg = cfg
         requests = rl_requests(cfg)
-        self.pg = reserve(requests, cfg.cluster.placement_timeout_s, reserve_cpus=reserve_cpus)
+        self.pg = reserve(requests, cfg.cluster.placement_timeout_s, reserve_cpus=reserve_cpus,
+                          check_totals=not cfg.cluster.autoscaling)
         ro, rw = cfg.rollout, cfg.reward
 
         def strategy(i: int):
             return PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
 
+        if ro.backend == "vllm":
+            check_vllm_python(cfg, self.pg, 0)
         self.rollout = [
             ray.remote(RolloutWorker).options(
                 num_cpus=ro.cpus_per_worker, num_gpus=ro.gpus_per_worker, scheduling_strategy=strategy(i),
                 max_restarts=ro.max_restarts, max_task_retries=ro.max_restarts, runtime_env=rollout_runtime_env(cfg),
-            ).remote(model_path, ro.backend, ro.torch_threads, ro.batch_size)
+            ).remote(model_path, ro.backend, ro.torch_threads, ro.batch_size,
+                     vllm_engine_options(cfg) if ro.backend == "vllm" else None)
             for i in range(ro.num_workers)
         ]
         reward_cfg = {k: getattr(rw, k) for k in ("top_k", "neg_temperature", "format_weight", "length_weight", "length_target")}

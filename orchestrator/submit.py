@@ -259,7 +259,12 @@ def normalize_address(address: str | None) -> str:
     """The dashboard's HTTP address (Jobs API); ``HEAD:8265`` gets ``http://``; ``ray://`` is refused."""
     if not address:
         env = os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or ""
-        address = env if env.startswith(("http://", "https://")) else DEFAULT_ADDRESS
+        if env and not env.startswith(("http://", "https://")):
+            # a GCS (HEAD:6379), "auto" or ray:// address names a cluster, but not its Jobs API; guessing
+            # the local dashboard instead would send the job to whatever runs on this machine
+            raise SubmitError(f"RAY_ADDRESS={env} is not a Ray dashboard address, which Ray Jobs need: pass --address "
+                              "http://HEAD:8265 or set RAY_API_SERVER_ADDRESS=http://HEAD:8265")
+        address = env or DEFAULT_ADDRESS
     address = address.strip().rstrip("/")
     if address.startswith("ray://"):
         raise SubmitError(f"--address {address}: that is a Ray Client address; Ray Jobs use the dashboard's HTTP "

@@ -94,6 +94,21 @@ def resolve_model(cfg: Config) -> str:
     return str(base)
 
 
+def announce_adapter(cfg: Config, model_path: str) -> dict[str, tuple]:
+    """Say so when the start model carries a transition adapter whose settings differ from ``plume.*``:
+    the learners replace it with a fresh one of the configured shape (an ablation from a CoT model means
+    what it says), so its weights do not carry over. Returns the differing settings (saved, configured)."""
+    from rime_model.latent import adapter_differences
+
+    saved = json.loads((Path(model_path) / "rime_embedder.json").read_text()).get("latent_adapter")
+    diff = adapter_differences(saved, cfg.plume.adapter()) if saved else {}
+    if diff:
+        print("[rime] plume: the start model's transition adapter differs from the config ("
+              + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+              + "); the learners start a fresh adapter of the configured shape, its weights do not carry over")
+    return diff
+
+
 def check_rl_objective(cfg: Config) -> None:
     """Run the configured verl estimator and policy loss on hand-made inputs (verl is too slow to import
     in config validation): a name verl lists but rime cannot feed fails here with its key, not after
@@ -210,6 +225,10 @@ class Trainer:
         from .placement import check_fits
         from .rl_actors import rl_requests
 
+        if self.cfg.cluster.autoscaling:
+            print(f"[rime] cluster.autoscaling: the roles are not checked against the nodes present now; placement "
+                  f"waits up to cluster.placement_timeout_s={self.cfg.cluster.placement_timeout_s:g}s for the autoscaler")
+            return
         roles = [learner_request(self.cfg)] + (rl_requests(self.cfg) if "refine-rl" in self.cfg.run.stages else [])
         try:
             check_fits(roles, ray.cluster_resources(), reserve_cpus=DATA_TASK_CPUS)
@@ -228,6 +247,8 @@ class Trainer:
             check_rl_objective(cfg)  # seconds, before data, model or actors
         self.data_dir = ensure_data(cfg)
         self.model_path = resolve_model(cfg)
+        if "plume" in cfg.run.stages:
+            announce_adapter(cfg, self.model_path)
         self._start_ray()
         self._check_placement()
         self.mlflow = self._start_mlflow()

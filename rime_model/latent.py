@@ -137,6 +137,12 @@ def balance_loss(probs: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- persistence
+def adapter_differences(have: dict, want: dict) -> dict[str, tuple]:
+    """Adapter settings that differ between a saved adapter and the configured one, ``default_steps``
+    aside (K at inference: changing it keeps the weights). Non-empty: the weights cannot carry over."""
+    return {k: (have.get(k), v) for k, v in want.items() if k != "default_steps" and have.get(k) != v}
+
+
 def attach_adapter(model: nn.Module, cfg: AdapterConfig, seed: int = 0) -> TransitionAdapter:
     """Create the adapter (seeded) as a submodule of ``model``, on its device and dtype."""
     p = next(model.parameters())

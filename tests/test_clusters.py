@@ -298,10 +298,16 @@ def test_ray_cluster_yaml_bounds_setup_and_mlflow_on_the_head():
         assert 0 <= t.get("min_workers", 0) <= t["max_workers"], name
     gpu_types = [n for n, t in types.items() if t["resources"].get("GPU")]
     assert len(gpu_types) >= 2  # learner and rollout pools
-    # base environment everywhere, installed with the constraints file; vLLM only in .venv-vllm on rollout nodes
+    # base environment everywhere, installed with the constraints file; vLLM only in its own venv on rollout
+    # nodes, the one the GPU profiles' rollout.vllm_python names (and clusters/Dockerfile builds)
     assert any("-c constraints.txt -e ." in c for c in cfg["setup_commands"])
     vllm_cmds = [c for t in types.values() for c in t.get("worker_setup_commands", []) if "vllm" in c.split("#")[0]]
-    assert vllm_cmds and all(".venv-vllm/bin/pip install" in c for c in vllm_cmds)
+    pythons = {load_profile(p).overrides.get("rollout.vllm_python") for p in PROFILES
+               if any(r.extra.get("backend") == "vllm" for r in load_profile(p).roles.values())}
+    assert len(pythons) == 1 and None not in pythons
+    venv = next(iter(pythons)).removesuffix("/bin/python")
+    assert vllm_cmds and all(f"{venv}/bin/pip install" in c for c in vllm_cmds)
+    assert f"python -m venv {venv} && {venv}/bin/pip install" in (ROOT / "clusters" / "Dockerfile").read_text()
     assert not any("vllm" in c for c in cfg["setup_commands"] + cfg.get("head_setup_commands", []))
     # MLflow server on the head, and its URI exported before Ray starts (job drivers inherit it)
     head_cmds = cfg["head_start_ray_commands"]
@@ -330,3 +336,23 @@ def test_ray_cluster_yaml_hosts_the_largest_profile_at_max_workers():
     for g in (n for n in biggest.nodes if n.gpus):
         assert any(t["resources"]["GPU"] >= g.gpus and t["resources"]["CPU"] >= g.cpus and t["max_workers"] >= g.count
                    for t in types.values()), g
+
+
+def test_vllm_engine_follows_the_learners_precision_and_the_workers_gpu_share():
+    """vLLM's own default takes 0.9 of the card; an engine holding 0.3 of a GPU beside the learners (1gpu)
+    must take 0.9 x 0.3, and its dtype follows the learners' precision unless rollout.vllm_dtype is set."""
+    from orchestrator.config import parse_config
+    from orchestrator.rl_actors import vllm_engine_options
+
+    cfg = load_config(BASE_CONFIG, profile_overrides(load_profile(ROOT / "clusters" / "profiles" / "1gpu.yaml")))
+    assert vllm_engine_options(cfg) == {"max_model_len": 1024, "dtype": "bfloat16", "enforce_eager": True,
+                                        "gpu_memory_utilization": 0.27}
+    own = parse_config({"rollout": {"backend": "vllm", "gpus_per_worker": 1, "vllm_gpu_memory_utilization": 0.5,
+                                    "vllm_dtype": "float16", "vllm_max_model_len": 4096, "vllm_enforce_eager": False}})
+    assert vllm_engine_options(own) == {"max_model_len": 4096, "dtype": "float16", "enforce_eager": False,
+                                        "gpu_memory_utilization": 0.5}
+    assert "gpu_memory_utilization" not in vllm_engine_options(parse_config({"rollout": {"backend": "vllm"}}))  # CPU
+    with pytest.raises(ConfigError, match=r"rollout\.vllm_gpu_memory_utilization: must be in \[0, 1\]"):
+        parse_config({"rollout": {"vllm_gpu_memory_utilization": 1.5}})
+    with pytest.raises(ConfigError, match=r"rollout\.vllm_max_model_len: 10 cannot hold"):
+        parse_config({"rollout": {"vllm_max_model_len": 10}})

@@ -181,3 +181,21 @@ def test_gradients_flow_through_the_latent_steps(tiny_latent_dir):
     assert all(e.up.weight.grad is not None for e in a.experts)
     visual = [p for n, p in emb.model.named_parameters() if "visual" in n]
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in visual)  # the image row reaches the vision tower
+
+
+def test_a_rollout_model_without_an_adapter_loads_a_plume_learners_export(tiny_latent):
+    """Learners of a run that includes the plume stage export the adapter with the model; an HF rollout
+    worker's model has none (rollouts never run latent mode) and loads the rest, as vLLM does."""
+    import torch
+
+    from actors.rollout import load_exported
+    from rime_model import load_embedder
+
+    export = {k: v.clone() for k, v in tiny_latent.model.state_dict().items()}
+    assert any(k.startswith("rime_latent_adapter.") for k in export)
+    plain = load_embedder("tiny", seed=1)
+    load_exported(plain.model, export)
+    for k, v in plain.model.state_dict().items():
+        assert torch.equal(v, export[k]), k
+    with pytest.raises(KeyError, match="does not match the rollout model"):
+        load_exported(plain.model, {**export, "not.a.weight": torch.zeros(1)})

@@ -91,3 +91,38 @@ def test_rendezvous_comes_from_rank_zeros_bundle(ray_local):
         assert 1024 < port < 65536
     finally:
         remove_placement_group(pg)
+
+
+def test_a_vllm_python_without_vllm_fails_on_the_rollout_node_naming_the_key(ray_local):
+    """rollout.vllm_python is a path on the rollout nodes: it is probed inside the rollout bundle before any
+    worker starts, so a wrong one fails in seconds with the key named, not as restarting actors."""
+    import sys
+
+    import pytest
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from orchestrator.config import parse_config
+    from orchestrator.rl_actors import check_vllm_python, rollout_runtime_env
+
+    cfg = parse_config({"rollout": {"backend": "vllm", "vllm_python": sys.executable}})  # the base venv: no vllm
+    assert rollout_runtime_env(cfg)["py_executable"] == sys.executable
+    pg = placement_group([{"CPU": 0.01}])
+    ray.get(pg.ready(), timeout=60)
+    try:
+        with pytest.raises(RuntimeError, match=r"rollout\.vllm_python: .* cannot import vllm on the rollout node "
+                                               r"\(.*No module named 'vllm'.*\)"):
+            check_vllm_python(cfg, pg, 0)
+    finally:
+        remove_placement_group(pg)
+
+
+def test_on_an_autoscaling_cluster_demand_waits_for_nodes_instead_of_failing_on_the_current_total(ray_local):
+    """cluster.autoscaling skips the check against the nodes present now (a fresh autoscaling cluster has no
+    GPU node until demand arrives); the placement group's own timeout still bounds the wait."""
+    from orchestrator.placement import reserve
+
+    with pytest.raises(PlacementError, match=r"need 1 GPU"):
+        reserve([RoleRequest("learner", 1, 0.1, 1.0)], timeout_s=2)
+    with pytest.raises(PlacementError, match=r"bundles \[\{'CPU': 0.1, 'GPU': 1.0\}\] not ready after 2s"):
+        reserve([RoleRequest("learner", 1, 0.1, 1.0)], timeout_s=2, check_totals=False)

@@ -107,6 +107,16 @@ def test_explicit_reasoning_run_then_first_stage_from_it(plume_run):
     assert [m.value for m in client.get_metric_history(run_id, "plume/keep_answer")] == [1, 1, 1, 0]
     assert [m.step for m in client.get_metric_history(run_id, "plume/explicit_answer_acc")] == [0]
     assert json.loads((run_dir / "eval" / "plume-explicit.json").read_text())["n"] == 6 * 3
+    assert "transition adapter differs" not in r.stdout  # same plume.* as the CoT run: its adapter is kept
+
+    # an ablation from the same CoT model (single MLP): the configured adapter replaces the saved one
+    r = _run(_cmd(tmp, "single-mlp", "--set", f"model.spec={tmp / 'runs' / 'cot' / 'final'}", "--set", "plume.first_stage=4",
+                  "--set", "plume.experts=0", "--set", "plume.probe_queries_per_task=0", "--set", "eval.query_modes=[latent]",
+                  "--set", "eval.cand_modes=[latent]"))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "transition adapter differs from the config (num_experts: 4 -> 0" in r.stdout
+    saved = json.loads((tmp / "runs" / "single-mlp" / "final" / "rime_embedder.json").read_text())["latent_adapter"]
+    assert saved["num_experts"] == 0 and saved["shared_expert"] is True
 
 
 def test_killed_mid_curriculum_resumes_to_the_same_weights(plume_run):

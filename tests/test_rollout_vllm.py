@@ -294,6 +294,14 @@ def test_vllm_rollout_worker_in_ray_actor_from_base_venv(vllm_python, trained_pa
     greedy = {"max_new_tokens": MAX_NEW, "temperature": 0.0, "top_p": 1.0, "seed": 0}
     queries = _inputs(synth_items)
     try:
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        from orchestrator.rl_actors import check_vllm_python
+
+        pg = placement_group([{"CPU": 0.01}])
+        ray.get(pg.ready(), timeout=60)
+        assert check_vllm_python(parse_config({"rollout": {"backend": "vllm"}}), pg, 0).startswith("0.")  # the pre-flight probe
+        remove_placement_group(pg)
         workers = {}
         for backend in ("vllm", "hf"):
             env = rollout_runtime_env(parse_config({"rollout": {"backend": backend}}))

@@ -97,8 +97,17 @@ def test_config_outside_the_working_dir_or_missing_is_refused(tmp_path):
         build_job(CONFIG, ["cluster.address=''"], working_dir=str(ROOT))
 
 
-def test_addresses_are_normalised_and_ray_client_addresses_refused():
+def test_addresses_are_normalised_and_ray_client_addresses_refused(monkeypatch):
     assert normalize_address("head:8265") == "http://head:8265"
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    assert normalize_address(None) == "http://head:8265"
+    for gcs in ("head:6379", "auto", "ray://head:10001"):  # a cluster, but not its Jobs API: no silent local guess
+        monkeypatch.setenv("RAY_ADDRESS", gcs)
+        with pytest.raises(SubmitError, match=f"RAY_ADDRESS={gcs} is not a Ray dashboard address"):
+            normalize_address(None)
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert normalize_address(None) == "http://127.0.0.1:8265"
     assert normalize_address("https://ray.example/") == "https://ray.example"
     with pytest.raises(SubmitError, match="Ray Client address; Ray Jobs use the dashboard's HTTP address"):
         normalize_address("ray://head:10001")
@@ -165,7 +174,8 @@ def test_profile_command_prints_overrides_that_validate():
                                 "rollout.num_workers=3", "--set", "rollout.cpus_per_worker=8", "--set", "rollout.gpus_per_worker=1",
                                 "--set", "rollout.backend=vllm", "--set", "reward.num_actors=1", "--set", "reward.cpus_per_actor=4",
                                 "--set", "reward.gpus_per_actor=1",
-                                "--set", "learners.precision=bf16", "--set", "rollout.weight_sync=collective",
+                                "--set", "learners.precision=bf16", "--set", "rollout.vllm_python=/opt/rime-vllm/bin/python",
+                                "--set", "rollout.weight_sync=collective",
                                 "--set", "learners.zero_stage=2", "--set", "cluster.placement_timeout_s=600"]
     assert main(["profile", "clusters/profiles/nope.yaml"]) == 2
 
