@@ -23,9 +23,8 @@ from rime_data.metrics import METRICS, aggregate, query_metrics
 from rime_data.schema import read_table, split_paths, validate_candidate, validate_query
 from rime_model import Embedder, GenerationConfig, InputError
 
-from .config import EVAL_CAND_MODES, EVAL_QUERY_MODES
-
-QUERY_MODES, CAND_MODES = EVAL_QUERY_MODES, EVAL_CAND_MODES
+from .config import EVAL_CAND_MODES as CAND_MODES
+from .config import EVAL_QUERY_MODES as QUERY_MODES
 
 
 @dataclass

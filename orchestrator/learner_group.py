@@ -8,7 +8,7 @@ from typing import Any
 from actors.learner import Learner
 
 from .config import Config
-from .placement import DATA_TASK_CPUS, RoleRequest, reserve
+from .placement import DATA_TASK_CPUS, RoleRequest, reserve, run_in_bundle
 
 
 
@@ -30,14 +30,13 @@ def rendezvous(pg) -> tuple[str, int]:
     put rank 0 elsewhere; a Ray Client driver is not even in the cluster): the other ranks would wait
     out the process-group timeout. Found by a zero-CPU task in that bundle, as verl and OpenRLHF ask
     their rank-0 actor."""
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    @ray.remote(num_cpus=0)
     def probe() -> tuple[str, int]:
+        import ray
+
         return ray.util.get_node_ip_address(), free_port()
 
-    return ray.get(probe.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)).remote())
+    return run_in_bundle(probe, pg, 0)
 
 
 class LearnerGroup:

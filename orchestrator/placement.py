@@ -48,6 +48,19 @@ def check_fits(requests: list[RoleRequest], available: dict[str, float], reserve
             )
 
 
+def run_in_bundle(fn, pg, bundle: int, runtime_env: dict | None = None, timeout_s: float | None = None,
+                  max_retries: int = 3):
+    """``fn()`` as a zero-CPU task inside bundle ``bundle`` of ``pg`` (so on the node, and with the
+    runtime_env, of the actor that bundle will host); returns its result. Used to ask a node something
+    before the actors that depend on the answer start."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    task = ray.remote(num_cpus=0, max_retries=max_retries)(fn).options(
+        runtime_env=runtime_env, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle))
+    return ray.get(task.remote(), timeout=timeout_s)
+
+
 def reserve(requests: list[RoleRequest], timeout_s: float, reserve_cpus: float = 0.0, check_totals: bool = True):
     """Check totals (not on an autoscaling cluster, whose nodes come with the demand), then create one
     PACK placement group (one bundle per actor) and wait for it."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import Config
-from .placement import RoleRequest, reserve
+from .placement import RoleRequest, reserve, run_in_bundle
 
 VLLM_VENV = Path(__file__).resolve().parent.parent / ".venv-vllm"
 
@@ -62,10 +62,7 @@ def check_vllm_python(cfg: Config, pg, bundle: int) -> str:
     """Import vLLM with the rollout workers' runtime_env inside their first bundle (so on their node)
     and return its version: a wrong rollout.vllm_python fails here in seconds, naming the key, instead
     of as actors that die in their constructor and are restarted max_restarts times."""
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    @ray.remote(num_cpus=0, max_retries=0)
     def probe() -> str:
         import vllm
 
@@ -73,8 +70,7 @@ def check_vllm_python(cfg: Config, pg, bundle: int) -> str:
 
     env = rollout_runtime_env(cfg)
     try:
-        return ray.get(probe.options(runtime_env=env, scheduling_strategy=PlacementGroupSchedulingStrategy(
-            pg, placement_group_bundle_index=bundle)).remote(), timeout=600)
+        return run_in_bundle(probe, pg, bundle, runtime_env=env, timeout_s=600, max_retries=0)
     except Exception as e:  # noqa: BLE001 - a missing interpreter and a failed import surface differently
         reason = str(getattr(e, "cause", None) or e).strip().splitlines()[-1][:300]
         raise RuntimeError(f"rollout.vllm_python: {env['py_executable']} cannot import vllm on the rollout node "

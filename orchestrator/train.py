@@ -98,9 +98,10 @@ def announce_adapter(cfg: Config, model_path: str) -> dict[str, tuple]:
     """Say so when the start model carries a transition adapter whose settings differ from ``plume.*``:
     the learners replace it with a fresh one of the configured shape (an ablation from a CoT model means
     what it says), so its weights do not carry over. Returns the differing settings (saved, configured)."""
+    from rime_model import Embedder
     from rime_model.latent import adapter_differences
 
-    saved = json.loads((Path(model_path) / "rime_embedder.json").read_text()).get("latent_adapter")
+    saved = Embedder.saved_settings(model_path).get("latent_adapter")
     diff = adapter_differences(saved, cfg.plume.adapter()) if saved else {}
     if diff:
         print("[rime] plume: the start model's transition adapter differs from the config ("

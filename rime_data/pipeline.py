@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from rime_model.inputs import InputError, open_image
+from rime_model.inputs import InputError, open_image, reserved_in
 
 from .schema import validate_candidate, validate_query
 
@@ -49,7 +49,7 @@ def reserved_token_error(row: dict[str, Any], columns: tuple[str, ...], reserved
         value = row.get(col)
         texts = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple, np.ndarray)) else []
         for t in texts:
-            hit = next((tok for tok in reserved if isinstance(t, str) and tok in t), None)
+            hit = reserved_in(t, reserved) if isinstance(t, str) else None
             if hit:
                 return f"{col}: contains the model's control token {hit!r}; remove it from the data"
     return None

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from transformers.processing_utils import ProcessorMixin
 
 from .families import FAMILIES, ModelFamily
-from .inputs import normalize_inputs
+from .inputs import normalize_inputs, reserved_in
 from .latent import ADAPTER_ATTR, AdapterConfig, TransitionAdapter, attach_adapter, latent_pass, load_adapter, save_adapter
 from .prompts import PromptTemplate
 from .tokens import SpecialTokens, add_special_tokens
@@ -214,9 +214,9 @@ class Embedder:
         for i, r in enumerate(rewrites):
             if not isinstance(r, str):
                 raise ValueError(f"rewrites[{i}]: must be a string, got {type(r).__name__}")
-            for tok in self.reserved:
-                if tok in r:
-                    raise ValueError(f"rewrites[{i}]: contains the reserved control token {tok!r}; remove it")
+            tok = reserved_in(r, self.reserved)
+            if tok:
+                raise ValueError(f"rewrites[{i}]: contains the reserved control token {tok!r}; remove it")
             completions.append(self.template.gen_completion(r.strip(), self.tokens))
         enc = self._encode_texts([p + c for p, c in zip(prompts, completions)], [im for _, im, _ in items])
         ids = enc["input_ids"]
@@ -456,22 +456,29 @@ class Embedder:
         return path
 
     @staticmethod
+    def saved_settings(path: str | Path) -> dict:
+        """A saved embedder's own settings (family, tokens, template, latent adapter), checked, without
+        loading weights."""
+        meta_file = Path(path) / EMBEDDER_CONFIG
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{meta_file} not found: {path} is not a saved rime embedder (Embedder.save writes it)")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("family") not in FAMILIES:
+            raise ValueError(f"{meta_file}: family {meta.get('family')!r} unknown; known: {sorted(FAMILIES)}")
+        return meta
+
+    @staticmethod
     def reserved_tokens_of(path: str | Path) -> tuple[str, ...]:
         """The control tokens a saved embedder refuses in input text (``self.reserved``), read from its
         settings file without loading weights: the data stream checks training rows against them."""
-        meta = json.loads((Path(path) / EMBEDDER_CONFIG).read_text())
+        meta = Embedder.saved_settings(path)
         return tuple(SpecialTokens.from_dict(meta["tokens"]).all()) + FAMILIES[meta["family"]].control_tokens
 
     @classmethod
     def load(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None) -> "Embedder":
         """Load a folder written by ``save`` (model, processor and settings) in one call."""
         path = Path(path)
-        meta_file = path / EMBEDDER_CONFIG
-        if not meta_file.is_file():
-            raise FileNotFoundError(f"{meta_file} not found: {path} is not a saved rime embedder (Embedder.save writes it)")
-        meta = json.loads(meta_file.read_text())
-        if meta.get("family") not in FAMILIES:
-            raise ValueError(f"{meta_file}: family {meta.get('family')!r} unknown; known: {sorted(FAMILIES)}")
+        meta = cls.saved_settings(path)
         family = FAMILIES[meta["family"]]
         model = family.load_model(str(path), dtype).eval()
         if device:

@@ -88,6 +88,12 @@ def _decode(data: bytes, index: int | None) -> Image.Image:
     return open_image(data, index).convert("RGB")
 
 
+def reserved_in(text: str, reserved: Iterable[str]) -> str | None:
+    """The first of the model's control tokens that ``text`` contains, or None: such text would move the
+    position an embedding is read from (inputs, rewrites and training rows are all checked with this)."""
+    return next((tok for tok in reserved if tok and tok in text), None)
+
+
 def normalize_inputs(
     inputs: Iterable[Any], default_instruction: str, reserved_tokens: Iterable[str] = ()
 ) -> list[tuple[str, Image.Image | None, str]]:
@@ -124,9 +130,9 @@ def normalize_inputs(
         if not isinstance(instruction, str):
             raise InputError(i, "instruction", f"must be a string, got {type(instruction).__name__}")
         for field, value in (("text", text), ("instruction", instruction)):  # both go into the prompt
-            for tok in reserved:
-                if tok in value:
-                    raise InputError(i, field, f"contains the reserved control token {tok!r}; remove it")
+            tok = reserved_in(value, reserved)
+            if tok:
+                raise InputError(i, field, f"contains the reserved control token {tok!r}; remove it")
         out.append((text, image, instruction.strip()))
     if not out:
         raise InputError(None, "inputs", "empty list: give at least one item")
