@@ -7,6 +7,7 @@ no model), so a typo never costs a cluster launch.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from .placement import BUILTIN_RESOURCES
 from .tracking import NO_TRACKING
 
 if TYPE_CHECKING:  # annotations only: validation stays torch-free and imports the schedule lazily
@@ -68,6 +70,9 @@ class LearnerConfig:
     num_learners: int = 2
     cpus_per_learner: float = 0.5
     gpus_per_learner: float = 0.0
+    # a custom Ray resource every learner bundle asks a sliver of, pinning the role to the node type that
+    # advertises it (ray_cluster.yaml: learner_pool); "" = any node with the CPUs/GPUs
+    node_resource: str = ""
     zero_stage: int = 1
     offload_optimizer: bool = False
     precision: str = "fp32"  # fp32 | bf16 | fp16
@@ -107,6 +112,7 @@ class RolloutConfig:
     num_workers: int = 2
     cpus_per_worker: float = 0.1
     gpus_per_worker: float = 0.0
+    node_resource: str = ""  # as learners.node_resource (ray_cluster.yaml: rollout_pool, where vLLM is installed)
     group_size: int = 4  # G rewrites per query (METHOD.md: 8 on real models)
     max_new_tokens: int = 16
     temperature: float = 1.0
@@ -129,6 +135,7 @@ class RewardConfig:
     num_actors: int = 1
     cpus_per_actor: float = 0.1
     gpus_per_actor: float = 0.0
+    node_resource: str = ""  # as learners.node_resource
     query_encoder: str = "frozen"  # frozen | policy: which weights embed (query, rewrite)
     top_k: int = 1  # acc = positive within the top k of the candidates
     neg_temperature: float = 0.05  # softmax over hard negatives
@@ -432,6 +439,12 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"{k}: must be >= 0 (0 = the stage's lr), got {v}")
     if cfg.cma.temperature <= 0:
         raise ConfigError(f"cma.temperature: must be > 0, got {cfg.cma.temperature}")
+    for k, v in {"learners.node_resource": cfg.learners.node_resource, "rollout.node_resource": cfg.rollout.node_resource,
+                 "reward.node_resource": cfg.reward.node_resource}.items():
+        if v and (not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.:-]*", v) or v in BUILTIN_RESOURCES):
+            raise ConfigError(f"{k}: {v!r} is not a custom Ray resource name; give the name a node type advertises "
+                              "(ray_cluster.yaml: learner_pool / rollout_pool; `ray start --resources='{\"NAME\": N}'`), "
+                              "or \"\" for any node")
     if cfg.learners.cpus_per_learner < 0 or cfg.learners.gpus_per_learner < 0:
         raise ConfigError("learners.cpus_per_learner/gpus_per_learner: must be >= 0")
     if cfg.learners.offload_optimizer and cfg.learners.zero_stage == 0:

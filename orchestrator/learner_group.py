@@ -15,7 +15,7 @@ from .placement import DATA_TASK_CPUS, RoleRequest, reserve, run_in_bundle
 def learner_request(cfg: Config) -> RoleRequest:
     """The learner role's resources as the config states them."""
     lc = cfg.learners
-    return RoleRequest("learner", lc.num_learners, lc.cpus_per_learner, lc.gpus_per_learner)
+    return RoleRequest("learner", lc.num_learners, lc.cpus_per_learner, lc.gpus_per_learner, lc.node_resource, "learners")
 
 
 def free_port() -> int:

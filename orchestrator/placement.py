@@ -13,6 +13,11 @@ from dataclasses import dataclass
 # task that asks a WHOLE CPU, so fractional actors that leave less than this starve the stream.
 # Lives here (no torch import) so the trainer and the cluster-profile checks share one value.
 DATA_TASK_CPUS = 1.0
+# How much of its node_resource each actor asks: a sliver, so the resource only says WHICH node type
+# hosts the role (the CPUs and GPUs say how many fit); Ray's resource granularity is 1e-4.
+NODE_RESOURCE_UNIT = 0.001
+# resources Ray defines itself (a role asks CPUs/GPUs through its own keys, never as a node_resource)
+BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
 class PlacementError(RuntimeError):
@@ -25,11 +30,15 @@ class RoleRequest:
     count: int
     cpus: float
     gpus: float = 0.0
+    node_resource: str = ""  # custom resource that pins the role to a node type ("" = any node)
+    section: str = ""  # the config section sizing the role, for messages ("" = the role's name)
 
     def bundle(self) -> dict[str, float]:
         b = {"CPU": self.cpus}
         if self.gpus:
             b["GPU"] = self.gpus
+        if self.node_resource:
+            b[self.node_resource] = NODE_RESOURCE_UNIT
         return b
 
 
@@ -45,6 +54,16 @@ def check_fits(requests: list[RoleRequest], available: dict[str, float], reserve
                 f"placement: the roles need {need:g} {res} ({detail}{extra}) but the cluster has {have:g}. "
                 f"Lower learners.num_learners / learners.{'cpus' if res == 'CPU' else 'gpus'}_per_learner, "
                 "or point cluster.address at a bigger cluster."
+            )
+    for r in requests:
+        if r.node_resource and float(available.get(r.node_resource, 0.0)) + 1e-9 < r.count * NODE_RESOURCE_UNIT:
+            key = f"{r.section or r.role}.node_resource"
+            custom = sorted(k for k in available if k not in BUILTIN_RESOURCES and not k.startswith("node:"))
+            raise PlacementError(
+                f"placement: {key}={r.node_resource} pins the {r.role} role to nodes that advertise the resource "
+                f"{r.node_resource!r}, and no node of the cluster does (its custom resources: {custom}). Start such nodes "
+                f"(a node type's resources in ray_cluster.yaml, `ray start --resources='{{\"{r.node_resource}\": 8}}'`), "
+                f"set cluster.autoscaling=true if the autoscaler will add them, or set {key}=\"\" for any node."
             )
 
 

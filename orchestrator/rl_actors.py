@@ -20,8 +20,8 @@ VLLM_VENV = Path(__file__).resolve().parent.parent / ".venv-vllm"
 def rl_requests(cfg: Config) -> list[RoleRequest]:
     """The rollout and reward roles' resources as the config states them."""
     ro, rw = cfg.rollout, cfg.reward
-    return [RoleRequest("rollout", ro.num_workers, ro.cpus_per_worker, ro.gpus_per_worker),
-            RoleRequest("reward", rw.num_actors, rw.cpus_per_actor, rw.gpus_per_actor)]
+    return [RoleRequest("rollout", ro.num_workers, ro.cpus_per_worker, ro.gpus_per_worker, ro.node_resource, "rollout"),
+            RoleRequest("reward", rw.num_actors, rw.cpus_per_actor, rw.gpus_per_actor, rw.node_resource, "reward")]
 
 
 def rollout_runtime_env(cfg: Config) -> dict:

@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from .placement import DATA_TASK_CPUS
+from .placement import DATA_TASK_CPUS, NODE_RESOURCE_UNIT
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # What never goes into the uploaded working dir (gitignore syntax, relative to it; Ray also applies
@@ -55,10 +55,12 @@ class ProfileError(ValueError):
 # role in a profile -> (config section, {profile field: config key}); load_config checks the values
 # (e.g. rollout.backend hf|vllm), and a key the config lacks fails loudly like any bad --set.
 ROLE_KEYS: dict[str, tuple[str, dict[str, str]]] = {
-    "learners": ("learners", {"count": "num_learners", "cpus": "cpus_per_learner", "gpus": "gpus_per_learner"}),
+    "learners": ("learners", {"count": "num_learners", "cpus": "cpus_per_learner", "gpus": "gpus_per_learner",
+                              "node_resource": "node_resource"}),
     "rollout_workers": ("rollout", {"count": "num_workers", "cpus": "cpus_per_worker", "gpus": "gpus_per_worker",
-                                    "backend": "backend"}),
-    "reward_actors": ("reward", {"count": "num_actors", "cpus": "cpus_per_actor", "gpus": "gpus_per_actor"}),
+                                    "backend": "backend", "node_resource": "node_resource"}),
+    "reward_actors": ("reward", {"count": "num_actors", "cpus": "cpus_per_actor", "gpus": "gpus_per_actor",
+                                 "node_resource": "node_resource"}),
 }
 
 
@@ -70,6 +72,7 @@ class NodeGroup:
     gpus: float = 0.0
     memory_gib: float = 0.0
     head: bool = False
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources each node advertises
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,11 @@ class Role:
     count: int
     cpus: float
     gpus: float = 0.0
-    extra: dict = field(default_factory=dict)  # e.g. rollout backend
+    extra: dict = field(default_factory=dict)  # e.g. rollout backend, node_resource
+
+    @property
+    def node_resource(self) -> str:
+        return str(self.extra.get("node_resource") or "")
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,7 @@ class Profile:
     serving: Serving | None
     overrides: dict[str, Any]
     kuberay: dict[str, str]
+    launcher: str = ""  # a Ray cluster launcher YAML whose node types are this profile's nodes
 
     @property
     def total(self) -> dict[str, float]:
@@ -139,7 +147,7 @@ def load_profile(path: str | Path) -> Profile:
         raise ProfileError(f"profile: file not found: {p}")
     raw = _mapping(yaml.safe_load(p.read_text()) or {}, f"{p.name}")
     w = p.name
-    _only(raw, {"name", "description", "nodes", "driver", "roles", "serving", "overrides", "kuberay"}, w)
+    _only(raw, {"name", "description", "nodes", "driver", "roles", "serving", "overrides", "kuberay", "launcher"}, w)
     for k in ("name", "nodes", "roles"):
         if k not in raw:
             raise ProfileError(f"{w}: {k}: required")
@@ -149,10 +157,14 @@ def load_profile(path: str | Path) -> Profile:
     for i, n in enumerate(raw["nodes"]):
         where = f"{w}: nodes[{i}]"
         n = _mapping(n, where)
-        _only(n, {"name", "count", "cpus", "gpus", "memory_gib", "head"}, where)
+        _only(n, {"name", "count", "cpus", "gpus", "memory_gib", "head", "resources"}, where)
+        res = _mapping(n.get("resources") or {}, f"{where}.resources")
+        custom = {str(k): _num(res, k, f"{where}.resources") for k in res}
+        if set(custom) & {"CPU", "GPU", "memory", "object_store_memory"}:
+            raise ProfileError(f"{where}.resources: custom resources only; give CPUs and GPUs as cpus/gpus")
         nodes.append(NodeGroup(str(n.get("name", f"group{i}")), _num(n, "count", where, integer=True, minimum=1),
                                _num(n, "cpus", where), _num(n, "gpus", where, default=0),
-                               _num(n, "memory_gib", where, default=0), bool(n.get("head", False))))
+                               _num(n, "memory_gib", where, default=0), bool(n.get("head", False)), custom))
     heads = [n for n in nodes if n.head]
     if len(heads) != 1 or heads[0].count != 1:
         raise ProfileError(f"{w}: nodes: exactly one node group with head: true and count: 1 is required")
@@ -192,32 +204,41 @@ def load_profile(path: str | Path) -> Profile:
                            "DATA_TASK_CPUS): the job would hang reading data; shrink the roles instead")
     prof = Profile(str(raw["name"]), str(p), str(raw.get("description", "")), tuple(nodes),
                    driver_cpus, roles, serving, dict(overrides),
-                   {str(k): str(v) for k, v in _mapping(raw.get("kuberay") or {}, f"{w}: kuberay").items()})
+                   {str(k): str(v) for k, v in _mapping(raw.get("kuberay") or {}, f"{w}: kuberay").items()},
+                   str(raw.get("launcher") or ""))
     check_fits(prof)
     return prof
 
 
 def pack(roles: list[Role], nodes: list[NodeGroup], driver_cpus: float = 0.0) -> dict[str, list[str]]:
     """First-fit-decreasing placement of every actor on the nodes (the driver and Ray Data tasks keep
-    ``driver_cpus`` on the head). Returns node -> roles placed; raises ProfileError when one cannot fit."""
+    ``driver_cpus`` on the head; a role with a node_resource goes only where that resource is left).
+    Returns node -> roles placed; raises ProfileError when one cannot fit."""
     free = []
     for g in nodes:
         for i in range(g.count):
-            free.append({"name": f"{g.name}[{i}]", "CPU": g.cpus - (driver_cpus if g.head else 0), "GPU": g.gpus, "roles": []})
+            free.append({"name": f"{g.name}[{i}]", "CPU": g.cpus - (driver_cpus if g.head else 0), "GPU": g.gpus,
+                         "custom": dict(g.resources), "roles": []})
     if any(n["CPU"] < -1e-9 for n in free):
         raise ProfileError(f"driver.cpus: {driver_cpus:g} CPU does not fit on the head node")
     actors = sorted(((r, i) for r in roles for i in range(r.count)), key=lambda a: (-a[0].gpus, -a[0].cpus))
     for role, i in actors:
+        pool = role.node_resource
         for n in free:
-            if n["CPU"] + 1e-9 >= role.cpus and n["GPU"] + 1e-9 >= role.gpus:
+            if n["CPU"] + 1e-9 >= role.cpus and n["GPU"] + 1e-9 >= role.gpus \
+                    and (not pool or n["custom"].get(pool, 0) + 1e-9 >= NODE_RESOURCE_UNIT):
                 n["CPU"] -= role.cpus
                 n["GPU"] -= role.gpus
+                if pool:
+                    n["custom"][pool] -= NODE_RESOURCE_UNIT
                 n["roles"].append(f"{role.name}[{i}]")
                 break
         else:
-            left = ", ".join(f"{n['name']}: {n['CPU']:g} CPU {n['GPU']:g} GPU" for n in free)
-            raise ProfileError(f"roles.{role.name}: actor {i} ({role.cpus:g} CPU, {role.gpus:g} GPU) fits on no node; "
-                               f"free after the larger actors: {left}")
+            left = ", ".join(f"{n['name']}: {n['CPU']:g} CPU {n['GPU']:g} GPU" for n in free
+                             if not pool or n["custom"].get(pool, 0) + 1e-9 >= NODE_RESOURCE_UNIT)
+            where = f"free on the nodes with {pool!r} after the larger actors" if pool else "free after the larger actors"
+            raise ProfileError(f"roles.{role.name}: actor {i} ({role.cpus:g} CPU, {role.gpus:g} GPU"
+                               f"{', on ' + pool if pool else ''}) fits on no node; {where}: {left or 'none has it'}")
     return {n["name"]: n["roles"] for n in free}
 
 

@@ -67,11 +67,11 @@ def test_every_yaml_parses_to_mappings(path):
 
 def test_there_are_profiles_for_each_size_and_manifests_for_each_gpu_profile():
     names = {load_profile(p).name for p in PROFILES}
-    assert {"cpu-2", "1gpu", "8gpu", "2x8gpu"} <= names
+    assert {"cpu-2", "1gpu", "8gpu", "2x8gpu", "aws"} <= names
     for p in PROFILES:
         prof = load_profile(p)
-        if prof.total["GPU"]:
-            assert set(prof.kuberay) == {"rayjob", "rayservice"}, p.name
+        if prof.total["GPU"]:  # a GPU profile comes with the KubeRay manifests or the launcher YAML it describes
+            assert set(prof.kuberay) == {"rayjob", "rayservice"} or (ROOT / prof.launcher).is_file(), p.name
             assert all((ROOT / v).is_file() for v in prof.kuberay.values()), prof.kuberay
 
 
@@ -90,6 +90,8 @@ def test_profile_maps_roles_onto_config_keys_and_fits_its_nodes(path):
     assert (cfg.learners.num_learners, cfg.learners.cpus_per_learner, cfg.learners.gpus_per_learner) == (lr.count, lr.cpus, lr.gpus)
     assert (cfg.rollout.num_workers, cfg.rollout.cpus_per_worker, cfg.rollout.gpus_per_worker) == (ro.count, ro.cpus, ro.gpus)
     assert (cfg.reward.num_actors, cfg.reward.cpus_per_actor, cfg.reward.gpus_per_actor) == (rw.count, rw.cpus, rw.gpus)
+    assert (cfg.learners.node_resource, cfg.rollout.node_resource, cfg.reward.node_resource) == (
+        lr.node_resource, ro.node_resource, rw.node_resource)
     assert cfg.rollout.backend == ro.extra["backend"] == ("vllm" if prof.total["GPU"] else "hf"), path.name
     assert cfg.cluster.address == "auto"
     # resource arithmetic: totals (every role + the head's reserve) within the cluster ...
@@ -108,6 +110,7 @@ def test_profile_maps_roles_onto_config_keys_and_fits_its_nodes(path):
         cpus = sum(r.cpus for r in roles_here) + (prof.driver_cpus if g.head else 0)
         gpus = sum(r.gpus for r in roles_here)
         assert cpus <= g.cpus + 1e-9 and gpus <= g.gpus + 1e-9, (path.name, node, actors, cpus, gpus)
+        assert all(not r.node_resource or g.resources.get(r.node_resource, 0) > 0 for r in roles_here), (path.name, node)
         if g.head:  # Ray Data's parquet ListFiles task asks a whole CPU: the head keeps at least that free
             assert g.cpus - sum(r.cpus for r in roles_here) >= DATA_TASK_CPUS - 1e-9, (path.name, node, actors)
     if prof.serving:
@@ -151,6 +154,10 @@ def test_profile_keys_unknown_to_the_config_fail_loudly(tmp_path):
      r"overrides\.learners\.num_learners: set by roles"),
     ({"name": "x", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}],
       "roles": {"learners": {"count": 1, "cpus": "two"}}}, r"roles\.learners\.cpus: expected a number"),
+    ({"name": "x", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2, "resources": {"GPU": 1}}],
+      "roles": {"learners": {"count": 1, "cpus": 1}}}, r"nodes\[0\]\.resources: custom resources only"),
+    ({"name": "x", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2, "resources": {"pool": "many"}}],
+      "roles": {"learners": {"count": 1, "cpus": 1}}}, r"nodes\[0\]\.resources\.pool: expected a number"),
 ])
 def test_bad_profiles_are_rejected_naming_the_key(tmp_path, raw, match):
     p = tmp_path / "p.yaml"
@@ -166,6 +173,22 @@ def test_packing_is_per_node_not_just_totals():
         pack([Role("a", 2, 1, 3), Role("b", 1, 1, 2)], nodes)
     placed = pack([Role("a", 2, 1, 2), Role("b", 2, 1, 2)], nodes)
     assert sorted(len(v) for v in placed.values()) == [2, 2]
+
+
+def test_packing_puts_a_pinned_role_only_on_the_nodes_of_its_pool():
+    nodes = [NodeGroup("learn", 1, cpus=32, gpus=8, resources={"learner_pool": 8}),
+             NodeGroup("roll", 1, cpus=32, gpus=4, resources={"rollout_pool": 4})]
+    # unpinned, first fit puts all 6 one-GPU rollouts on the 8-GPU node; pinned, 4 fit (its GPUs) and the 5th nowhere
+    assert pack([Role("rollout_workers", 6, 1, 1)], nodes) == {"learn[0]": [f"rollout_workers[{i}]" for i in range(6)],
+                                                                "roll[0]": []}
+    placed = pack([Role("learners", 2, 1, 1, {"node_resource": "learner_pool"}),
+                   Role("rollout_workers", 4, 1, 1, {"node_resource": "rollout_pool"})], nodes)
+    assert placed == {"learn[0]": ["learners[0]", "learners[1]"], "roll[0]": [f"rollout_workers[{i}]" for i in range(4)]}
+    with pytest.raises(ProfileError, match=r"roles\.rollout_workers: actor 4 \(1 CPU, 1 GPU, on rollout_pool\) fits on no "
+                                           r"node; free on the nodes with 'rollout_pool' after the larger actors: roll\[0\]: 28 CPU 0 GPU"):
+        pack([Role("rollout_workers", 5, 1, 1, {"node_resource": "rollout_pool"})], nodes)
+    with pytest.raises(ProfileError, match=r"on critic_pool\) fits on no node; .*: none has it"):
+        pack([Role("learners", 1, 1, 0, {"node_resource": "critic_pool"})], nodes)
 
 
 def test_role_table_covers_the_resource_keys_of_each_role():
@@ -323,12 +346,53 @@ def test_ray_cluster_yaml_bounds_setup_and_mlflow_on_the_head():
         assert excluded in cfg["rsync_exclude"]
 
 
+def _launcher_nodes(cfg: dict) -> list[NodeGroup]:
+    """The launcher's node types at max_workers, as profile node groups (custom resources included)."""
+    types = cfg["available_node_types"]
+    return [NodeGroup(n, 1 if n == cfg["head_node_type"] else t["max_workers"], t["resources"]["CPU"],
+                      t["resources"].get("GPU", 0), head=n == cfg["head_node_type"],
+                      resources={k: v for k, v in t["resources"].items() if k not in ("CPU", "GPU")})
+            for n, t in types.items() if n == cfg["head_node_type"] or t["max_workers"]]
+
+
+def test_aws_profile_is_ray_cluster_yaml_and_pins_vllm_to_the_nodes_that_install_it():
+    """The launcher's pools are real: the aws profile's node groups are ray_cluster.yaml's node types (CPUs,
+    GPUs, custom resources), its roles ask their pool's resource, the vLLM rollout pool is advertised only by
+    node types that build rollout.vllm_python, and the learners' only by node types without vLLM."""
+    cfg = _launcher()
+    types = cfg["available_node_types"]
+    prof = load_profile(ROOT / "clusters" / "profiles" / "aws.yaml")
+    assert prof.launcher == "ray_cluster.yaml"
+    for g in prof.nodes:
+        t = types[cfg["head_node_type"] if g.head else g.name]
+        res = t["resources"]
+        assert (res["CPU"], res.get("GPU", 0)) == (g.cpus, g.gpus), g
+        assert {k: v for k, v in res.items() if k not in ("CPU", "GPU")} == g.resources, g
+        assert g.head or g.count <= t["max_workers"], g
+    run = load_config(BASE_CONFIG, profile_overrides(prof))
+    assert run.cluster.autoscaling  # a fresh launcher cluster has no worker: demand must scale it up
+    venv = run.rollout.vllm_python.removesuffix("/bin/python")
+
+    def builds_vllm(t: dict) -> bool:
+        return any(f"{venv}/bin/pip install" in c and "vllm" in c for c in t.get("worker_setup_commands", []))
+
+    pools = {"learners": run.learners.node_resource, "rollout_workers": run.rollout.node_resource,
+             "reward_actors": run.reward.node_resource}
+    assert all(pools.values()) and pools["learners"] != pools["rollout_workers"]
+    for role, pool in pools.items():
+        hosts = [n for n, t in types.items() if t["resources"].get(pool)]
+        assert hosts and all(types[n]["max_workers"] for n in hosts), (role, pool)
+        if role == "rollout_workers":
+            assert run.rollout.backend == "vllm" and all(builds_vllm(types[n]) for n in hosts), hosts
+        if role == "learners":
+            assert not any(builds_vllm(types[n]) for n in hosts), hosts
+    pack(list(prof.roles.values()), _launcher_nodes(cfg), prof.driver_cpus)  # and it fits at max_workers
+
+
 def test_ray_cluster_yaml_hosts_the_largest_profile_at_max_workers():
     cfg = _launcher()
     types = cfg["available_node_types"]
-    nodes = [NodeGroup(n, 1 if n == cfg["head_node_type"] else t["max_workers"], t["resources"]["CPU"],
-                       t["resources"].get("GPU", 0), head=n == cfg["head_node_type"]) for n, t in types.items()
-             if n == cfg["head_node_type"] or t["max_workers"]]
+    nodes = _launcher_nodes(cfg)
     biggest = max((load_profile(p) for p in PROFILES), key=lambda p: p.total["GPU"])
     assert biggest.name == "2x8gpu"
     pack(list(biggest.roles.values()), nodes, biggest.driver_cpus)

@@ -126,3 +126,49 @@ def test_on_an_autoscaling_cluster_demand_waits_for_nodes_instead_of_failing_on_
         reserve([RoleRequest("learner", 1, 0.1, 1.0)], timeout_s=2)
     with pytest.raises(PlacementError, match=r"bundles \[\{'CPU': 0.1, 'GPU': 1.0\}\] not ready after 2s"):
         reserve([RoleRequest("learner", 1, 0.1, 1.0)], timeout_s=2, check_totals=False)
+
+
+def test_node_resource_pins_each_bundle_to_the_nodes_that_advertise_it(ray_local):
+    """A role's node_resource (ray_cluster.yaml: learner_pool / rollout_pool) goes into every bundle, so the
+    placement group lands only on nodes advertising it; one that no node advertises fails before any actor,
+    naming the key. `node:__internal_head__` is a custom resource every local head advertises."""
+    import ray
+    from ray.util.placement_group import placement_group_table, remove_placement_group
+
+    from orchestrator.learner_group import learner_request
+    from orchestrator.placement import reserve
+    from orchestrator.rl_actors import rl_requests
+
+    cfg = parse_config({"learners": {"node_resource": "learner_pool"}, "rollout": {"node_resource": "rollout_pool"},
+                        "reward": {"node_resource": "rollout_pool"}})
+    assert learner_request(cfg).bundle() == {"CPU": 0.5, "learner_pool": 0.001}
+    assert [(r.section, r.bundle()) for r in rl_requests(cfg)] == [
+        ("rollout", {"CPU": 0.1, "rollout_pool": 0.001}), ("reward", {"CPU": 0.1, "rollout_pool": 0.001})]
+    head = "node:__internal_head__"
+    pg = reserve([RoleRequest("learner", 2, 0.01, node_resource=head, section="learners")], timeout_s=60)
+    try:
+        table = placement_group_table(pg)
+        assert [b[head] for b in table["bundles"].values()] == [0.001, 0.001]
+        head_id = next(n["NodeID"] for n in ray.nodes() if head in n["Resources"])
+        assert set(table["bundles_to_node_id"].values()) == {head_id}
+    finally:
+        remove_placement_group(pg)
+    with pytest.raises(PlacementError, match=r"learners\.node_resource=learner_pool pins the learner role to nodes that "
+                                             r"advertise the resource 'learner_pool', and no node of the cluster does"):
+        reserve([learner_request(cfg)], timeout_s=60)
+    # autoscaling: no check against the nodes present, the placement group's own timeout bounds the wait
+    with pytest.raises(PlacementError, match=r"'learner_pool': 0.001\}\] not ready after 2s"):
+        reserve([learner_request(cfg)], timeout_s=2, check_totals=False)
+
+
+def test_a_node_resource_that_is_not_a_custom_resource_name_is_refused_at_load():
+    from orchestrator.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"reward\.node_resource: 'GPU' is not a custom Ray resource name"):
+        parse_config({"reward": {"node_resource": "GPU"}})
+    with pytest.raises(ConfigError, match=r"learners\.node_resource: 'learner pool' is not"):
+        parse_config({"learners": {"node_resource": "learner pool"}})
+    with pytest.raises(PlacementError, match=r"rollout\.node_resource=rollout_pool .* \(its custom resources: \['learner_pool'\]"):
+        check_fits([RoleRequest("rollout", 1, 0.1, node_resource="rollout_pool", section="rollout")],
+                   {"CPU": 2.0, "GPU": 0.0, "memory": 1e9, "node:10.0.0.1": 1.0, "learner_pool": 8.0})
+    check_fits([RoleRequest("rollout", 4, 0.1, node_resource="rollout_pool")], {"CPU": 2.0, "rollout_pool": 1.0})
