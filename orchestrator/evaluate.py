@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from rime_data.metrics import METRICS, aggregate, query_metrics
@@ -92,10 +94,12 @@ def _usable(emb: Embedder, rows: list[dict], to_item, id_key: str, check, skippe
 
 
 def load_queries(emb: Embedder, data: str | Path, split: str, tasks: tuple[str, ...] | None,
-                 max_queries_per_task: int | None, skipped: list[dict]) -> list[dict]:
-    """The split's usable query rows (first ``max_queries_per_task`` of each task); bad rows go to
-    ``skipped`` with the reason, never silently."""
-    queries = read_table(split_paths(data, split)[0]).to_pylist()
+                 max_queries_per_task: int | None, skipped: list[dict]) -> tuple[list[dict], str]:
+    """The split's usable query rows (first ``max_queries_per_task`` of each task) and the sha1 of the file
+    they were read from (one read: the digest `rime compare` checks is of exactly these bytes); bad rows go
+    to ``skipped`` with the reason, never silently."""
+    raw = split_paths(data, split)[0].read_bytes()
+    queries = pq.read_table(pa.BufferReader(raw)).to_pylist()
     if tasks:
         queries = [q for q in queries if q["task"] in tasks]
     if max_queries_per_task:
@@ -114,7 +118,7 @@ def load_queries(emb: Embedder, data: str | Path, split: str, tasks: tuple[str, 
             continue
         seen.add(q["query_id"])
         usable.append(q)
-    return usable
+    return usable, hashlib.sha1(raw).hexdigest()
 
 
 def embed_rows(emb: Embedder, items: list[dict], mode: str, batch_size: int, gen: GenerationConfig,
@@ -172,7 +176,7 @@ def evaluate(
     gen = generation or GenerationConfig(max_new_tokens=32)
     k = emb.latent_steps if latent_steps is None else latent_steps
     skipped: list[dict] = []
-    queries = load_queries(emb, data, split, tasks, max_queries_per_task, skipped)
+    queries, queries_sha1 = load_queries(emb, data, split, tasks, max_queries_per_task, skipped)
     c_path = split_paths(data, split)[1]
     cands = read_table(c_path).to_pylist()
     if tasks:
@@ -233,7 +237,7 @@ def evaluate(
     mean_tokens = float(np.mean(token_counts)) if token_counts else None
     return EvalResult(pairs, len(ranked), len(cands), _dedupe(skipped), mean_tokens, rewrite_stats=stats,
                       rewrite_samples=samples, timings=timings, per_query=per_query,
-                      queries_sha1=hashlib.sha1(split_paths(data, split)[0].read_bytes()).hexdigest())
+                      queries_sha1=queries_sha1)
 
 
 def _rankable(queries: list[dict], cands: list[dict], cand_index: dict[str, int], by_task: dict[str, list[int]],

@@ -21,7 +21,7 @@ def explicit_reasoning_probe(emb: Embedder, data: str | Path, split: str, querie
     """Greedy stage-0 reasoning on the first ``queries_per_task`` queries of each task: answer accuracy,
     per-segment exact-match rates, counts (bad rows skipped, rows without reasoning) and a few samples."""
     skipped: list[dict] = []
-    usable = load_queries(emb, data, split, None, queries_per_task, skipped)
+    usable, _ = load_queries(emb, data, split, None, queries_per_task, skipped)
     rows = [r for r in usable if r.get("reasoning")]
     counts = {"skipped": len(skipped), "no_reasoning": len(usable) - len(rows)}  # reported, not dropped silently
     if not rows:
