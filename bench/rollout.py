@@ -62,7 +62,7 @@ def _step_split(model: str, steps: int, tmp: Path) -> list[dict]:
     group = LearnerGroup(cfg, model, {"lambda_cma": 1.0, "temperature": 0.02, "ce_weight": 1.0})
     group.call("begin_stage", "refine-rl", stage_config(cfg), cfg.refine_rl.lr, 1, model)
     stream = PairStream(tmp / "data", "train", 0, 64, tmp / "errors.jsonl", group_by_task=False)
-    rl = RefineRL(cfg, group, stream, model, str(tmp / "data"), reserve_cpus=DATA_TASK_CPUS)
+    rl = RefineRL(cfg, group, stream, model, reserve_cpus=DATA_TASK_CPUS)
     rows = []
     try:
         rl.sync_weights(0)

@@ -55,9 +55,9 @@ def _chunks(n: int, parts: int) -> list[tuple[int, int]]:
 class RefineRL:
     """Owns the rollout/reward actors and the weight version of one refine-rl stage."""
 
-    def __init__(self, cfg: Config, group, stream: PairStream, start_model: str, data_dir: str, reserve_cpus: float):
+    def __init__(self, cfg: Config, group, stream: PairStream, start_model: str, reserve_cpus: float):
         self.cfg, self.group, self.stream = cfg, group, stream
-        self.actors = RLActors(cfg, start_model, data_dir, reserve_cpus=reserve_cpus)
+        self.actors = RLActors(cfg, start_model, list(stream.cands.values()), reserve_cpus=reserve_cpus)
         self.version = 0
         self.weights_ref = None
         self.sync_epoch = 0  # collective sync: the current group's epoch (0 = none built yet)

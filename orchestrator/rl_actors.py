@@ -81,7 +81,9 @@ def check_vllm_python(cfg: Config, pg, bundle: int) -> str:
 class RLActors:
     """N rollout workers + M reward actors in one placement group; torn down with ``shutdown``."""
 
-    def __init__(self, cfg: Config, model_path: str, data_dir: str, reserve_cpus: float = 0.0):
+    def __init__(self, cfg: Config, model_path: str, candidates: list[dict], reserve_cpus: float = 0.0):
+        """``candidates``: the training stream's checked candidates; one object-store copy serves every
+        reward actor and their restarts (held here for the actors' lifetime)."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -90,6 +92,7 @@ class RLActors:
 
         self.cfg = cfg
         requests = rl_requests(cfg)
+        self.candidates_ref = ray.put(candidates)
         self.pg = reserve(requests, cfg.cluster.placement_timeout_s, reserve_cpus=reserve_cpus,
                           check_totals=not cfg.cluster.autoscaling)
         ro, rw = cfg.rollout, cfg.reward
@@ -114,7 +117,7 @@ class RLActors:
                 num_cpus=rw.cpus_per_actor, num_gpus=rw.gpus_per_actor, scheduling_strategy=strategy(ro.num_workers + i),
                 max_restarts=rw.max_restarts, max_task_retries=rw.max_restarts,
                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}},
-            ).remote(model_path, data_dir, cfg.data.train_split, reward_cfg, rw.query_encoder, torch_threads=threads)
+            ).remote(model_path, self.candidates_ref, reward_cfg, rw.query_encoder, torch_threads=threads)
             for i in range(rw.num_actors)
         ]
         ray.get([a.info.remote() for a in self.rollout] + [a.cache_info.remote() for a in self.reward])

@@ -485,7 +485,7 @@ class Trainer:
 
         cfg, st = self.cfg, self.state
         stream = self._stream(cfg.refine_rl.batch_by_task)
-        rl = RefineRL(cfg, group, stream, start_model, str(self.data_dir), reserve_cpus=DATA_TASK_CPUS)
+        rl = RefineRL(cfg, group, stream, start_model, reserve_cpus=DATA_TASK_CPUS)
         self.refine_rl = rl  # monitoring hook for tests
         history: list[float] = []
         try:

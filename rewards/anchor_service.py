@@ -7,6 +7,11 @@ functions of ``rewards.functions``. Which encoder embeds the query side is a con
 ``frozen`` (default, the anchors' own encoder) or ``policy`` (the current weights, synced like
 the rollout workers). The actor is stateless apart from the cache, so a restarted actor simply
 recomputes anchors on demand and a retried call returns the same rewards.
+
+The candidates come from the driver: the training stream's own checked set (``PairStream.cands``:
+decoded, normalised, bad ones already counted in ``data/bad_rows``), put in the object store once.
+Re-reading and re-decoding the corpus in each of M actors (and again on every restart) would cost
+start-up time on a large corpus and could disagree with what the learners see.
 """
 
 from __future__ import annotations
@@ -24,10 +29,8 @@ QUERY_ENCODERS = ("frozen", "policy")
 class AnchorRewardService:
     """Scores (query, sampled rewrites) groups against frozen disc anchors of the query's candidates."""
 
-    def __init__(self, model_path: str, data_dir: str, split: str, reward_cfg: dict, query_encoder: str = "frozen",
+    def __init__(self, model_path: str, candidates: list[dict], reward_cfg: dict, query_encoder: str = "frozen",
                  torch_threads: int = 1, batch_size: int = 32):
-        from rime_data.pipeline import PipelineConfig, clean_candidates
-        from rime_data.schema import read_table, split_paths
         from rime_model import Embedder
 
         if query_encoder not in QUERY_ENCODERS:
@@ -39,11 +42,9 @@ class AnchorRewardService:
         self.query_emb = Embedder.load(model_path, device=device) if query_encoder == "policy" else self.anchor_emb
         for e in {id(self.anchor_emb): self.anchor_emb, id(self.query_emb): self.query_emb}.values():
             e.model.requires_grad_(False)
-        _, c_path = split_paths(data_dir, split)
-        # the training stream's own candidate checks (PairStream counts and logs the bad ones): a corrupt
-        # candidate must not fail an anchor batch here; queries whose positive it was never arrive
-        good, _ = clean_candidates(read_table(c_path).to_pylist(), PipelineConfig(reserved_tokens=self.anchor_emb.reserved))
-        self.cands = {c["cand_id"]: c for c in good}
+        # already checked by the stream: a corrupt candidate is not here, and queries whose positive it was
+        # never arrive (a Ray ObjectRef argument arrives resolved; a restarted actor gets the same list)
+        self.cands = {c["cand_id"]: c for c in candidates}
         self.by_task: dict[str, list[str]] = {}
         for cid, c in self.cands.items():
             self.by_task.setdefault(c["task"], []).append(cid)
@@ -134,4 +135,6 @@ class AnchorRewardService:
         return version
 
     def cache_info(self) -> dict[str, Any]:
-        return {"cached": len(self.cache), **self.stats}
+        import os
+
+        return {"cached": len(self.cache), "candidates": len(self.cands), "pid": os.getpid(), **self.stats}

@@ -73,7 +73,7 @@ def rl_setup(request, ray_local, zoo_cache, tmp_path_factory):
     group = LearnerGroup(cfg, model, {"lambda_cma": 1.0, "temperature": 0.02, "ce_weight": 1.0})
     group.call("begin_stage", "refine-rl", stage_config(cfg), cfg.refine_rl.lr, 1, model)
     stream = PairStream(tmp / "data", "train", 0, 64, tmp / "errors.jsonl", group_by_task=False)
-    rl = RefineRL(cfg, group, stream, model, str(tmp / "data"), reserve_cpus=DATA_TASK_CPUS)
+    rl = RefineRL(cfg, group, stream, model, reserve_cpus=DATA_TASK_CPUS)
     yield rl
     rl.shutdown()
     stream.close()
@@ -140,6 +140,22 @@ def test_killed_rollout_worker_is_restarted_and_the_step_completes(rl_setup):
     assert [i["version"] for i in infos] == [rl.version] * 2
     assert sums[0] == pytest.approx(rl.group.call("param_checksum")[0], rel=1e-12)
     assert m2["sync/version"] == rl.version
+
+
+def test_killed_reward_actor_restarts_on_the_drivers_candidate_set(rl_setup):
+    """Reward actors get the training stream's checked candidates through one object-store copy (no actor
+    re-reads or re-decodes the corpus); a reward actor killed between steps comes back with the same set."""
+    import ray
+
+    rl = rl_setup
+    (actor,) = rl.actors.reward
+    before = ray.get(actor.cache_info.remote())
+    assert before["candidates"] == len(rl.stream.cands) > 0
+    os.kill(before["pid"], signal.SIGKILL)
+    m = rl.step(20)
+    after = ray.get(actor.cache_info.remote())
+    assert after["pid"] != before["pid"] and after["candidates"] == before["candidates"]
+    assert after["anchor_misses"] > 0 and m["reward/reward_mean"] == m["reward/reward_mean"]  # it scored the step
 
 
 def test_one_step_stale_pipelining(rl_setup):

@@ -119,9 +119,11 @@ def test_dr_grpo_normalises_by_a_constant_horizon_not_the_micro_batchs_longest_r
 def test_reward_pool_keeps_negatives_when_a_querys_own_list_has_none(tiny, tmp_path):
     """A query whose own candidate list holds only its positive would be scored with no negative
     (acc ≡ 1, no hard-negative term): the service ranks it against its task corpus instead, counts
-    it, and reports the share of rewrites scored without negatives; a corrupt candidate is left out."""
+    it, and reports the share of rewrites scored without negatives. Its candidates are the training
+    stream's checked set, so a corrupt candidate (counted by the stream) is not in any pool."""
     import pyarrow.parquet as pq
 
+    from orchestrator.pairs import PairStream
     from rewards.anchor_service import AnchorRewardService
     from rime_data.synth import write_synth
 
@@ -131,7 +133,9 @@ def test_reward_pool_keeps_negatives_when_a_querys_own_list_has_none(tiny, tmp_p
     bad = next(c for c in cands if c["task"] == "referring" and c["cand_image"])
     bad["cand_image"] = b"broken"
     pq.write_table(pq.read_table(c_path).from_pylist(cands, schema=pq.read_schema(c_path)), c_path)
-    svc = AnchorRewardService(str(tiny.save(tmp_path / "m")), str(tmp_path / "d"), "train",
+    stream = PairStream(tmp_path / "d", "train", 0, 8, tmp_path / "errors.jsonl")
+    assert stream.bad_candidates == 1 and bad["cand_id"] not in stream.cands
+    svc = AnchorRewardService(str(tiny.save(tmp_path / "m")), list(stream.cands.values()),
                               {"top_k": 1, "neg_temperature": 0.05, "format_weight": 0.1, "length_weight": 0.0, "length_target": 24})
     q = next(r for r in pq.read_table(tmp_path / "d/train/queries.parquet").to_pylist()
              if r["task"] == "referring" and r["positive_ids"][0] != bad["cand_id"])
