@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -58,18 +59,49 @@ def tied_keys(model: torch.nn.Module) -> set[str]:
     return tied
 
 
-def load_exported(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load a learner export (tied tensors sent once); anything else missing or extra is an error.
-    PLUME's transition adapter rides along in a learner's export once a run includes the plume stage;
-    a model without one (a rollout worker: rollouts never run latent mode) leaves it out, as vLLM does."""
+def _export_filter(model: torch.nn.Module):
+    """Which export keys ``model`` takes: PLUME's transition adapter rides along in a learner's export
+    once a run includes the plume stage; a model without one (a rollout worker: rollouts never run
+    latent mode) leaves it out, as vLLM does."""
     from rime_model.latent import ADAPTER_ATTR, is_adapter_key
 
-    if not hasattr(model, ADAPTER_ATTR):
-        state_dict = {k: v for k, v in state_dict.items() if not is_adapter_key(k)}
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    bad = sorted(set(missing) - tied_keys(model)) + sorted(unexpected)
+    return (lambda k: True) if hasattr(model, ADAPTER_ATTR) else (lambda k: not is_adapter_key(k))
+
+
+def check_export_keys(model: torch.nn.Module, names: Iterable[str]) -> None:
+    """Raise ``KeyError`` unless a learner export with these keys loads into ``model`` completely (tied
+    tensors sent once; anything else missing or extra is an error). Checked before any weight moves."""
+    keep = _export_filter(model)
+    sent = {k for k in names if keep(k)}
+    have = set(model.state_dict())
+    bad = sorted(have - sent - tied_keys(model)) + sorted(sent - have)
     if bad:
         raise KeyError(f"weights: exported state dict does not match the rollout model: {bad[:5]}")
+
+
+def load_exported(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load a whole learner export (see ``check_export_keys``)."""
+    load_exported_buckets(model, list(state_dict), [list(state_dict.items())])
+
+
+@torch.no_grad()
+def load_exported_buckets(model: torch.nn.Module, names: list[str],
+                          buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> int:
+    """Load a learner export that arrives in pieces (``names``: every key, in order), copying each piece
+    into the model's own tensors before the next is fetched; returns the bytes received."""
+    check_export_keys(model, names)
+    keep, nbytes = _export_filter(model), 0
+    for bucket in buckets:
+        model.load_state_dict({k: v for k, v in bucket if keep(k)}, strict=False)
+        nbytes += sum(v.numel() * v.element_size() for _, v in bucket)
+    return nbytes
+
+
+def drain(buckets: Iterable) -> None:
+    """Receive and drop what is left of a broadcast (a receiver that cannot load it must still take it,
+    or the source waits out the group's timeout)."""
+    for _ in buckets:
+        pass
 
 
 class HfRolloutBackend:
@@ -91,6 +123,13 @@ class HfRolloutBackend:
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         load_exported(self.emb.model, state_dict)
+
+    def check_weight_names(self, names: list[str]) -> None:
+        check_export_keys(self.emb.model, names)
+
+    def load_weight_buckets(self, names: list[str], buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> int:
+        """Each received bucket straight into the model's parameters (on its GPU under NCCL)."""
+        return load_exported_buckets(self.emb.model, names, buckets)
 
     def params(self):
         return self.emb.model.parameters()
@@ -131,6 +170,20 @@ class VllmBackendAdapter:
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.backend.load_weights(state_dict)
+
+    def check_weight_names(self, names: list[str]) -> None:
+        """Nothing to check before receiving: vLLM's ``load_weights`` checks coverage of the whole dict."""
+
+    def load_weight_buckets(self, names: list[str], buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> int:
+        """vLLM reloads all weights in one call, so each received bucket is moved to host memory as it
+        arrives (the GPU holds one bucket beside the engine, never a second copy of the model)."""
+        sd, nbytes = {}, 0
+        for bucket in buckets:
+            for k, v in bucket:
+                sd[k] = v.to("cpu")
+                nbytes += v.numel() * v.element_size()
+        self.backend.load_weights(sd)
+        return nbytes
 
 
 class RolloutWorker:
@@ -189,8 +242,20 @@ class RolloutWorker:
         from .weight_sync import check_member
 
         t = time.perf_counter()
-        sd = check_member(self.sync_group, epoch).receive(meta, bucket_bytes)
-        return self._load(version, sd, t)
+        group = check_member(self.sync_group, epoch)
+        names = [m[0] for m in meta]
+        buckets = group.receive_buckets(meta, bucket_bytes)
+        try:
+            self.backend.check_weight_names(names)
+        except KeyError:
+            drain(buckets)  # the source is broadcasting: take it all, so it is not left waiting out the timeout
+            raise
+        nbytes = self.backend.load_weight_buckets(names, buckets)
+        self.version = version
+        total = time.perf_counter() - t
+        info = {"version": version, "bytes": nbytes, "fetch_s": group.recv_s, "load_s": total - group.recv_s}
+        self.load_log.append(info)
+        return info
 
     def weights_checksum(self) -> float | None:
         """Sum of all parameters in float64 (equals the learners' after a sync); None on vLLM, whose

@@ -6,13 +6,19 @@ The group is built from its own TCPStore and ``ProcessGroupGloo`` / ``ProcessGro
 never through ``init_process_group``, so it lives beside the learners' DeepSpeed group without
 touching it. Weights travel as a few flat buffers (consecutive tensors of one dtype, up to
 ``bucket_bytes`` each) whose layout both sides derive from the same metadata, so a broadcast is a
-handful of collective calls, not one per tensor. Every group has an epoch: a restarted rollout
-worker is not a member of the current one, and the driver rebuilds the group under a new epoch.
+handful of collective calls, not one per tensor. A receiver takes them one bucket at a time
+(``receive_buckets``) and loads each into its model before the next arrives, as OpenRLHF loads each
+broadcast tensor: beside its model it holds one bucket, never a second copy of the model. Every group
+has an epoch: a restarted rollout worker is not a member of the current one, and the driver rebuilds
+the group under a new epoch.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from datetime import timedelta
+
 import torch
 
 WeightMeta = list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype) in broadcast order
@@ -67,6 +73,7 @@ class BroadcastGroup:
             opts._timeout = timeout
             self.pg = dist.ProcessGroupNCCL(prefixed, rank, world, opts)
         self.rank, self.world, self.epoch, self.backend = rank, world, epoch, backend
+        self.recv_s = 0.0  # time the last receive spent in broadcasts (the rest is the caller's loading)
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
     @staticmethod
@@ -87,6 +94,10 @@ class BroadcastGroup:
         opts = torch.distributed.BroadcastOptions()
         opts.rootRank = 0
         self.pg.broadcast([buf], opts).wait()
+        if self.backend == "nccl":
+            # NCCL's wait() only orders the current CUDA stream; block the host too, so the time measured
+            # is the transfer's and a received bucket is complete before the caller reads it
+            torch.cuda.synchronize(self.device)
 
     def send(self, state_dict: dict[str, torch.Tensor], bucket_bytes: int) -> int:
         """Broadcast ``state_dict`` (rank 0); returns the bytes sent."""
@@ -98,16 +109,23 @@ class BroadcastGroup:
             sent += buf.numel() * buf.element_size()
         return sent
 
-    def receive(self, meta: WeightMeta, bucket_bytes: int) -> dict[str, torch.Tensor]:
-        """The state dict rank 0 is broadcasting, as views into the received buffers."""
-        out: dict[str, torch.Tensor] = {}
+    def receive_buckets(self, meta: WeightMeta, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Each bucket rank 0 broadcasts, as (name, view into the received buffer) pairs, received only
+        when the caller asks for it. Consume it to the end: the source sends every bucket, and stops
+        (after the group's timeout) at the first one nobody receives."""
+        self.recv_s = 0.0
         for idx in plan_buckets(meta, bucket_bytes):
             sizes = [torch.Size(meta[i][1]).numel() for i in idx]
+            t = time.perf_counter()
             buf = torch.empty(sum(sizes), dtype=DTYPES[meta[idx[0]][2]], device=self.device)
             self._bcast(buf)
-            for i, part in zip(idx, buf.split(sizes)):
-                out[meta[i][0]] = part.view(meta[i][1])
-        return out
+            self.recv_s += time.perf_counter() - t
+            yield [(meta[i][0], part.view(meta[i][1])) for i, part in zip(idx, buf.split(sizes))]
+            del buf  # the caller has loaded it: at most this bucket and the next are alive
+
+    def receive(self, meta: WeightMeta, bucket_bytes: int) -> dict[str, torch.Tensor]:
+        """The whole state dict at once (every bucket kept): for callers that need it all together."""
+        return {k: v for bucket in self.receive_buckets(meta, bucket_bytes) for k, v in bucket}
 
 
 def check_member(group: BroadcastGroup | None, epoch: int) -> BroadcastGroup:

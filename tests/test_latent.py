@@ -199,3 +199,34 @@ def test_a_rollout_model_without_an_adapter_loads_a_plume_learners_export(tiny_l
         assert torch.equal(v, export[k]), k
     with pytest.raises(KeyError, match="does not match the rollout model"):
         load_exported(plain.model, {**export, "not.a.weight": torch.zeros(1)})
+
+
+def test_a_broadcast_export_loads_bucket_by_bucket_and_a_mismatch_fails_before_any_weight_moves(tiny_latent):
+    """The collective sync loads each received bucket into the model before the next arrives (no second
+    model copy on the rollout GPU); the key check runs on the names first, so a bad export changes nothing."""
+    import torch
+
+    from actors.rollout import load_exported_buckets
+    from actors.weight_sync import plan_buckets, tensor_meta
+    from rime_model import load_embedder
+
+    export = {k: v.clone() for k, v in tiny_latent.model.state_dict().items()}
+    meta = tensor_meta(export)
+    plan = plan_buckets(meta, 1 << 16)
+    assert len(plan) > 3
+    fetched = []
+
+    def buckets():
+        for idx in plan:
+            fetched.append(len(idx))
+            yield [(meta[i][0], export[meta[i][0]]) for i in idx]
+
+    plain = load_embedder("tiny", seed=1)
+    before = {k: v.clone() for k, v in plain.model.state_dict().items()}
+    with pytest.raises(KeyError, match="does not match the rollout model"):
+        load_exported_buckets(plain.model, [m[0] for m in meta] + ["not.a.weight"], buckets())
+    assert fetched == [] and all(torch.equal(v, before[k]) for k, v in plain.model.state_dict().items())
+    nbytes = load_exported_buckets(plain.model, [m[0] for m in meta], buckets())
+    assert fetched == [len(idx) for idx in plan] and nbytes == sum(v.numel() * v.element_size() for v in export.values())
+    for k, v in plain.model.state_dict().items():
+        assert torch.equal(v, export[k]), k

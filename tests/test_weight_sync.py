@@ -36,8 +36,14 @@ def _member(rank: int, port: int, q) -> None:
         sd = _state()
         if rank == 0:
             q.put(("sent", group.send(sd, bucket_bytes=64)))
-        else:
-            got = group.receive(tensor_meta(sd), bucket_bytes=64)
+        else:  # bucket by bucket, as a rollout worker loads them: each arrives when asked for, in plan order
+            meta = tensor_meta(sd)
+            buckets = group.receive_buckets(meta, bucket_bytes=64)
+            got, names = {}, []
+            for bucket in buckets:
+                names.append([k for k, _ in bucket])
+                got.update({k: v.clone() for k, v in bucket})
+            q.put(("buckets", names == [[meta[i][0] for i in idx] for idx in plan_buckets(meta, 64)] and group.recv_s > 0))
             q.put(("equal", all(torch.equal(got[k], sd[k]) and got[k].dtype == sd[k].dtype for k in sd)))
         t = torch.tensor([rank + 1.0])
         dist.all_reduce(t)  # the default group still works
@@ -60,13 +66,13 @@ def test_two_process_gloo_broadcast_beside_the_default_group():
     procs = [ctx.Process(target=_member, args=(r, port, q)) for r in range(2)]
     for p in procs:
         p.start()
-    results = [q.get(timeout=120) for _ in range(4)]
+    results = [q.get(timeout=120) for _ in range(5)]
     for p in procs:
         p.join(timeout=60)
     assert not [r for r in results if r[0] == "error"], results
     sent = [v for k, v in results if k == "sent"][0]
     assert sent == sum(v.numel() * v.element_size() for v in _state().values())
-    assert ("equal", True) in results and [v for k, v in results if k == "default"] == [3.0, 3.0]
+    assert ("equal", True) in results and ("buckets", True) in results and [v for k, v in results if k == "default"] == [3.0, 3.0]
 
 
 def test_membership_is_checked_by_epoch():
