@@ -26,10 +26,13 @@
 #   SUBMIT        a Ray dashboard address (http://HEAD:8265): every arm trains as a Ray job
 #                 (`rime submit --follow`; `rime jobs list` shows them) instead of a local driver.
 #                 Extra arguments then go to `rime submit` (e.g. --profile clusters/profiles/1gpu.yaml).
-#                 RUNS_DIR is made absolute and must be storage both the cluster and this machine
-#                 see (the head's disk when the script runs there), since the evals read the arms'
-#                 models here. The address is checked before any arm starts. Stopping the script
-#                 does not stop a submitted arm: `rime jobs stop ID --address SUBMIT`.
+#                 RUNS_DIR is made absolute (a path on the cluster). With MLFLOW_TRACKING_URI an
+#                 http(s) server (forwarded to the jobs), each arm's eval here scores the model its job
+#                 logged there (the `models:/` URI in the job's log): no storage shared with the
+#                 cluster is needed. Without one, the evals read RUNS_DIR/<run>/final here, so it must
+#                 be storage both see (the head's disk when the script runs there). The address is
+#                 checked before any arm starts. Stopping the script does not stop a submitted arm:
+#                 `rime jobs stop ID --address SUBMIT`.
 # Re-running skips every arm whose report exists, so an interrupted ablation continues. After a failed
 # arm no new arm starts; the ones running finish (and are kept for the re-run), then the script exits 1.
 set -euo pipefail
@@ -104,8 +107,14 @@ run_arm() {  # start_index start seed arm [rime train args...]: train the arm, s
   "$RIME" "${train[@]}" --overwrite --set run.name="$run" --set run.seed="$seed" --set run.out_dir="$RUNS_DIR" \
     --set model.spec="$start" "${extra[@]}" "$@" > "$OUT/logs/$run.log" 2>&1 \
     || { echo "plume_ablation: training $run failed, see $OUT/logs/$run.log" >&2; return 1; }
-  echo "[ablation] eval $run on $TEST_DATA" >&2
-  "$RIME" eval --model "$RUNS_DIR/$run/final" --data "$TEST_DATA" --split test --tasks "$TASKS" \
+  local model="$RUNS_DIR/$run/final"
+  if [ -n "$SUBMIT" ] && [[ ${MLFLOW_TRACKING_URI:-} =~ ^https?:// ]]; then
+    # the job logged its embedder to the tracking server this machine also sees: score that
+    model=$(sed -n 's/.*"model_uri": "\([^"]*\)".*/\1/p' "$OUT/logs/$run.log" | tail -n 1)
+    [ -n "$model" ] || { echo "plume_ablation: the job log of $run names no model_uri (see $OUT/logs/$run.log)" >&2; return 1; }
+  fi
+  echo "[ablation] eval $run ($model) on $TEST_DATA" >&2
+  "$RIME" eval --model "$model" --data "$TEST_DATA" --split test --tasks "$TASKS" \
     --query-mode disc,latent --cand-mode disc,latent --max-queries-per-task "$TEST_QUERIES" \
     --per-query --mlflow none --out "$report.tmp" > "$OUT/logs/eval-$run.log" 2>&1 \
     || { echo "plume_ablation: eval of $run failed, see $OUT/logs/eval-$run.log" >&2; return 1; }

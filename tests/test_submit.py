@@ -363,9 +363,10 @@ def test_jobs_stop_ends_a_running_submission(head_and_mlflow, zoo_cache, capsys)
 @pytest.mark.timeout(900)
 def test_plume_ablation_trains_every_arm_as_a_ray_job(head_and_mlflow, zoo_cache, tiny):
     """`SUBMIT=ADDRESS scripts/plume_ablation.sh`: each arm is a Ray job on the head (its driver joins the
-    cluster), starts from a local model folder given by a relative path and writes its run where the
-    script's local eval reads it (both made absolute, since the job runs in an uploaded copy of the
-    checkout, where a relative path points nowhere), and logs to the forwarded MLflow server."""
+    cluster), starts from a local model folder given by a relative path and writes its run under RUNS_DIR
+    (both made absolute, since the job runs in an uploaded copy of the checkout, where a relative path
+    points nowhere), and logs to the forwarded MLflow server, from which the script's eval loads the
+    arm's model (no storage shared with the cluster needed)."""
     from test_plume_ablation import TRAIN_ARGS  # tests/ is on sys.path (pytest prepend import mode)
 
     c = head_and_mlflow
@@ -388,6 +389,8 @@ def test_plume_ablation_trains_every_arm_as_a_ray_job(head_and_mlflow, zoo_cache
         assert cfg["cluster"]["address"] == "auto" and cfg["plume"]["curriculum"] is curriculum
         assert cfg["run"]["seed"] == seed and cfg["run"]["out_dir"] == str(tmp / "runs")
         assert cfg["model"]["spec"] == str(start.resolve())
+        report = json.loads((tmp / "out" / "reports" / f"m0-seed{seed}-{'cur' if curriculum else 'nocur'}.json").read_text())
+        assert report["model"].startswith("models:/") and report["model"] in log  # the model this job logged
     from ray.job_submission import JobSubmissionClient
 
     jobs = {j.submission_id: j for j in JobSubmissionClient(c["address"]).list_jobs()}
