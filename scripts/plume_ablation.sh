@@ -28,9 +28,10 @@
 #                 Extra arguments then go to `rime submit` (e.g. --profile clusters/profiles/1gpu.yaml).
 #                 RUNS_DIR is made absolute (a path on the cluster). With MLFLOW_TRACKING_URI an
 #                 http(s) server (forwarded to the jobs), each arm's eval here scores the model its job
-#                 logged there (the `models:/` URI in the job's log): no storage shared with the
-#                 cluster is needed. Without one, the evals read RUNS_DIR/<run>/final here, so it must
-#                 be storage both see (the head's disk when the script runs there). The address is
+#                 logged there (the `models:/` URI in the job's log; tracking.log_model, on by default):
+#                 no storage shared with the cluster is needed. Otherwise the evals read
+#                 RUNS_DIR/<run>/final here, so it must be storage both see (the head's disk when the
+#                 script runs there). The address is
 #                 checked before any arm starts. Stopping the script does not stop a submitted arm:
 #                 `rime jobs stop ID --address SUBMIT`.
 # Re-running skips every arm whose report exists, so an interrupted ablation continues. After a failed
@@ -107,11 +108,17 @@ run_arm() {  # start_index start seed arm [rime train args...]: train the arm, s
   "$RIME" "${train[@]}" --overwrite --set run.name="$run" --set run.seed="$seed" --set run.out_dir="$RUNS_DIR" \
     --set model.spec="$start" "${extra[@]}" "$@" > "$OUT/logs/$run.log" 2>&1 \
     || { echo "plume_ablation: training $run failed, see $OUT/logs/$run.log" >&2; return 1; }
-  local model="$RUNS_DIR/$run/final"
+  local model="$RUNS_DIR/$run/final" uri=""
   if [ -n "$SUBMIT" ] && [[ ${MLFLOW_TRACKING_URI:-} =~ ^https?:// ]]; then
     # the job logged its embedder to the tracking server this machine also sees: score that
-    model=$(sed -n 's/.*"model_uri": "\([^"]*\)".*/\1/p' "$OUT/logs/$run.log" | tail -n 1)
-    [ -n "$model" ] || { echo "plume_ablation: the job log of $run names no model_uri (see $OUT/logs/$run.log)" >&2; return 1; }
+    uri=$(sed -n 's/.*"model_uri": "\([^"]*\)".*/\1/p' "$OUT/logs/$run.log" | tail -n 1)
+    if [ -n "$uri" ]; then
+      model=$uri
+    elif [ ! -d "$model" ]; then
+      echo "plume_ablation: the job of $run logged no model (tracking.log_model=false?) and $model is not" \
+           "visible here; keep tracking.log_model=true or put RUNS_DIR on shared storage" >&2
+      return 1
+    fi
   fi
   echo "[ablation] eval $run ($model) on $TEST_DATA" >&2
   "$RIME" eval --model "$model" --data "$TEST_DATA" --split test --tasks "$TASKS" \

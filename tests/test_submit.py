@@ -375,7 +375,8 @@ def test_plume_ablation_trains_every_arm_as_a_ray_job(head_and_mlflow, zoo_cache
     env = _env(RIME=str(VENV_BIN / "rime"), RUNS_DIR=os.path.relpath(tmp / "runs", ROOT), OUT=str(tmp / "out"),
                TEST_DATA=str(tmp / "test"), TEST_QUERIES="6", SUBMIT=c["address"], MLFLOW_TRACKING_URI=c["uri"])
     r = subprocess.run(["bash", "scripts/plume_ablation.sh", "jobs", os.path.relpath(start, ROOT), "0,1", "--profile", PROFILE,
-                        "--env", f"RIME_CACHE={zoo_cache}", "--set", f"data.path={tmp / 'data'}", *TRAIN_ARGS],
+                        "--env", f"RIME_CACHE={zoo_cache}", "--set", f"data.path={tmp / 'data'}", *TRAIN_ARGS,
+                        "--set", "tracking.log_model=true"],  # what the script's eval loads from the MLflow server
                        capture_output=True, text=True, timeout=840, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-4000:]
     assert r.stderr.count("as a Ray job") == 4 and r.stderr.count("[ablation] scored") == 4
