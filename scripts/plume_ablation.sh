@@ -31,9 +31,8 @@
 #                 logged there (the `models:/` URI in the job's log; tracking.log_model, on by default):
 #                 no storage shared with the cluster is needed. Otherwise the evals read
 #                 RUNS_DIR/<run>/final here, so it must be storage both see (the head's disk when the
-#                 script runs there). The address is
-#                 checked before any arm starts. Stopping the script does not stop a submitted arm:
-#                 `rime jobs stop ID --address SUBMIT`.
+#                 script runs there). The address is checked before any arm starts. Stopping the
+#                 script does not stop a submitted arm: `rime jobs stop ID --address SUBMIT`.
 # Re-running skips every arm whose report exists, so an interrupted ablation continues. After a failed
 # arm no new arm starts; the ones running finish (and are kept for the re-run), then the script exits 1.
 set -euo pipefail
