@@ -129,3 +129,4 @@ class RLActors:
         for a in self.rollout + self.reward:
             ray.kill(a, no_restart=True)
         remove_placement_group(self.pg)
+        self.candidates_ref = None  # the last reference: the object store frees the candidate set
