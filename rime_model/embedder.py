@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -108,6 +109,18 @@ def parse_generated(generated: Sequence[int], tokenizer, stop_ids: Sequence[int]
     return Rewrite(text=text, token_ids=ids, well_formed=well_formed)
 
 
+def _tensors(x: Any) -> Iterable[torch.Tensor]:
+    """Every tensor inside a model output (tensors, tuples, lists and ``ModelOutput`` mappings)."""
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
+
+
 class Embedder:
     """An image-text-to-text model with rime's special tokens, producing embeddings in any mode."""
 
@@ -146,6 +159,7 @@ class Embedder:
         # on and off, and a call from another thread meanwhile fails with "Already borrowed". Serving runs
         # one thread per mode on one embedder, so every tokenizer/processor use goes through this lock.
         self.tokenizer_lock = threading.RLock()
+        self._blank_vision: dict[str, torch.Tensor] | None = None  # vision inputs of one blank image
 
     # ------------------------------------------------------------------ properties
     @property
@@ -233,8 +247,50 @@ class Embedder:
     # ------------------------------------------------------------------ forward
     def hidden_states(self, batch: ModelBatch) -> torch.Tensor:
         """Final-layer hidden states [B, T, D] (the backbone only: no vocab-sized logits)."""
-        out = self.model.model(**batch.inputs, use_cache=False)
+        with self.vision_in_step(batch.inputs):
+            out = self.model.model(**batch.inputs, use_cache=False)
         return out.last_hidden_state
+
+    @contextmanager
+    def vision_in_step(self, inputs: dict[str, torch.Tensor]):
+        """Within this context, a training forward without images still runs the vision tower, on one
+        blank image, and adds 0 x its output to the token embeddings.
+
+        Data-parallel ranks must run the same modules in the same order: DeepSpeed reduces only the
+        gradients that exist (ZeRO-1/2 buckets then differ: gloo aborts with "Received data size doesn't
+        match", NCCL hangs) and ZeRO-3 gathers each module's weights as it runs. A learner whose
+        micro-batch happens to be text-only would skip the tower while another rank runs it. The tower
+        runs where a real image's would, right after the token embedding and before the decoder (as
+        LLaMA-Factory and ms-swift do for Qwen2-VL's text-only batches), so forward and backward visit
+        the same modules in the same order on every rank; values and gradients are unchanged."""
+        if not torch.is_grad_enabled() or any(k.startswith("pixel_values") for k in inputs):
+            yield
+            return
+        fired = []
+
+        def add_blank_image(module, args, output):
+            if fired:
+                return output
+            fired.append(True)
+            touched = [t for t in _tensors(self.model.model.get_image_features(**self._blank_vision_inputs()))
+                       if t.is_floating_point() and t.requires_grad]
+            if not touched:  # a frozen vision tower (model.freeze_vision): no gradient to keep in step
+                return output
+            return output + sum(t.float().sum() for t in touched).to(output.dtype) * 0.0
+
+        handle = self.model.get_input_embeddings().register_forward_hook(add_blank_image)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _blank_vision_inputs(self) -> dict[str, torch.Tensor]:
+        """The processor's vision inputs (pixel values, grid) for one small blank image, made once."""
+        if self._blank_vision is None:
+            blank = Image.new("RGB", (56, 56))
+            enc = self._encode_texts([self._media(blank)], [blank])
+            self._blank_vision = {k: v for k, v in enc.items() if k.startswith(("pixel_values", "image_"))}
+        return self._blank_vision
 
     def encode(self, batch: ModelBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised embeddings [B, D] in float32; differentiable (learners call it)."""

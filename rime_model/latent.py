@@ -230,7 +230,8 @@ def latent_pass(emb: "Embedder", items: Sequence["Item"], steps: int,
     enc = emb._encode_texts(texts, [im for _, im, _ in items])
     pos, nxt = _next_positions(emb, enc)
     mrope = pos.dim() == 3
-    out = emb.model.model(**enc, position_ids=pos, use_cache=True)
+    with emb.vision_in_step(enc):  # a text-only batch still runs the vision tower in training (see there)
+        out = emb.model.model(**enc, position_ids=pos, use_cache=True)
     cache, h = out.past_key_values, out.last_hidden_state
     rows = torch.arange(h.shape[0], device=h.device)
     anchor = h[rows, emb._read_positions(enc["input_ids"], "disc_emb")]

@@ -74,8 +74,8 @@ def completion_ce(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.
     """Next-token CE on labelled positions only (the lm head runs on those rows, not the full vocab grid)."""
     shift_labels = labels[:, 1:]
     mask = shift_labels != -100
-    if not bool(mask.any()):
-        return hidden.sum() * 0.0
+    if not bool(mask.any()):  # zero, but through the lm head: ranks must produce the same set of gradients
+        return lm_head(hidden[:, :1]).float().sum() * 0.0
     logits = lm_head(hidden[:, :-1][mask])
     return F.cross_entropy(logits.float(), shift_labels[mask])
 

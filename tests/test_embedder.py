@@ -172,3 +172,25 @@ def test_generation_ignores_the_checkpoints_generation_defaults(tiny, tmp_path):
     assert [ids for ids, _ in got] == [ids for ids, _ in want]
     for (_, lp), (_, lp2) in zip(want, got):
         assert np.allclose(lp, lp2, atol=1e-5)
+
+
+def test_a_text_only_training_forward_runs_the_vision_tower_with_zero_effect(tiny):
+    """Data-parallel ranks must touch the same parameters: a text-only training forward runs the vision
+    tower on a blank image and adds 0 x its output, so every vision weight gets a gradient (of zeros) and the
+    hidden states are those of the plain forward; inference (no grad) skips it."""
+    import torch
+
+    batch = tiny.build_disc_batch(tiny.prepare([{"text": "a red cube left of a blue ball"}]))
+    assert not any(k.startswith("pixel_values") for k in batch.inputs)
+    with torch.no_grad():
+        ref = tiny.hidden_states(batch)
+    vision = [p for n, p in tiny.model.named_parameters() if "visual" in n]
+    try:
+        tiny.model.zero_grad(set_to_none=True)
+        h = tiny.hidden_states(batch)
+        assert torch.equal(h.detach(), ref)
+        h.float().pow(2).sum().backward()
+        assert vision and all(p.grad is not None and not p.grad.any() for p in vision)
+        assert tiny.model.get_input_embeddings().weight.grad.any()  # the text path trained as before
+    finally:
+        tiny.model.zero_grad(set_to_none=True)
