@@ -123,10 +123,6 @@ class BroadcastGroup:
             yield [(meta[i][0], part.view(meta[i][1])) for i, part in zip(idx, buf.split(sizes))]
             del buf  # the caller has loaded it: at most this bucket and the next are alive
 
-    def receive(self, meta: WeightMeta, bucket_bytes: int) -> dict[str, torch.Tensor]:
-        """The whole state dict at once (every bucket kept): for callers that need it all together."""
-        return {k: v for bucket in self.receive_buckets(meta, bucket_bytes) for k, v in bucket}
-
 
 def check_member(group: BroadcastGroup | None, epoch: int) -> BroadcastGroup:
     if group is None or group.epoch != epoch:

@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from .placement import DATA_TASK_CPUS, NODE_RESOURCE_UNIT
+from .placement import BUILTIN_RESOURCES, DATA_TASK_CPUS, NODE_RESOURCE_UNIT
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # What never goes into the uploaded working dir (gitignore syntax, relative to it; Ray also applies
@@ -160,7 +160,7 @@ def load_profile(path: str | Path) -> Profile:
         _only(n, {"name", "count", "cpus", "gpus", "memory_gib", "head", "resources"}, where)
         res = _mapping(n.get("resources") or {}, f"{where}.resources")
         custom = {str(k): _num(res, k, f"{where}.resources") for k in res}
-        if set(custom) & {"CPU", "GPU", "memory", "object_store_memory"}:
+        if set(custom) & set(BUILTIN_RESOURCES):
             raise ProfileError(f"{where}.resources: custom resources only; give CPUs and GPUs as cpus/gpus")
         nodes.append(NodeGroup(str(n.get("name", f"group{i}")), _num(n, "count", where, integer=True, minimum=1),
                                _num(n, "cpus", where), _num(n, "gpus", where, default=0),
