@@ -172,18 +172,25 @@ class VllmBackendAdapter:
         self.backend.load_weights(state_dict)
 
     def check_weight_names(self, names: list[str]) -> None:
-        """Nothing to check before receiving: vLLM's ``load_weights`` checks coverage of the whole dict."""
+        self.backend.check_weight_names(names)
 
     def load_weight_buckets(self, names: list[str], buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> int:
-        """vLLM reloads all weights in one call, so each received bucket is moved to host memory as it
-        arrives (the GPU holds one bucket beside the engine, never a second copy of the model)."""
-        sd, nbytes = {}, 0
-        for bucket in buckets:
-            for k, v in bucket:
-                sd[k] = v.to("cpu")
-                nbytes += v.numel() * v.element_size()
-        self.backend.load_weights(sd)
+        """Each received bucket straight into vLLM's reload (a lazy stream of its tensors): neither the
+        GPU nor the host ever holds a second copy of the model."""
+        nbytes = 0
+
+        def stream():
+            nonlocal nbytes
+            for bucket in buckets:
+                for k, v in bucket:
+                    nbytes += v.numel() * v.element_size()
+                    yield k, v
+
+        self.backend.load_weight_stream(names, stream())
         return nbytes
+
+
+MIXED_WEIGHTS = -1  # a worker's version after a weight load failed part-way: matches no real version
 
 
 class RolloutWorker:
@@ -217,7 +224,11 @@ class RolloutWorker:
     def _load(self, version: int, sd: dict, t_start: float) -> dict:
         """Load fetched weights into the backend and record the version, bytes and fetch/load times."""
         t_fetch = time.perf_counter() - t_start
-        self.backend.load_weights(sd)
+        try:
+            self.backend.load_weights(sd)
+        except Exception:
+            self.version = MIXED_WEIGHTS  # a load that stopped part-way (see receive_weights)
+            raise
         self.version = version
         info = {"version": version, "bytes": sum(v.numel() * v.element_size() for v in sd.values()),
                 "fetch_s": t_fetch, "load_s": time.perf_counter() - t_start - t_fetch}
@@ -250,7 +261,14 @@ class RolloutWorker:
         except KeyError:
             drain(buckets)  # the source is broadcasting: take it all, so it is not left waiting out the timeout
             raise
-        nbytes = self.backend.load_weight_buckets(names, buckets)
+        try:
+            nbytes = self.backend.load_weight_buckets(names, buckets)
+        except Exception:
+            # Part of the new weights may be in: no version is true any more, so the next rollout call is
+            # refused as stale (the driver re-broadcasts) instead of sampling from a mixed model.
+            self.version = MIXED_WEIGHTS
+            drain(buckets)
+            raise
         self.version = version
         total = time.perf_counter() - t
         info = {"version": version, "bytes": nbytes, "fetch_s": group.recv_s, "load_s": total - group.recv_s}

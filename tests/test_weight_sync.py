@@ -80,3 +80,54 @@ def test_membership_is_checked_by_epoch():
         check_member(None, 2)
     with pytest.raises(ValueError, match="gloo or nccl"):
         BroadcastGroup(None, 0, 1, 0, "mpi", 1.0)
+
+
+def _send_file(port: int, path: str, bucket_bytes: int, q) -> None:
+    try:
+        store = torch.distributed.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False)
+        group = BroadcastGroup(store, 0, 2, epoch=1, backend="gloo", timeout_s=20)
+        q.put(("sent", group.send(torch.load(path), bucket_bytes)))
+    except Exception as e:  # pragma: no cover - reported to the test
+        q.put(("error", repr(e)))
+
+
+def test_a_receive_that_fails_part_way_drains_the_broadcast_and_marks_the_worker_stale(tiny, tmp_path):
+    """A real HF rollout worker receives an export whose names match but one tensor has another shape:
+    the rest of its bucket is already in the model when the load fails. The worker takes the rest of the
+    broadcast (the source finishes instead of waiting out the timeout), and holds no version any more,
+    so the next rollout call is refused as stale (the driver re-broadcasts) rather than sampling from a
+    model that is half old, half new."""
+    from actors.rollout import MIXED_WEIGHTS, RolloutWorker
+    from actors.weight_sync import StaleWeightsError
+
+    threads = torch.get_num_threads()
+    worker = RolloutWorker(str(tiny.save(tmp_path / "m")), "hf")
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    export = {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+              for k, v in worker.emb.model.state_dict().items()}
+    bad = list(export)[1]  # in the first bucket: ~150 MB (the embeddings, lm head) still to come after it
+    export[bad] = torch.zeros(export[bad].shape[0] + 1, *export[bad].shape[1:])
+    meta, bucket = tensor_meta(export), 1 << 20
+    plan = plan_buckets(meta, bucket)
+    assert 1 in plan[0] and 0 in plan[0] and len(plan) > 3
+    torch.save(export, tmp_path / "export.pt")
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    sender = ctx.Process(target=_send_file, args=(port, str(tmp_path / "export.pt"), bucket, q))
+    sender.start()
+    try:
+        worker.join_weight_sync("127.0.0.1", port, 1, 2, 1, "gloo", 20)
+        with pytest.raises(RuntimeError, match="size mismatch"):
+            worker.receive_weights(1, 1, meta, bucket)
+        assert q.get(timeout=60) == ("sent", sum(v.numel() * v.element_size() for v in export.values()))
+    finally:
+        sender.join(timeout=60)
+    first = meta[0][0]
+    assert torch.equal(worker.emb.model.state_dict()[first], export[first])  # part of the export did land
+    assert worker.version == MIXED_WEIGHTS
+    greedy = {"max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+    with pytest.raises(StaleWeightsError, match="needs v1"):
+        worker.generate([{"text": "a red circle"}], 1, greedy, weights={"version": 1, "ref": None})
