@@ -281,6 +281,14 @@ class Learner:
             out[k] = v.detach().cpu().clone() if to_cpu else v.detach()
         return out
 
+    def export_to_object_store(self):
+        """``export_weights`` packed for the object store (``weight_sync.ObjectStoreWeights``: readers map it
+        zero-copy); None off rank 0. Collective under ZeRO-3, call on every rank."""
+        from .weight_sync import ObjectStoreWeights
+
+        sd = self.export_weights()
+        return None if sd is None else ObjectStoreWeights(sd)
+
     # ------------------------------------------------------------------ collective weight sync (rank 0 = source)
     def open_weight_sync(self, world: int, epoch: int, backend: str, timeout_s: float) -> tuple[str, int] | None:
         """Rank 0 hosts the rendezvous store of sync group ``epoch``; returns (host, port)."""

@@ -214,11 +214,11 @@ class RolloutWorker:
 
     # ------------------------------------------------------------------ weights
     def update_weights(self, version: int, weights: Any) -> dict:
-        """Load weights ``version`` (a state dict, or a one-element list holding its object ref)."""
-        import ray
+        """Load weights ``version`` (see ``weight_sync.fetch_weights`` for what ``weights`` may be)."""
+        from .weight_sync import fetch_weights
 
         t = time.perf_counter()
-        sd = ray.get(weights[0]) if isinstance(weights, list) else weights
+        sd = fetch_weights(weights)
         return self._load(version, sd, t)
 
     def _load(self, version: int, sd: dict, t_start: float) -> dict:

@@ -16,8 +16,10 @@ the group under a new epoch.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -36,6 +38,43 @@ class StaleWeightsError(RuntimeError):
 
 def tensor_meta(state_dict: dict[str, torch.Tensor]) -> WeightMeta:
     return [(k, tuple(v.shape), str(v.dtype)) for k, v in state_dict.items()]
+
+
+class ObjectStoreWeights:
+    """A learner export as it travels through Ray's object store (``rollout.weight_sync: object_store``).
+
+    Ray gives readers on a node numpy arrays zero-copy, as views of the shared object, but unpickles
+    torch tensors into fresh heap copies (three times the export at the peak of a rollout worker's
+    update, bench/weight_sync.py). Each tensor therefore travels as a flat byte array, and a reader's
+    ``state_dict()`` is built over the shared memory: an update costs it no copy beyond the one it
+    loads into its model. Those tensors are read-only: load them, never write to them.
+    """
+
+    def __init__(self, state_dict: dict[str, torch.Tensor]):
+        self.meta = tensor_meta(state_dict)
+        for name, _, dt in self.meta:
+            if dt not in DTYPES:
+                raise TypeError(f"weights: {name} has dtype {dt}, which the weight sync does not carry ({sorted(DTYPES)})")
+        self.arrays = [v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy() for v in state_dict.values()]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        with warnings.catch_warnings():  # read-only views of the shared object, by design
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return {name: torch.from_numpy(a).view(DTYPES[dt]).reshape(shape)
+                    for (name, shape, dt), a in zip(self.meta, self.arrays)}
+
+
+def fetch_weights(weights: Any) -> dict[str, torch.Tensor]:
+    """The state dict an ``update_weights`` call names: a dict, an ``ObjectStoreWeights``, or a one-element
+    list holding the object ref of either (a ref inside a list is not resolved by Ray before the call)."""
+    import ray
+
+    obj = ray.get(weights[0]) if isinstance(weights, list) else weights
+    return obj.state_dict() if isinstance(obj, ObjectStoreWeights) else obj
 
 
 def plan_buckets(meta: WeightMeta, bucket_bytes: int) -> list[list[int]]:

@@ -79,7 +79,7 @@ class RefineRL:
         import ray
 
         t = time.perf_counter()
-        refs = [a.export_weights.remote() for a in self.group.actors]  # collective under ZeRO-3
+        refs = [a.export_to_object_store.remote() for a in self.group.actors]  # collective under ZeRO-3
         ray.wait(refs, num_returns=len(refs))
         self.weights_ref = refs[0]
         t_export = time.perf_counter() - t
@@ -131,7 +131,7 @@ class RefineRL:
                "sync/load_s_max": max(x["load_s"] for x in loads), "sync/version": float(version),
                "sync/group_rebuilds": float(self.sync_rebuilds)}
         if self.cfg.reward.query_encoder == "policy":  # the reward actors are not in the group
-            refs = [a.export_weights.remote() for a in self.group.actors]
+            refs = [a.export_to_object_store.remote() for a in self.group.actors]
             ray.get([r.update_weights.remote(version, [refs[0]]) for r in self.actors.reward])
         self.version = version
         return out

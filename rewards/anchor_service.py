@@ -123,14 +123,12 @@ class AnchorRewardService:
     # ------------------------------------------------------------------ policy-side query encoder
     def update_weights(self, version: int, weights: Any) -> int:
         """Only with ``query_encoder: policy``; the anchors' encoder never changes."""
-        import ray
-
         if self.query_emb is self.anchor_emb:
             return self.version
-        sd = ray.get(weights[0]) if isinstance(weights, list) else weights
         from actors.rollout import load_exported
+        from actors.weight_sync import fetch_weights
 
-        load_exported(self.query_emb.model, sd)
+        load_exported(self.query_emb.model, fetch_weights(weights))
         self.version = version
         return version
 

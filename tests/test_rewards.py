@@ -146,3 +146,47 @@ def test_reward_pool_keeps_negatives_when_a_querys_own_list_has_none(tiny, tmp_p
     item = {"text": q["qry_text"], "image": q["qry_image"], "instruction": q["qry_inst"] or None}
     out = svc.score([{**q, "query": item, "cand_ids": [pos], "completions": [[1, 2, 3]], "well_formed": [False]}])
     assert out["results"][0]["terms"]["no_negatives"] == [0.0]
+
+
+def test_policy_query_encoder_follows_the_synced_weights_while_the_anchors_stay_frozen(tiny, tmp_path, ray_local):
+    """``reward.query_encoder: policy``: the weights Refine-RL sends through the object store (read-only
+    views of the shared object) go into the (query, rewrite) encoder only, so the rewards move while
+    every anchor stays the starting model's. ``frozen`` ignores the update."""
+    import pyarrow.parquet as pq
+
+    from actors.weight_sync import ObjectStoreWeights
+    from rewards.anchor_service import AnchorRewardService
+    from rime_data.synth import write_synth
+
+    ray = ray_local
+    write_synth(tmp_path / "d", {"train": 3}, seed=0, tasks=("t2i", "referring"))
+    cands = pq.read_table(tmp_path / "d/train/candidates.parquet").to_pylist()
+    queries = pq.read_table(tmp_path / "d/train/queries.parquet").to_pylist()[:3]
+    requests = [{**q, "query": {"text": q["qry_text"], "image": q["qry_image"], "instruction": q["qry_inst"] or None},
+                 "completions": [[11, 12, 13], [14, 15]], "well_formed": [True, False]} for q in queries]
+    rcfg = {"top_k": 1, "neg_temperature": 0.05, "format_weight": 0.1, "length_weight": 0.0, "length_target": 24}
+    path = str(tiny.save(tmp_path / "m"))
+    g = torch.Generator().manual_seed(0)
+    export, seen = {}, set()
+    for k, v in tiny.model.state_dict().items():  # tied tensors once, as the learner exports them
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            export[k] = v + 0.05 * v.float().std() * torch.randn(v.shape, generator=g) if v.numel() > 1 else v.clone()
+    ref = ray.put(ObjectStoreWeights(export))
+
+    def terms(out):
+        return [r["terms"]["pos_sim"] for r in out["results"]], [r["anchor"] for r in out["results"]]
+
+    for encoder in ("policy", "frozen"):
+        svc = AnchorRewardService(path, cands, rcfg, query_encoder=encoder)
+        before, anchors = terms(svc.score(requests))
+        assert svc.update_weights(1, [ref]) == (1 if encoder == "policy" else 0)
+        svc.cache.clear()  # anchors recomputed after the update: still the frozen encoder's
+        after, anchors_after = terms(svc.score(requests))
+        assert anchors_after == anchors
+        if encoder == "policy":
+            assert after != before
+            assert all(torch.equal(p, export[k]) for k, p in svc.query_emb.model.state_dict().items() if k in export)
+            assert svc.anchor_emb is not svc.query_emb
+        else:
+            assert after == before and svc.anchor_emb is svc.query_emb

@@ -336,7 +336,9 @@ def test_vllm_rollout_worker_in_ray_actor_from_base_venv(vllm_python, trained_pa
         assert ids(outs["vllm"]) == ids(outs["hf"])
         assert [s["text"] for s in outs["vllm"]["samples"]] == [s["text"] for s in outs["hf"]["samples"]]
         # a versioned update through the object store, as the Refine-RL driver sends it
-        ref = ray.put(_perturbed_state_dict(trained_path))
+        from actors.weight_sync import ObjectStoreWeights
+
+        ref = ray.put(ObjectStoreWeights(_perturbed_state_dict(trained_path)))  # read-only views, as the driver sends
         for w in workers.values():
             assert ray.get(w.update_weights.remote(1, [ref]), timeout=600)["version"] == 1
         outs_p = {b: ray.get(w.generate.remote(queries, 1, greedy), timeout=600) for b, w in workers.items()}

@@ -131,3 +131,28 @@ def test_a_receive_that_fails_part_way_drains_the_broadcast_and_marks_the_worker
     greedy = {"max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0, "seed": 0}
     with pytest.raises(StaleWeightsError, match="needs v1"):
         worker.generate([{"text": "a red circle"}], 1, greedy, weights={"version": 1, "ref": None})
+
+
+def test_object_store_weights_reach_a_reader_exact_and_zero_copy(ray_local):
+    """Every dtype the sync carries comes back bit-identical in another process, as read-only views of the
+    shared object (a copied array would be writable), and a dtype it cannot carry is refused at packing."""
+    from actors.weight_sync import ObjectStoreWeights, fetch_weights
+
+    ray = ray_local
+    sd = {**_state(), "f": torch.tensor(True), "g": torch.arange(4, dtype=torch.int32).view(2, 2).t()}  # 0-dim, non-contiguous
+
+    @ray.remote(num_cpus=0)
+    def read(weights):
+        shared = [a.flags.writeable for a in ray.get(weights[0]).arrays]
+        return {k: v.clone() for k, v in fetch_weights(weights).items()}, shared
+
+    packed = ObjectStoreWeights(sd)
+    assert packed.nbytes == sum(v.numel() * v.element_size() for v in sd.values())
+    got, writeable = ray.get(read.remote([ray.put(packed)]), timeout=120)
+    assert list(got) == list(sd)
+    for k, v in sd.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    assert writeable == [False] * len(sd), "an array was copied out of the object store"
+    assert all(torch.equal(fetch_weights(packed)[k], v) for k, v in sd.items())  # in-process, no Ray
+    with pytest.raises(TypeError, match="complex64"):
+        ObjectStoreWeights({"z": torch.zeros(2, dtype=torch.complex64)})
