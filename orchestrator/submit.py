@@ -39,6 +39,7 @@ EXCLUDES = [
     ".git", ".venv", ".venv-*", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache", "*.egg-info", ".rime_cache",
     "/runs", "/data", "/mlruns", "/mlartifacts", "*.db", "/build", "/dist",
 ]
+ZOO_NAMES = ("tiny", "small")  # rime_model.zoo.BUILDERS, without importing torch into the submitting shell
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI",)  # copied from the submitting shell unless given with --env
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -376,6 +377,13 @@ def build_job(config: str, overrides: list[str] | None = None, *, profile: str |
         if not Path(val).is_absolute():
             warnings.append(f"{key}={val} is relative: on the cluster it resolves inside the job's temporary copy of "
                             "the working dir; use an absolute path on shared storage to keep the run")
+    model_path = local_model_path(cfg.model.spec)
+    if model_path is not None:
+        where = ("is relative: the job resolves it inside its copy of the working dir, which leaves out "
+                 f"{', '.join(e for e in EXCLUDES if e.startswith('/'))}" if not Path(model_path).is_absolute()
+                 else "is read on the cluster's nodes, not here: it must be on storage they share")
+        warnings.append(f"model.spec={cfg.model.spec} {where}; or pass the models:/ URI a run logged "
+                        "(tracking.log_model) with an MLflow server as MLFLOW_TRACKING_URI")
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     env_vars.update(_parse_env(env or []))
     uri = env_vars.get("MLFLOW_TRACKING_URI", "")
@@ -408,6 +416,19 @@ def client_for(address: str, timeout_s: float = 5.0):
         return JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - the SDK raises bare ConnectionError/RuntimeError
         raise SubmitError(f"--address {address}: {e}") from None
+
+
+def local_model_path(spec: str) -> str | None:
+    """The filesystem path a ``model.spec`` names (a saved folder, or ``hf:`` with a path), else None (a zoo
+    name, which every node builds; a hub id; an MLflow URI, which every node downloads)."""
+    from rime_model.mlflow_uri import is_mlflow_uri
+
+    if spec in ZOO_NAMES or is_mlflow_uri(spec):
+        return None
+    if spec.startswith("hf:"):
+        path = spec[3:]
+        return path if path.startswith(("/", ".", "~")) or Path(path).exists() else None
+    return spec
 
 
 def submit(spec: JobSpec, address: str, entrypoint_num_cpus: float = 0.0, timeout_s: float = 5.0) -> str:

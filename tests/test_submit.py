@@ -62,6 +62,27 @@ def test_job_spec_joins_the_cluster_uploads_the_checkout_and_forwards_tracking(m
     assert any("run.out_dir=runs is relative" in w for w in spec.warnings)
 
 
+def test_a_start_model_on_local_disk_is_flagged_before_submission():
+    """A saved folder as model.spec is read on the cluster: a relative one from the job's upload, which leaves
+    out /runs, an absolute one only where the nodes share it. Zoo names, hub ids and MLflow URIs need nothing."""
+    from orchestrator.submit import ZOO_NAMES
+    from rime_model.zoo import BUILDERS
+
+    assert ZOO_NAMES == tuple(BUILDERS)
+
+    def model_warnings(model):
+        spec = build_job(CONFIG, [f"model.spec={model}"], working_dir=str(ROOT))
+        return [w for w in spec.warnings if w.startswith("model.spec=")]
+
+    for model in ("tiny", "small", "models:/m-0123", "runs:/abc/embedder", "hf:Qwen/Qwen2-VL-2B-Instruct"):
+        assert model_warnings(model) == [], model
+    relative = model_warnings("runs/ref-s0/final")
+    assert len(relative) == 1 and "is relative" in relative[0] and "/runs" in relative[0] and "models:/" in relative[0]
+    for model in ("/shared/ckpt/qwen-cot", "hf:/shared/Qwen2-VL-2B"):
+        absolute = model_warnings(model)
+        assert len(absolute) == 1 and "storage they share" in absolute[0], model
+
+
 def test_excludes_keep_environments_runs_and_data_out_of_the_upload(tmp_path):
     from ray._private.runtime_env.packaging import _zip_files
 
