@@ -333,10 +333,42 @@ class VllmRolloutBackend:
         # so a plain second load_weights hits 0-sized parameters. reload_weights (layerwise reload)
         # restores the checkpoint-format parameters, loads, and re-runs the repacking. The engine runs
         # in this process (no multiprocessing), so the generator is passed, not pickled.
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream, "is_checkpoint_format": True})
-        self.llm.reset_prefix_cache()
-        self.llm.llm_engine.reset_encoder_cache()  # scheduler-side bookkeeping and the runner's cache
-        self.llm.reset_mm_cache()
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream, "is_checkpoint_format": True})
+        except BaseException:
+            # A reload that stops part-way (a broadcast peer died, a tensor had the wrong shape) leaves
+            # every layer not yet complete on the meta device, with the failed attempt's tensors buffered
+            # in vLLM's layerwise state: the engine cannot run, and the next reload replays the stale
+            # tensors (and fails again on a wrong one). Put those layers' previous tensors back, so the
+            # engine runs a mix of old and new weights (the caller marks it stale) and reloads cleanly.
+            self.llm.collective_rpc(_abandon_layerwise_reload)
+            raise
+        finally:
+            self.llm.reset_prefix_cache()
+            self.llm.llm_engine.reset_encoder_cache()  # scheduler-side bookkeeping and the runner's cache
+            self.llm.reset_mm_cache()
+
+
+def _abandon_layerwise_reload(worker: Any) -> int:
+    """Run on each vLLM worker after a failed ``reload_weights``: drop what the failed attempt buffered and
+    let vLLM's own finalize put every unfinished layer's previous kernel tensors back (its path for a
+    layer the checkpoint did not cover). Layers finished before the failure keep their new weights.
+    Returns how many layers were rolled back."""
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import layerwise
+
+    model = worker.get_model()
+    pending = 0
+    for module in model.modules():
+        info = layerwise.LAYERWISE_INFO.get(module)
+        if info is not None and info.can_load():
+            info.loaded_weights.clear()
+            info.load_numel = 0
+            info.load_numel_total = 0  # "nothing to load" rather than "failed to load": no warning per layer
+            pending += 1
+    with set_current_vllm_config(worker.vllm_config):
+        layerwise.finalize_layerwise_reload(model, worker.model_config)
+    return pending
 
 
 # Qwen2-VL weight names exist in two spellings: the saved checkpoint's (``model.layers.*``,
@@ -392,22 +424,30 @@ def _decode_image(b64: str | None):
 
 def _stream_load_job(backend: VllmRolloutBackend, job: dict) -> dict:
     """``load_weight_stream`` fed one tensor at a time, each released by the feeder once handed over (as a
-    broadcast receiver does), with ``names`` lacking any key containing ``leave_out``. Reports how many
-    tensors were pulled, and the most handed-over tensors still alive at any pull (what vLLM holds)."""
+    broadcast receiver does), with ``names`` lacking any key containing ``leave_out``; two loads that fail
+    part-way: the first tensor whose key contains ``bad_shape`` sent with one row too many, or the stream
+    raising at tensor ``fail_at`` (a broadcast whose source died). Reports how many tensors were pulled,
+    and the most handed-over tensors still alive at any pull (what vLLM holds)."""
     import weakref
 
+    import torch
     from safetensors.torch import load_file
 
     sd = load_file(job["safetensors"])
     total = len(sd)
     names = [k for k in sd if not (job.get("leave_out") and job["leave_out"] in k)]
     alive: weakref.WeakSet = weakref.WeakSet()
-    stats = {"pulled": 0, "peak_alive": 0}
+    stats: dict[str, Any] = {"pulled": 0, "peak_alive": 0, "bad_key": None}
 
     def items():
-        for k in list(sd):
+        for i, k in enumerate(list(sd)):
+            if i == job.get("fail_at"):
+                raise RuntimeError(f"the weight source stopped after {i} of {total} tensors")
             stats["peak_alive"] = max(stats["peak_alive"], len(alive))
             v = sd.pop(k)
+            if job.get("bad_shape") and job["bad_shape"] in k and not stats.get("bad_key"):
+                v = torch.cat([v, v[:1]])  # one row too many
+                stats["bad_key"] = k
             alive.add(v)
             stats["pulled"] += 1
             yield k, v
@@ -417,8 +457,8 @@ def _stream_load_job(backend: VllmRolloutBackend, job: dict) -> dict:
     try:
         backend.load_weight_stream(names, items())
         error = None
-    except KeyError as e:
-        error = str(e)
+    except Exception as e:  # noqa: BLE001 - the test asserts which error and what the engine does next
+        error = f"{type(e).__name__}: {e}"
     return {"kind": job["kind"], "name": job.get("name"), "seconds": time.perf_counter() - t, "num_tensors": total, "error": error, **stats}
 
 

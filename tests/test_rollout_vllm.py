@@ -208,9 +208,11 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
     HF's teacher-forced temperature-1 logprobs (also when sampled at T=0.7, top_p=0.9: raw, not
     processed); (c) after load_weights(perturbed HF state dict): greedy changes and == HF's on the
     perturbed weights; (d) the streamed load a collective sync uses: names that miss a layer are
-    refused before one tensor is pulled (the engine still runs the perturbed weights), and a full stream
-    of the original weights, each tensor dropped by the feeder once handed over, brings back the
-    original greedy while vLLM holds only a few of them at any time. One engine for all of it."""
+    refused before one tensor is pulled (the engine still runs the perturbed weights); two loads that fail
+    part-way (a wrong shape inside vLLM's layer processing, a source that dies mid-stream) raise and
+    leave an engine that still runs; and a full stream of the original weights, each tensor dropped by
+    the feeder once handed over, then brings back the original greedy exactly while vLLM holds only a
+    few of them at any time. One engine for all of it."""
     from safetensors.torch import save_file
 
     from rime_model import Embedder
@@ -237,6 +239,10 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
             dict(gen, name="sample_perturbed", n=2, temperature=1.0, seed=3),
             {"kind": "load_weight_stream", "name": "stream_partial", "safetensors": str(original_file), "leave_out": "layers.1."},
             dict(gen, name="greedy_after_refused", n=1, temperature=0.0),
+            {"kind": "load_weight_stream", "name": "stream_bad_shape", "safetensors": str(original_file), "bad_shape": "layers.1.mlp.down_proj"},
+            dict(gen, name="greedy_after_bad_shape", n=1, temperature=0.0),
+            {"kind": "load_weight_stream", "name": "stream_source_died", "safetensors": str(original_file), "fail_at": len(perturbed) // 2},
+            dict(gen, name="greedy_after_source_died", n=1, temperature=0.0),
             {"kind": "load_weight_stream", "name": "stream_full", "safetensors": str(original_file)},
             dict(gen, name="greedy_restored", n=1, temperature=0.0),
         ],
@@ -288,6 +294,14 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
     partial, full = jobs["stream_partial"], jobs["stream_full"]
     assert "lacks" in partial["error"] and partial["pulled"] == 0
     assert [per[0]["ids"] for per in jobs["greedy_after_refused"]["samples"]] == vl_p
+    # (e) loads that fail part-way: they raise, and the engine, rolled back to a mix of old and new
+    # layers, still generates (the "greedy_after_*" jobs ran; without the rollback vLLM fails on meta
+    # tensors) and takes the full reload below (without it, the stale buffered tensor fails it again)
+    bad, died = jobs["stream_bad_shape"], jobs["stream_source_died"]
+    assert bad["error"] and bad["bad_key"] and 0 < bad["pulled"] < bad["num_tensors"], bad
+    assert "stopped after" in died["error"] and died["pulled"] == len(perturbed) // 2, died
+    for name in ("greedy_after_bad_shape", "greedy_after_source_died"):
+        assert all(1 <= len(per[0]["ids"]) <= MAX_NEW for per in jobs[name]["samples"]), name
     assert full["error"] is None and full["pulled"] == full["num_tensors"] == len(perturbed)
     print(f"streamed load: {full['num_tensors']} tensors in {full['seconds']:.2f} s, at most {full['peak_alive']} held by vLLM")
     assert full["peak_alive"] <= full["num_tensors"] // 4, full
