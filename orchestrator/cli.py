@@ -77,7 +77,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from rime_model.zoo import cache_dir
 
     from .evaluate import evaluate, format_table, log_to_mlflow, write_report
-    from .tracking import tracking_uri_or_none
+    from .tracking import tracking_uri_or_none, use_experiment
 
     emb = load_embedder(args.model)
     result = evaluate(
@@ -100,7 +100,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         import mlflow
 
         mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(args.experiment)
+        use_experiment(mlflow, args.experiment, uri)
         print(f"mlflow run: {log_to_mlflow(result, report, params)} ({uri})")
     return 0
 

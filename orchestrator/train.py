@@ -21,7 +21,7 @@ from rime_data.pipeline import PipelineConfig
 
 from .config import Config, dump_config
 from .pairs import PairStream, StreamPosition
-from .tracking import run_dir_uri, tracking_uri_or_none
+from .tracking import run_dir_uri, tracking_uri_or_none, use_experiment
 
 STATE = "state.json"
 
@@ -171,7 +171,7 @@ class Trainer:
 
         uri = tracking_uri_or_none(self.cfg.tracking.uri) or run_dir_uri(self.run_dir)
         mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(self.cfg.tracking.experiment)
+        use_experiment(mlflow, self.cfg.tracking.experiment, uri)
         run = mlflow.start_run(run_id=self.state["mlflow_run_id"], run_name=None if self.state["mlflow_run_id"] else self.cfg.run.name)
         if not self.state["mlflow_run_id"]:
             self.state["mlflow_run_id"] = run.info.run_id

@@ -47,3 +47,33 @@ def test_mlflow_none_turns_tracking_off_even_with_env(monkeypatch):
     assert tracking_uri_or_none("sqlite:///x.db") == "sqlite:///x.db"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert tracking_uri_or_none(None) is None
+
+
+def test_sqlite_store_keeps_its_artifacts_beside_it(tmp_path, monkeypatch):
+    """MLflow's default artifact root for a sqlite store is ./mlruns of the cwd; rime puts them beside the
+    mlflow.db instead (a run dir is self-contained), and an existing experiment keeps its location."""
+    import mlflow
+
+    from orchestrator.tracking import run_dir_uri, sqlite_artifact_root, use_experiment
+
+    monkeypatch.chdir(tmp_path)  # where MLflow's default would have put them
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # set_tracking_uri exports it; restored after
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("a: 1\n")
+    uri = run_dir_uri(run_dir)
+    assert sqlite_artifact_root(uri) == (run_dir / "mlartifacts").resolve()
+    assert sqlite_artifact_root("http://mlflow:5000") is None and sqlite_artifact_root("postgresql://h/db") is None
+    mlflow.set_tracking_uri(uri)
+    try:
+        use_experiment(mlflow, "rime-test", uri)
+        use_experiment(mlflow, "rime-test", uri)  # already exists: set, not created again
+        exp = mlflow.get_experiment_by_name("rime-test")
+        assert exp.artifact_location == (run_dir / "mlartifacts").resolve().as_uri()
+        with mlflow.start_run() as run:
+            mlflow.log_artifact(str(run_dir / "config.yaml"))
+        logged = run_dir / "mlartifacts" / run.info.run_id / "artifacts" / "config.yaml"
+        assert logged.read_text() == "a: 1\n"
+        assert not (tmp_path / "mlruns").exists()
+    finally:
+        mlflow.set_tracking_uri(None)

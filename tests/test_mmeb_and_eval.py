@@ -95,6 +95,7 @@ def test_rime_eval_on_mmeb_fixture_all_pairs(zoo_cache, mmeb_fixture, tmp_path):
     runs = mlflow.search_runs(experiment_names=["rime-eval"])
     assert len(runs) == 1
     assert "metrics.disc_to_disc/hit_at_1" in runs.columns
+    assert runs["artifact_uri"][0].startswith((tmp_path / "mlartifacts").resolve().as_uri())  # beside the db
 
 
 def test_evaluate_counts_bad_rows_and_oracle_mode(tiny, tmp_path):

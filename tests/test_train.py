@@ -67,6 +67,10 @@ def test_run_writes_summary_eval_and_mlflow(uninterrupted):
     assert (run_dir / "eval" / "after-cma.json").is_file() and (run_dir / "eval" / "final.json").is_file()
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.params["learners.num_learners"] == "2"
+    # the run dir is self-contained: its artifacts sit beside its mlflow.db, not in the cwd's ./mlruns
+    assert run.info.artifact_uri.startswith((run_dir / "mlartifacts").resolve().as_uri()), run.info.artifact_uri
+    assert [a.path for a in client.list_artifacts(run.info.run_id) if a.path == "config.yaml"] == ["config.yaml"]
+    assert list((run_dir / "mlartifacts").rglob("config.yaml")), "the logged config is not in the run dir"
     assert "eval/gen_to_disc/hit@1".replace("@", "_at_") in run.data.metrics
 
 
