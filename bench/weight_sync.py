@@ -1,12 +1,14 @@
 """Cost of one weight update on a rollout worker, per transport and backend: seconds, and how far the
-worker's resident memory rises above its level before the update (the transient copy it holds).
+worker's resident memory rises above its level before the update (the transient copy it holds): all of
+it (RSS), and its anonymous part (RSS minus resident shared pages), which leaves out the object store's
+shared-memory pages a zero-copy reader maps (they are the store's, held once per node anyway).
 Transports: ``object_store_dict`` (one ``ray.put`` of the plain state dict: the worker unpickles
 every tensor into a fresh copy, the baseline), ``object_store`` (what Refine-RL sends: the export as
 ``ObjectStoreWeights``, mapped zero-copy by the worker) and ``collective`` (this process is learner
 rank 0 of a gloo broadcast group; the worker loads each bucket of ``--bucket-mb`` as it arrives).
 Backends: ``hf`` always, ``vllm`` when ``.venv-vllm`` exists (otherwise a printed reason). Every cell
-gets a fresh worker, warmed by one rollout, so they start from the same state; ratios are against
-hf/object_store_dict.
+gets a fresh worker, warmed by one rollout and one untimed update, so they start from the same state;
+ratios are against hf/object_store_dict.
 Usage: python bench/weight_sync.py [--model tiny] [--bucket-mb 16] [--repeats 3]
 """
 
@@ -20,7 +22,8 @@ import torch
 
 
 class _RssPeak:
-    """Samples this process's resident set every 2 ms on a thread (tensor copies release the GIL)."""
+    """Samples this process's resident set, and its anonymous part, every 2 ms on a thread (tensor
+    copies release the GIL)."""
 
     def __init__(self):
         import threading
@@ -32,24 +35,28 @@ class _RssPeak:
 
     def _run(self) -> None:
         while not self.stop.wait(0.002):
-            self.peak = max(self.peak, _rss_bytes())
+            self.peak = tuple(map(max, self.peak, _rss_bytes()))
 
-    def done(self) -> int:
+    def done(self) -> tuple[int, int]:
         self.stop.set()
         self.thread.join()
-        return max(self.peak, _rss_bytes()) - self.base
+        peak = tuple(map(max, self.peak, _rss_bytes()))
+        return peak[0] - self.base[0], peak[1] - self.base[1]
 
 
-def _rss_bytes() -> int:
+def _rss_bytes() -> tuple[int, int]:
+    """(resident, resident minus resident shared pages) of this process, in bytes (/proc/self/statm)."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        resident, shared = (int(x) for x in f.read().split()[1:3])
+    page = os.sysconf("SC_PAGE_SIZE")
+    return resident * page, (resident - shared) * page
 
 
 def _start_sampler(worker) -> None:
     worker._bench_rss = _RssPeak()
 
 
-def _stop_sampler(worker) -> int:
+def _stop_sampler(worker) -> tuple[int, int]:
     return worker._bench_rss.done()
 
 
@@ -80,7 +87,10 @@ def _measure(model: str, backend: str, transport: str, export: dict, bucket_byte
         src = BroadcastGroup(store, 0, 2, 1, "gloo", 120)
         ray.get(join)
     seconds, rises = [], []
-    for v in range(1, repeats + 1):
+    # update 0 is a warm-up, not recorded: a worker's first update writes into weights that may still be
+    # copy-on-write pages of the mmapped checkpoint (shared turns anonymous once); Refine-RL's steady
+    # state is the updates after it
+    for v in range(0, repeats + 1):
         sd = _perturbed(export, v)
         ray.get(worker.__ray_call__.remote(_start_sampler))
         t = time.perf_counter()
@@ -92,10 +102,14 @@ def _measure(model: str, backend: str, transport: str, export: dict, bucket_byte
             load = worker.receive_weights.remote(v, 1, tensor_meta(sd), bucket_bytes)
             src.send(sd, bucket_bytes)
             ray.get(load)
-        seconds.append(time.perf_counter() - t)
-        rises.append(ray.get(worker.__ray_call__.remote(_stop_sampler)))
+        if v > 0:
+            seconds.append(time.perf_counter() - t)
+        rise = ray.get(worker.__ray_call__.remote(_stop_sampler))
+        if v > 0:
+            rises.append(rise)
     ray.kill(worker)
-    return {"seconds": sorted(seconds)[len(seconds) // 2], "rise_mib": max(rises) / 2**20}
+    return {"seconds": sorted(seconds)[len(seconds) // 2], "rise_mib": max(r[0] for r in rises) / 2**20,
+            "anon_rise_mib": max(r[1] for r in rises) / 2**20}
 
 
 def main() -> None:
@@ -131,10 +145,12 @@ def main() -> None:
     base = rows[("hf", "object_store_dict")]
     print(f"\nweight update on one rollout worker ({args.model}: {len(export)} tensors, {size / 2**20:.0f} MiB; "
           f"collective buckets <= {args.bucket_mb} MiB, largest {largest_bucket / 2**20:.0f} MiB; 2 CPUs)")
-    print(f"{'backend':>8s} {'transport':>17s} {'seconds':>8s} {'vs base':>8s} {'RSS rise MiB':>13s} {'/ model':>8s}")
+    print(f"{'backend':>8s} {'transport':>17s} {'seconds':>8s} {'vs base':>8s} {'RSS rise MiB':>13s} {'/ model':>8s} "
+          f"{'anon rise MiB':>14s} {'/ model':>8s}")
     for (b, t), r in rows.items():
         print(f"{b:>8s} {t:>17s} {r['seconds']:8.2f} {r['seconds'] / base['seconds']:7.2f}x "
-              f"{r['rise_mib']:13.0f} {r['rise_mib'] * 2**20 / size:7.2f}x")
+              f"{r['rise_mib']:13.0f} {r['rise_mib'] * 2**20 / size:7.2f}x "
+              f"{r['anon_rise_mib']:14.0f} {r['anon_rise_mib'] * 2**20 / size:7.2f}x")
 
 
 if __name__ == "__main__":
