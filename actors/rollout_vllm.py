@@ -349,26 +349,22 @@ class VllmRolloutBackend:
             self.llm.reset_mm_cache()
 
 
-def _abandon_layerwise_reload(worker: Any) -> int:
+def _abandon_layerwise_reload(worker: Any) -> None:
     """Run on each vLLM worker after a failed ``reload_weights``: drop what the failed attempt buffered and
     let vLLM's own finalize put every unfinished layer's previous kernel tensors back (its path for a
-    layer the checkpoint did not cover). Layers finished before the failure keep their new weights.
-    Returns how many layers were rolled back."""
+    layer the checkpoint did not cover). Layers finished before the failure keep their new weights."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.reload import layerwise
 
     model = worker.get_model()
-    pending = 0
     for module in model.modules():
         info = layerwise.LAYERWISE_INFO.get(module)
         if info is not None and info.can_load():
             info.loaded_weights.clear()
             info.load_numel = 0
             info.load_numel_total = 0  # "nothing to load" rather than "failed to load": no warning per layer
-            pending += 1
     with set_current_vllm_config(worker.vllm_config):
         layerwise.finalize_layerwise_reload(model, worker.model_config)
-    return pending
 
 
 # Qwen2-VL weight names exist in two spellings: the saved checkpoint's (``model.layers.*``,
@@ -445,7 +441,7 @@ def _stream_load_job(backend: VllmRolloutBackend, job: dict) -> dict:
                 raise RuntimeError(f"the weight source stopped after {i} of {total} tensors")
             stats["peak_alive"] = max(stats["peak_alive"], len(alive))
             v = sd.pop(k)
-            if job.get("bad_shape") and job["bad_shape"] in k and not stats.get("bad_key"):
+            if job.get("bad_shape") and job["bad_shape"] in k and stats["bad_key"] is None:
                 v = torch.cat([v, v[:1]])  # one row too many
                 stats["bad_key"] = k
             alive.add(v)

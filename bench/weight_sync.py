@@ -102,10 +102,10 @@ def _measure(model: str, backend: str, transport: str, export: dict, bucket_byte
             load = worker.receive_weights.remote(v, 1, tensor_meta(sd), bucket_bytes)
             src.send(sd, bucket_bytes)
             ray.get(load)
-        if v > 0:
-            seconds.append(time.perf_counter() - t)
+        dt = time.perf_counter() - t
         rise = ray.get(worker.__ray_call__.remote(_stop_sampler))
         if v > 0:
+            seconds.append(dt)
             rises.append(rise)
     ray.kill(worker)
     return {"seconds": sorted(seconds)[len(seconds) // 2], "rise_mib": max(r[0] for r in rises) / 2**20,

@@ -97,10 +97,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(f"report: {report}")
     uri = tracking_uri_or_none(args.mlflow)
     if uri:
-        import mlflow
-
-        mlflow.set_tracking_uri(uri)
-        use_experiment(mlflow, args.experiment, uri)
+        use_experiment(uri, args.experiment)
         print(f"mlflow run: {log_to_mlflow(result, report, params)} ({uri})")
     return 0
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import ModuleType
 
 
 NO_TRACKING = frozenset({"none", "off", "false", "0"})
@@ -31,14 +30,17 @@ def sqlite_artifact_root(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
 
 
-def use_experiment(mlflow: ModuleType, name: str, uri: str) -> None:
-    """``mlflow.set_experiment(name)`` on store ``uri``; on a sqlite store a new experiment keeps its
+def use_experiment(uri: str, name: str) -> None:
+    """Point MLflow at store ``uri`` and experiment ``name``; on a sqlite store a new experiment keeps its
     artifacts beside the database (``sqlite_artifact_root``).
 
     MLflow's default puts a sqlite store's artifacts (config, eval reports, the logged model) in
     ``./mlruns`` of whatever directory the process started in, not beside the ``mlflow.db`` they belong
     to: a run dir would not be self-contained, and every run started from one directory would share one
     artifact folder. An experiment that already exists keeps the location it was created with."""
+    import mlflow  # here, not at module level: config.py imports this module and must stay light
+
+    mlflow.set_tracking_uri(uri)
     root = sqlite_artifact_root(uri)
     if root is not None and mlflow.get_experiment_by_name(name) is None:
         mlflow.create_experiment(name, artifact_location=root.as_uri())

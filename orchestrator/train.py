@@ -170,8 +170,7 @@ class Trainer:
         import mlflow
 
         uri = tracking_uri_or_none(self.cfg.tracking.uri) or run_dir_uri(self.run_dir)
-        mlflow.set_tracking_uri(uri)
-        use_experiment(mlflow, self.cfg.tracking.experiment, uri)
+        use_experiment(uri, self.cfg.tracking.experiment)
         run = mlflow.start_run(run_id=self.state["mlflow_run_id"], run_name=None if self.state["mlflow_run_id"] else self.cfg.run.name)
         if not self.state["mlflow_run_id"]:
             self.state["mlflow_run_id"] = run.info.run_id

@@ -64,10 +64,9 @@ def test_sqlite_store_keeps_its_artifacts_beside_it(tmp_path, monkeypatch):
     uri = run_dir_uri(run_dir)
     assert sqlite_artifact_root(uri) == (run_dir / "mlartifacts").resolve()
     assert sqlite_artifact_root("http://mlflow:5000") is None and sqlite_artifact_root("postgresql://h/db") is None
-    mlflow.set_tracking_uri(uri)
     try:
-        use_experiment(mlflow, "rime-test", uri)
-        use_experiment(mlflow, "rime-test", uri)  # already exists: set, not created again
+        use_experiment(uri, "rime-test")
+        use_experiment(uri, "rime-test")  # already exists: set, not created again
         exp = mlflow.get_experiment_by_name("rime-test")
         assert exp.artifact_location == (run_dir / "mlartifacts").resolve().as_uri()
         with mlflow.start_run() as run:

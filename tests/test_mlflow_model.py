@@ -12,14 +12,11 @@ def test_pyfunc_round_trip(tiny_latent, tmp_path):
     import mlflow
 
     from orchestrator.mlflow_model import log_embedder_model
+    from orchestrator.tracking import use_experiment
 
     tiny = tiny_latent
     saved = tiny.save(tmp_path / "emb")
-    from orchestrator.tracking import use_experiment
-
-    uri_db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri_db)
-    use_experiment(mlflow, "t", uri_db)  # artifacts beside the db, not in the cwd's ./mlruns
+    use_experiment(f"sqlite:///{tmp_path / 'mlflow.db'}", "t")  # artifacts beside the db, not in the cwd's ./mlruns
     with mlflow.start_run():
         uri = log_embedder_model(str(saved))
     model = mlflow.pyfunc.load_model(uri)
@@ -41,13 +38,11 @@ def test_mlflow_model_uris_load_as_embedders_anywhere_a_model_is_taken(tiny, tmp
     import yaml
 
     from orchestrator.mlflow_model import log_embedder_model
+    from orchestrator.tracking import use_experiment
     from rime_model import load_embedder
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    from orchestrator.tracking import use_experiment
-
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    use_experiment(mlflow, "uris", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    use_experiment(f"sqlite:///{tmp_path / 'mlflow.db'}", "uris")
     with mlflow.start_run() as run:
         uri = log_embedder_model(str(tiny.save(tmp_path / "final")))
     texts = ["a red circle", "a blue square"]
