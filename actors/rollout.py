@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .weight_sync import WeightMeta, WeightMismatchError, shape_mismatches, tensor_meta
+
 BACKENDS = ("hf", "vllm")
 
 
@@ -68,28 +70,34 @@ def _export_filter(model: torch.nn.Module):
     return (lambda k: True) if hasattr(model, ADAPTER_ATTR) else (lambda k: not is_adapter_key(k))
 
 
-def check_export_keys(model: torch.nn.Module, names: Iterable[str]) -> None:
-    """Raise ``KeyError`` unless a learner export with these keys loads into ``model`` completely (tied
-    tensors sent once; anything else missing or extra is an error). Checked before any weight moves."""
+def check_export(model: torch.nn.Module, meta: WeightMeta) -> None:
+    """Raise ``WeightMismatchError`` unless a learner export described by ``meta`` (name, shape, dtype)
+    loads into ``model`` completely: tied tensors sent once, anything else missing or extra, or of another
+    shape, is an error. Checked before any weight moves, so a bad export leaves the model as it was."""
     keep = _export_filter(model)
-    sent = {k for k in names if keep(k)}
-    have = set(model.state_dict())
-    bad = sorted(have - sent - tied_keys(model)) + sorted(sent - have)
+    meta = [m for m in meta if keep(m[0])]
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    sent = {m[0] for m in meta}
+    bad = sorted(set(have) - sent - tied_keys(model)) + sorted(sent - set(have))
     if bad:
-        raise KeyError(f"weights: exported state dict does not match the rollout model: {bad[:5]}")
+        raise WeightMismatchError(f"weights: exported state dict does not match the rollout model: {bad[:5]}")
+    wrong = shape_mismatches(meta, have)
+    if wrong:
+        raise WeightMismatchError(f"weights: {len(wrong)} exported tensors do not match the rollout model's shapes, "
+                                  f"e.g. {wrong[:3]}; the learners and rollout workers must start from the same model")
 
 
 def load_exported(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load a whole learner export (see ``check_export_keys``)."""
-    load_exported_buckets(model, list(state_dict), [list(state_dict.items())])
+    """Load a whole learner export (see ``check_export``)."""
+    load_exported_buckets(model, tensor_meta(state_dict), [list(state_dict.items())])
 
 
 @torch.no_grad()
-def load_exported_buckets(model: torch.nn.Module, names: list[str],
+def load_exported_buckets(model: torch.nn.Module, meta: WeightMeta,
                           buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> int:
-    """Load a learner export that arrives in pieces (``names``: every key, in order), copying each piece
+    """Load a learner export that arrives in pieces (``meta``: every tensor, in order), copying each piece
     into the model's own tensors before the next is fetched; returns the bytes received."""
-    check_export_keys(model, names)
+    check_export(model, meta)
     keep, nbytes = _export_filter(model), 0
     for bucket in buckets:
         model.load_state_dict({k: v for k, v in bucket if keep(k)}, strict=False)
@@ -124,12 +132,12 @@ class HfRolloutBackend:
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         load_exported(self.emb.model, state_dict)
 
-    def check_weight_names(self, names: list[str]) -> None:
-        check_export_keys(self.emb.model, names)
+    def check_weight_meta(self, meta: WeightMeta) -> None:
+        check_export(self.emb.model, meta)
 
-    def load_weight_buckets(self, names: list[str], buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> int:
+    def load_weight_buckets(self, meta: WeightMeta, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> int:
         """Each received bucket straight into the model's parameters (on its GPU under NCCL)."""
-        return load_exported_buckets(self.emb.model, names, buckets)
+        return load_exported_buckets(self.emb.model, meta, buckets)
 
     def params(self):
         return self.emb.model.parameters()
@@ -171,10 +179,10 @@ class VllmBackendAdapter:
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.backend.load_weights(state_dict)
 
-    def check_weight_names(self, names: list[str]) -> None:
-        self.backend.check_weight_names(names)
+    def check_weight_meta(self, meta: WeightMeta) -> None:
+        self.backend.check_weight_meta(meta)
 
-    def load_weight_buckets(self, names: list[str], buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> int:
+    def load_weight_buckets(self, meta: WeightMeta, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> int:
         """Each received bucket straight into vLLM's reload (a lazy stream of its tensors): neither the
         GPU nor the host ever holds a second copy of the model."""
         nbytes = 0
@@ -186,7 +194,7 @@ class VllmBackendAdapter:
                     nbytes += v.numel() * v.element_size()
                     yield k, v
 
-        self.backend.load_weight_stream(names, stream())
+        self.backend.load_weight_stream(meta, stream())
         return nbytes
 
 
@@ -226,6 +234,8 @@ class RolloutWorker:
         t_fetch = time.perf_counter() - t_start
         try:
             self.backend.load_weights(sd)
+        except WeightMismatchError:
+            raise  # refused before any weight moved: this worker still holds its version
         except Exception:
             self.version = MIXED_WEIGHTS  # a load that stopped part-way (see receive_weights)
             raise
@@ -248,21 +258,25 @@ class RolloutWorker:
     def sync_epoch(self) -> int | None:
         return None if self.sync_group is None else self.sync_group.epoch
 
-    def receive_weights(self, version: int, epoch: int, meta: list, bucket_bytes: int) -> dict:
+    def check_weight_meta(self, meta: WeightMeta) -> None:
+        """Raise ``WeightMismatchError`` unless an export described by ``meta`` loads into this worker's
+        model (the driver asks before the first broadcast, so a mismatch fails the run at once)."""
+        self.backend.check_weight_meta(meta)
+
+    def receive_weights(self, version: int, epoch: int, meta: WeightMeta, bucket_bytes: int) -> dict:
         """Receive learner rank 0's broadcast of weights ``version`` in sync group ``epoch`` and load them."""
         from .weight_sync import check_member
 
         t = time.perf_counter()
         group = check_member(self.sync_group, epoch)
-        names = [m[0] for m in meta]
         buckets = group.receive_buckets(meta, bucket_bytes)
         try:
-            self.backend.check_weight_names(names)
-        except KeyError:
+            self.backend.check_weight_meta(meta)
+        except WeightMismatchError:
             drain(buckets)  # the source is broadcasting: take it all, so it is not left waiting out the timeout
             raise
         try:
-            nbytes = self.backend.load_weight_buckets(names, buckets)
+            nbytes = self.backend.load_weight_buckets(meta, buckets)
         except Exception:
             # Part of the new weights may be in: no version is true any more, so the next rollout call is
             # refused as stale (the driver re-broadcasts) instead of sampling from a mixed model.

@@ -85,6 +85,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from PIL import Image
 
+    from actors.weight_sync import WeightMeta
+
 ARCH = "RimeQwen2VLForConditionalGeneration"
 EMBEDDER_CONFIG = "rime_embedder.json"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -207,7 +209,7 @@ class VllmRolloutBackend:
             mm_device_do_normalize=False,  # normalise on the host like the HF processor
         )
         self.init_seconds = time.perf_counter() - t0
-        self._checkpoint_keys = _checkpoint_keys(path)
+        self._checkpoint_shapes = _checkpoint_shapes(path)
 
     # ------------------------------------------------------------------ prompts
     def prompt_text(self, text: str, image: Any, instruction: str | None = None) -> str:
@@ -289,32 +291,42 @@ class VllmRolloutBackend:
         return [list(o.prompt_token_ids) for o in outs]
 
     # ------------------------------------------------------------------ weight sync
-    def check_weight_names(self, names: Iterable[str]) -> None:
-        """Raise ``KeyError`` unless ``names`` (HF names, as the DeepSpeed learner exports them) cover every
-        tensor of the saved checkpoint. Checked before any weight moves: vLLM's layerwise reload takes
-        each layer off its kernel tensors while loading, so an update that stops part-way leaves an engine
-        that cannot run."""
+    def check_weight_meta(self, meta: "WeightMeta") -> None:
+        """Raise ``WeightMismatchError`` unless ``meta`` ((HF name, shape, dtype), as the DeepSpeed learner
+        exports them) covers every tensor of the saved checkpoint at its shape. Checked before any weight
+        moves: vLLM's layerwise reload takes each layer off its kernel tensors while loading, so an
+        update that stops part-way needs the rollback below, and one that cannot succeed must not start."""
+        from actors.weight_sync import WeightMismatchError, shape_mismatches
         from rime_model.latent import is_adapter_key
 
-        missing = sorted(self._checkpoint_keys - {_canonical_key(k) for k in names if not is_adapter_key(k)})
+        meta = [m for m in meta if not is_adapter_key(m[0])]
+        missing = sorted(set(self._checkpoint_shapes) - {_canonical_key(m[0]) for m in meta})
         if missing:
-            raise KeyError(
+            raise WeightMismatchError(
                 f"load_weights: the state dict lacks {len(missing)} of the model's weights, e.g. {missing[:5]}; "
                 "give the full Qwen2VLForConditionalGeneration.state_dict()"
+            )
+        wrong = shape_mismatches(meta, self._checkpoint_shapes, _canonical_key)
+        if wrong:
+            raise WeightMismatchError(
+                f"load_weights: {len(wrong)} tensors do not match the checkpoint's shapes, e.g. {wrong[:3]}; "
+                "the learners and the vLLM engine must start from the same model"
             )
 
     def load_weights(self, state_dict: dict[str, "torch.Tensor"]) -> None:
         """Replace the engine's weights in place with an HF-named state dict; no engine restart.
 
         Keys are those of ``Qwen2VLForConditionalGeneration.state_dict()`` (what the DeepSpeed learner
-        exports). Every tensor of the saved checkpoint must be covered (a partial dict raises
-        ``KeyError`` before anything is loaded); caches that hold results of the old weights (prefix
+        exports). Every tensor of the saved checkpoint must be covered at its shape (otherwise
+        ``WeightMismatchError`` before anything is loaded); caches that hold results of the old weights (prefix
         KV, vision encoder outputs, processed multimodal inputs) are dropped afterwards.
         """
-        self.load_weight_stream(list(state_dict), iter(state_dict.items()))
+        from actors.weight_sync import tensor_meta
 
-    def load_weight_stream(self, names: list[str], items: Iterable[tuple[str, "torch.Tensor"]]) -> None:
-        """``load_weights`` for weights that arrive one by one (``names``: all of them, known up front).
+        self.load_weight_stream(tensor_meta(state_dict), iter(state_dict.items()))
+
+    def load_weight_stream(self, meta: "WeightMeta", items: Iterable[tuple[str, "torch.Tensor"]]) -> None:
+        """``load_weights`` for weights that arrive one by one (``meta``: all of them, known up front).
 
         ``items`` is consumed lazily inside vLLM's reload, so a collective sync hands each broadcast
         bucket straight to the engine: vLLM keeps a received tensor only until the layer it belongs to
@@ -324,7 +336,7 @@ class VllmRolloutBackend:
 
         from rime_model.latent import is_adapter_key
 
-        self.check_weight_names(names)
+        self.check_weight_meta(meta)
         # PLUME's transition adapter rides along in the learner's state dict; rollouts never run latent mode.
         stream = ((k, v.detach() if isinstance(v, torch.Tensor) else torch.as_tensor(v))
                   for k, v in items if not is_adapter_key(k))
@@ -387,15 +399,16 @@ def _canonical_key(name: str) -> str:
     return name
 
 
-def _checkpoint_keys(path: Path) -> set[str]:
-    """Canonical names of the saved checkpoint's tensors (what a complete weight update must cover)."""
+def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape of the saved checkpoint's tensors (what a complete weight update must
+    cover), read from the safetensors headers without loading any tensor."""
     from safetensors import safe_open
 
-    keys: set[str] = set()
+    shapes: dict[str, tuple[int, ...]] = {}
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as h:
-            keys.update(_canonical_key(k) for k in h.keys())
-    return keys
+            shapes.update((_canonical_key(k), tuple(h.get_slice(k).get_shape())) for k in h.keys())
+    return shapes
 
 
 def _sampled_logprobs(completion) -> list[float]:
@@ -420,10 +433,11 @@ def _decode_image(b64: str | None):
 
 def _stream_load_job(backend: VllmRolloutBackend, job: dict) -> dict:
     """``load_weight_stream`` fed one tensor at a time, each released by the feeder once handed over (as a
-    broadcast receiver does), with ``names`` lacking any key containing ``leave_out``; two loads that fail
-    part-way: the first tensor whose key contains ``bad_shape`` sent with one row too many, or the stream
-    raising at tensor ``fail_at`` (a broadcast whose source died). Reports how many tensors were pulled,
-    and the most handed-over tensors still alive at any pull (what vLLM holds)."""
+    broadcast receiver does). Loads refused up front: ``meta`` lacking any key containing ``leave_out``,
+    or declaring the first key containing ``bad_meta`` one row too long. Two loads that fail part-way:
+    the first tensor whose key contains ``bad_shape`` sent with one row too many (``meta`` declares it
+    right), or the stream raising at tensor ``fail_at`` (a broadcast whose source died). Reports how many
+    tensors were pulled, and the most handed-over tensors still alive at any pull (what vLLM holds)."""
     import weakref
 
     import torch
@@ -431,7 +445,11 @@ def _stream_load_job(backend: VllmRolloutBackend, job: dict) -> dict:
 
     sd = load_file(job["safetensors"])
     total = len(sd)
-    names = [k for k in sd if not (job.get("leave_out") and job["leave_out"] in k)]
+    meta = [(k, tuple(v.shape), str(v.dtype)) for k, v in sd.items() if not (job.get("leave_out") and job["leave_out"] in k)]
+    bad_meta = next((i for i, m in enumerate(meta) if job.get("bad_meta") and job["bad_meta"] in m[0]), None)
+    if bad_meta is not None:
+        name, shape, dtype = meta[bad_meta]
+        meta[bad_meta] = (name, (shape[0] + 1, *shape[1:]), dtype)
     alive: weakref.WeakSet = weakref.WeakSet()
     stats: dict[str, Any] = {"pulled": 0, "peak_alive": 0, "bad_key": None}
 
@@ -451,7 +469,7 @@ def _stream_load_job(backend: VllmRolloutBackend, job: dict) -> dict:
 
     t = time.perf_counter()
     try:
-        backend.load_weight_stream(names, items())
+        backend.load_weight_stream(meta, items())
         error = None
     except Exception as e:  # noqa: BLE001 - the test asserts which error and what the engine does next
         error = f"{type(e).__name__}: {e}"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -36,8 +36,21 @@ class StaleWeightsError(RuntimeError):
     """A rollout call reached a worker holding older weights than it needs (a restart under collective sync)."""
 
 
-def tensor_meta(state_dict: dict[str, torch.Tensor]) -> WeightMeta:
+class WeightMismatchError(ValueError):
+    """A learner export that cannot load into a rollout model (names or shapes differ). Found from the
+    metadata before any weight moves, and never retried: every later sync would fail the same way."""
+
+
+def tensor_meta(state_dict: Mapping[str, torch.Tensor]) -> WeightMeta:
     return [(k, tuple(v.shape), str(v.dtype)) for k, v in state_dict.items()]
+
+
+def shape_mismatches(meta: WeightMeta, shapes: Mapping[str, tuple[int, ...]],
+                     key: Callable[[str], str] = lambda k: k) -> list[str]:
+    """``name: sent (..) but the model has (..)`` for each tensor of ``meta`` whose shape differs from
+    ``shapes[key(name)]`` (names ``shapes`` lacks are the key check's business)."""
+    return [f"{name}: sent {tuple(shape)} but the model has {tuple(shapes[key(name)])}"
+            for name, shape, _ in meta if key(name) in shapes and tuple(shape) != tuple(shapes[key(name)])]
 
 
 class ObjectStoreWeights:

@@ -113,7 +113,10 @@ class RefineRL:
         t = time.perf_counter()
         bucket = self.cfg.rollout.sync_bucket_mb << 20
         if self.weight_meta is None:
-            self.weight_meta = self.group.call("weight_meta")[0]
+            meta = self.group.call("weight_meta")[0]
+            # An export the workers cannot load fails the run here, from its metadata, before a group is built.
+            ray.get([w.check_weight_meta.remote(meta) for w in self.actors.rollout])
+            self.weight_meta = meta
         if ray.get([w.sync_epoch.remote() for w in self.actors.rollout]) != [self.sync_epoch] * len(self.actors.rollout):
             self._build_sync_group()
         sends = [a.broadcast_weights.remote(self.sync_epoch, bucket) for a in self.group.actors]

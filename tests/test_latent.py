@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -197,17 +198,20 @@ def test_a_rollout_model_without_an_adapter_loads_a_plume_learners_export(tiny_l
     load_exported(plain.model, export)
     for k, v in plain.model.state_dict().items():
         assert torch.equal(v, export[k]), k
-    with pytest.raises(KeyError, match="does not match the rollout model"):
+    from actors.weight_sync import WeightMismatchError
+
+    with pytest.raises(WeightMismatchError, match="does not match the rollout model"):
         load_exported(plain.model, {**export, "not.a.weight": torch.zeros(1)})
 
 
 def test_a_broadcast_export_loads_bucket_by_bucket_and_a_mismatch_fails_before_any_weight_moves(tiny_latent):
     """The collective sync loads each received bucket into the model before the next arrives (no second
-    model copy on the rollout GPU); the key check runs on the names first, so a bad export changes nothing."""
+    model copy on the rollout GPU); the names and shapes are checked from the metadata first, so a bad
+    export (an extra key, one tensor of another shape) changes nothing."""
     import torch
 
     from actors.rollout import load_exported_buckets
-    from actors.weight_sync import plan_buckets, tensor_meta
+    from actors.weight_sync import WeightMismatchError, plan_buckets, tensor_meta
     from rime_model import load_embedder
 
     export = {k: v.clone() for k, v in tiny_latent.model.state_dict().items()}
@@ -223,10 +227,14 @@ def test_a_broadcast_export_loads_bucket_by_bucket_and_a_mismatch_fails_before_a
 
     plain = load_embedder("tiny", seed=1)
     before = {k: v.clone() for k, v in plain.model.state_dict().items()}
-    with pytest.raises(KeyError, match="does not match the rollout model"):
-        load_exported_buckets(plain.model, [m[0] for m in meta] + ["not.a.weight"], buckets())
+    with pytest.raises(WeightMismatchError, match="does not match the rollout model"):
+        load_exported_buckets(plain.model, meta + [("not.a.weight", (1,), "torch.float32")], buckets())
+    i = next(i for i, m in enumerate(meta) if "layers.1.mlp.down_proj" in m[0])
+    name, shape, dtype = meta[i]
+    with pytest.raises(WeightMismatchError, match=rf"1 exported tensors do not match .*{re.escape(name)}: sent \({shape[0] + 1},"):
+        load_exported_buckets(plain.model, meta[:i] + [(name, (shape[0] + 1, *shape[1:]), dtype)] + meta[i + 1:], buckets())
     assert fetched == [] and all(torch.equal(v, before[k]) for k, v in plain.model.state_dict().items())
-    nbytes = load_exported_buckets(plain.model, [m[0] for m in meta], buckets())
+    nbytes = load_exported_buckets(plain.model, meta, buckets())
     assert fetched == [len(idx) for idx in plan] and nbytes == sum(v.numel() * v.element_size() for v in export.values())
     for k, v in plain.model.state_dict().items():
         assert torch.equal(v, export[k]), k

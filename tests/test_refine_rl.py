@@ -178,3 +178,46 @@ def test_one_step_stale_pipelining(rl_setup):
     assert rl.trained_position == rl.pending.pos_before  # a checkpoint now would replay the pending batch
     rl.step(22)  # drains the pending batch with staleness back at 0 for the next one
     assert rl.pending is None
+
+
+def test_an_export_the_rollout_workers_cannot_load_fails_the_sync_at_once(rl_setup, monkeypatch):
+    """Learners whose export does not fit the rollout model (one tensor of another shape: they started from
+    another model) fail the sync from its metadata, before any weight moves. Under collective sync the
+    driver asks every worker before it builds a group or broadcasts (so no rebuild and retry of a failure
+    that would repeat); through the object store each worker refuses the export and keeps its version."""
+    import ray
+
+    from actors.weight_sync import ObjectStoreWeights, WeightMismatchError
+
+    rl = rl_setup
+    versions = [i["version"] for i in _rollout_state(rl)[0]]
+    if rl.cfg.rollout.weight_sync == "collective":
+        real_call = rl.group.call
+
+        def call(method, *args, **kwargs):
+            out = real_call(method, *args, **kwargs)
+            if method == "weight_meta":
+                name, shape, dtype = out[0][1]
+                out[0][1] = (name, (shape[0] + 1, *shape[1:]), dtype)
+            return out
+
+        monkeypatch.setattr(rl.group, "call", call)
+        meta, epoch, rebuilds = rl.weight_meta, rl.sync_epoch, rl.sync_rebuilds
+        rl.weight_meta = None
+        try:
+            with pytest.raises(ray.exceptions.RayTaskError) as e:
+                rl.sync_weights(rl.version + 1)
+        finally:
+            rl.weight_meta = meta
+        assert (rl.sync_epoch, rl.sync_rebuilds) == (epoch, rebuilds)  # no group built, no broadcast
+    else:
+        sd = ray.get(rl.weights_ref).state_dict()
+        name = list(sd)[1]
+        sd[name] = torch.zeros(sd[name].shape[0] + 1, *sd[name].shape[1:])
+        bad = ray.put(ObjectStoreWeights(sd))
+        with pytest.raises(ray.exceptions.RayTaskError) as e:
+            ray.get([w.update_weights.remote(rl.version + 1, [bad]) for w in rl.actors.rollout])
+    assert isinstance(e.value.cause, WeightMismatchError) and "do not match the rollout model's shapes" in str(e.value.cause)
+    infos, sums = _rollout_state(rl)
+    assert [i["version"] for i in infos] == versions == [rl.version] * 2  # nothing landed: still the current weights
+    assert sums == pytest.approx([rl.group.call("param_checksum")[0]] * 2, rel=1e-12)

@@ -188,18 +188,30 @@ def _run_vllm(python: str, spec: dict, tmp_path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------- tests
-def test_weight_names_cover_the_checkpoint(tiny, tmp_path):
+def test_weight_meta_covers_the_checkpoint_and_a_wrong_shape_is_refused_up_front(tiny, tmp_path):
     """No vLLM needed: the learner's state_dict() names (transformers v5 spelling) cover every tensor
-    of the saved checkpoint (original spelling) once canonicalised, and a partial dict is caught."""
-    from actors.rollout_vllm import _canonical_key, _checkpoint_keys
+    of the saved checkpoint (original spelling) at its shape once canonicalised, read from the
+    safetensors headers; a partial export and one with a wrong shape are refused from their metadata."""
+    from actors.rollout_vllm import VllmRolloutBackend, _canonical_key, _checkpoint_shapes
+    from actors.weight_sync import WeightMismatchError, tensor_meta
 
     path = tiny.save(tmp_path / "m")
-    ckpt = _checkpoint_keys(path)
-    names = {_canonical_key(k) for k in tiny.model.state_dict()}
-    assert ckpt and ckpt <= names
+    ckpt = _checkpoint_shapes(path)
+    sd = tiny.model.state_dict()
+    shapes = {_canonical_key(k): tuple(v.shape) for k, v in sd.items()}
+    assert ckpt and all(shapes[k] == shape for k, shape in ckpt.items())
     assert "language_model.model.embed_tokens.weight" in ckpt and any(k.startswith("visual.") for k in ckpt)
-    partial = {_canonical_key(k) for k in tiny.model.state_dict() if "layers.1." not in k}
-    assert ckpt - partial
+
+    backend = VllmRolloutBackend.__new__(VllmRolloutBackend)  # the check only needs the checkpoint's shapes
+    backend._checkpoint_shapes = ckpt
+    meta = tensor_meta(sd)
+    backend.check_weight_meta(meta)
+    with pytest.raises(WeightMismatchError, match="lacks"):
+        backend.check_weight_meta([m for m in meta if "layers.1." not in m[0]])
+    i = next(i for i, m in enumerate(meta) if "layers.1.mlp.down_proj" in m[0])
+    wrong = meta[:i] + [(meta[i][0], (meta[i][1][0] + 1, *meta[i][1][1:]), meta[i][2])] + meta[i + 1:]
+    with pytest.raises(WeightMismatchError, match=r"1 tensors do not match.*layers\.1\.mlp\.down_proj.*sent \(\d+, \d+\)"):
+        backend.check_weight_meta(wrong)
 
 
 @pytest.mark.slow
@@ -207,9 +219,9 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
     """(a) greedy == HF greedy token for token, text and image items; (b) sampled-token logprobs ==
     HF's teacher-forced temperature-1 logprobs (also when sampled at T=0.7, top_p=0.9: raw, not
     processed); (c) after load_weights(perturbed HF state dict): greedy changes and == HF's on the
-    perturbed weights; (d) the streamed load a collective sync uses: names that miss a layer are
-    refused before one tensor is pulled (the engine still runs the perturbed weights); two loads that fail
-    part-way (a wrong shape inside vLLM's layer processing, a source that dies mid-stream) raise and
+    perturbed weights; (d) the streamed load a collective sync uses: metadata that misses a layer or
+    declares a wrong shape is refused before one tensor is pulled (the engine still runs the perturbed weights); two loads that fail
+    part-way (a tensor whose shape differs from what its metadata declared, a source that dies mid-stream) raise and
     leave an engine that still runs; and a full stream of the original weights, each tensor dropped by
     the feeder once handed over, then brings back the original greedy exactly while vLLM holds only a
     few of them at any time. One engine for all of it."""
@@ -238,6 +250,7 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
             dict(gen, name="greedy_perturbed", n=1, temperature=0.0),
             dict(gen, name="sample_perturbed", n=2, temperature=1.0, seed=3),
             {"kind": "load_weight_stream", "name": "stream_partial", "safetensors": str(original_file), "leave_out": "layers.1."},
+            {"kind": "load_weight_stream", "name": "stream_bad_meta", "safetensors": str(original_file), "bad_meta": "layers.1.mlp.down_proj"},
             dict(gen, name="greedy_after_refused", n=1, temperature=0.0),
             {"kind": "load_weight_stream", "name": "stream_bad_shape", "safetensors": str(original_file), "bad_shape": "layers.1.mlp.down_proj"},
             dict(gen, name="greedy_after_bad_shape", n=1, temperature=0.0),
@@ -293,6 +306,8 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
     # (d) streamed load: checked before anything moves, consumed lazily, exact
     partial, full = jobs["stream_partial"], jobs["stream_full"]
     assert "lacks" in partial["error"] and partial["pulled"] == 0
+    assert "WeightMismatchError" in jobs["stream_bad_meta"]["error"] and "do not match the checkpoint's shapes" in jobs["stream_bad_meta"]["error"]
+    assert jobs["stream_bad_meta"]["pulled"] == 0
     assert [per[0]["ids"] for per in jobs["greedy_after_refused"]["samples"]] == vl_p
     # (e) loads that fail part-way: they raise, and the engine, rolled back to a mix of old and new
     # layers, still generates (the "greedy_after_*" jobs ran; without the rollback vLLM fails on meta

@@ -82,23 +82,27 @@ def test_membership_is_checked_by_epoch():
         BroadcastGroup(None, 0, 1, 0, "mpi", 1.0)
 
 
-def _send_file(port: int, path: str, bucket_bytes: int, q) -> None:
+def _send_file(port: int, path: str, bucket_bytes: int, q, stop_after: int | None = None) -> None:
+    """Learner rank 0's side: broadcast the state dict saved at ``path``; with ``stop_after``, exit after
+    that many buckets (a source that dies mid-broadcast)."""
     try:
         store = torch.distributed.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False)
         group = BroadcastGroup(store, 0, 2, epoch=1, backend="gloo", timeout_s=20)
-        q.put(("sent", group.send(torch.load(path), bucket_bytes)))
+        sd = torch.load(path)
+        if stop_after is None:
+            q.put(("sent", group.send(sd, bucket_bytes)))
+            return
+        tensors = list(sd.values())
+        for idx in plan_buckets(tensor_meta(sd), bucket_bytes)[:stop_after]:
+            group._bcast(torch.cat([tensors[i].reshape(-1) for i in idx]))
+        q.put(("died", stop_after))
     except Exception as e:  # pragma: no cover - reported to the test
         q.put(("error", repr(e)))
 
 
-def test_a_receive_that_fails_part_way_drains_the_broadcast_and_marks_the_worker_stale(tiny, tmp_path):
-    """A real HF rollout worker receives an export whose names match but one tensor has another shape:
-    the rest of its bucket is already in the model when the load fails. The worker takes the rest of the
-    broadcast (the source finishes instead of waiting out the timeout), and holds no version any more,
-    so the next rollout call is refused as stale (the driver re-broadcasts) rather than sampling from a
-    model that is half old, half new."""
-    from actors.rollout import MIXED_WEIGHTS, RolloutWorker
-    from actors.weight_sync import StaleWeightsError
+def _worker_and_export(tiny, tmp_path):
+    """A real HF rollout worker and a perturbed export of its model (so a landed tensor is visible)."""
+    from actors.rollout import RolloutWorker
 
     threads = torch.get_num_threads()
     worker = RolloutWorker(str(tiny.save(tmp_path / "m")), "hf")
@@ -106,31 +110,72 @@ def test_a_receive_that_fails_part_way_drains_the_broadcast_and_marks_the_worker
     g = torch.Generator().manual_seed(0)
     export = {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
               for k, v in worker.emb.model.state_dict().items()}
-    bad = list(export)[1]  # in the first bucket: ~150 MB (the embeddings, lm head) still to come after it
-    export[bad] = torch.zeros(export[bad].shape[0] + 1, *export[bad].shape[1:])
-    meta, bucket = tensor_meta(export), 1 << 20
-    plan = plan_buckets(meta, bucket)
-    assert 1 in plan[0] and 0 in plan[0] and len(plan) > 3
-    torch.save(export, tmp_path / "export.pt")
+    return worker, export
 
+
+def _receive_from(worker, export: dict, tmp_path, bucket: int, stop_after: int | None = None):
+    """Run ``worker.receive_weights`` (version 1) against a sender process; returns (error or None, what
+    the sender reported)."""
+    torch.save(export, tmp_path / "export.pt")
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    sender = ctx.Process(target=_send_file, args=(port, str(tmp_path / "export.pt"), bucket, q))
+    sender = ctx.Process(target=_send_file, args=(port, str(tmp_path / "export.pt"), bucket, q, stop_after))
     sender.start()
+    error = None
     try:
         worker.join_weight_sync("127.0.0.1", port, 1, 2, 1, "gloo", 20)
-        with pytest.raises(RuntimeError, match="size mismatch"):
-            worker.receive_weights(1, 1, meta, bucket)
-        assert q.get(timeout=60) == ("sent", sum(v.numel() * v.element_size() for v in export.values()))
+        try:
+            worker.receive_weights(1, 1, tensor_meta(export), bucket)
+        except Exception as e:  # noqa: BLE001 - the caller asserts which
+            error = e
+        return error, q.get(timeout=60)
     finally:
         sender.join(timeout=60)
-    first = meta[0][0]
-    assert torch.equal(worker.emb.model.state_dict()[first], export[first])  # part of the export did land
-    assert worker.version == MIXED_WEIGHTS
-    greedy = {"max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+
+
+GREEDY = {"max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+
+
+def test_an_export_of_another_shape_is_refused_before_any_weight_moves_and_the_broadcast_is_drained(tiny, tmp_path):
+    """An export whose names match but one tensor has another shape (learners and rollout workers started
+    from different models) is refused from its metadata: nothing lands, the worker keeps its version, and
+    it takes the whole broadcast anyway, so the source finishes instead of waiting out the timeout."""
+    from actors.weight_sync import StaleWeightsError, WeightMismatchError
+
+    worker, export = _worker_and_export(tiny, tmp_path)
+    before = {k: v.clone() for k, v in worker.emb.model.state_dict().items()}
+    bad = list(export)[1]
+    export[bad] = torch.zeros(export[bad].shape[0] + 1, *export[bad].shape[1:])
+    error, sender = _receive_from(worker, export, tmp_path, 1 << 20)
+    assert isinstance(error, WeightMismatchError) and f"{bad}: sent {tuple(export[bad].shape)}" in str(error), error
+    assert sender == ("sent", sum(v.numel() * v.element_size() for v in export.values()))
+    assert all(torch.equal(v, before[k]) for k, v in worker.emb.model.state_dict().items())
+    assert worker.version == 0 and worker.load_log == []
+    worker.generate([{"text": "a red circle"}], 1, GREEDY, weights={"version": 0, "ref": None})
     with pytest.raises(StaleWeightsError, match="needs v1"):
-        worker.generate([{"text": "a red circle"}], 1, greedy, weights={"version": 1, "ref": None})
+        worker.generate([{"text": "a red circle"}], 1, GREEDY, weights={"version": 1, "ref": None})
+
+
+def test_a_receive_that_fails_part_way_marks_the_worker_stale(tiny, tmp_path):
+    """The source dies after the first bucket of a broadcast: that bucket is already in the worker's model
+    when the receive fails. The worker then holds no version, so the next rollout call is refused as stale
+    (the driver re-broadcasts) rather than sampling from a model that is half old, half new."""
+    from actors.rollout import MIXED_WEIGHTS
+    from actors.weight_sync import StaleWeightsError
+
+    worker, export = _worker_and_export(tiny, tmp_path)
+    bucket = 1 << 20
+    plan = plan_buckets(tensor_meta(export), bucket)
+    assert len(plan) > 3
+    error, sender = _receive_from(worker, export, tmp_path, bucket, stop_after=1)
+    assert sender == ("died", 1) and isinstance(error, RuntimeError), (sender, error)
+    landed, missed = list(export)[plan[0][0]], list(export)[plan[1][0]]
+    state = worker.emb.model.state_dict()
+    assert torch.equal(state[landed], export[landed]) and not torch.equal(state[missed], export[missed])
+    assert worker.version == MIXED_WEIGHTS
+    with pytest.raises(StaleWeightsError, match="needs v1"):
+        worker.generate([{"text": "a red circle"}], 1, GREEDY, weights={"version": 1, "ref": None})
 
 
 def test_object_store_weights_reach_a_reader_exact_and_zero_copy(ray_local):
