@@ -211,7 +211,8 @@ def test_an_export_the_rollout_workers_cannot_load_fails_the_sync_at_once(rl_set
             rl.weight_meta = meta
         assert (rl.sync_epoch, rl.sync_rebuilds) == (epoch, rebuilds)  # no group built, no broadcast
     else:
-        sd = ray.get(rl.weights_ref).state_dict()
+        exports = [a.export_to_object_store.remote() for a in rl.group.actors]  # as a sync does (collective under ZeRO-3)
+        sd = ray.get(exports[0]).state_dict()
         name = list(sd)[1]
         sd[name] = torch.zeros(sd[name].shape[0] + 1, *sd[name].shape[1:])
         bad = ray.put(ObjectStoreWeights(sd))
