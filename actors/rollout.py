@@ -271,17 +271,13 @@ class RolloutWorker:
         group = check_member(self.sync_group, epoch)
         buckets = group.receive_buckets(meta, bucket_bytes)
         try:
-            self.backend.check_weight_meta(meta)
-        except WeightMismatchError:
+            nbytes = self.backend.load_weight_buckets(meta, buckets)  # checks ``meta`` before the first bucket
+        except Exception as e:
+            if not isinstance(e, WeightMismatchError):  # a refused export moved nothing: the version holds
+                # Part of the new weights may be in: no version is true any more, so the next rollout call
+                # is refused as stale (the driver re-broadcasts) instead of sampling from a mixed model.
+                self.version = MIXED_WEIGHTS
             drain(buckets)  # the source is broadcasting: take it all, so it is not left waiting out the timeout
-            raise
-        try:
-            nbytes = self.backend.load_weight_buckets(meta, buckets)
-        except Exception:
-            # Part of the new weights may be in: no version is true any more, so the next rollout call is
-            # refused as stale (the driver re-broadcasts) instead of sampling from a mixed model.
-            self.version = MIXED_WEIGHTS
-            drain(buckets)
             raise
         self.version = version
         total = time.perf_counter() - t

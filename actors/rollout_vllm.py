@@ -443,9 +443,11 @@ def _stream_load_job(backend: VllmRolloutBackend, job: dict) -> dict:
     import torch
     from safetensors.torch import load_file
 
+    from actors.weight_sync import tensor_meta
+
     sd = load_file(job["safetensors"])
     total = len(sd)
-    meta = [(k, tuple(v.shape), str(v.dtype)) for k, v in sd.items() if not (job.get("leave_out") and job["leave_out"] in k)]
+    meta = [m for m in tensor_meta(sd) if not (job.get("leave_out") and job["leave_out"] in m[0])]
     bad_meta = next((i for i, m in enumerate(meta) if job.get("bad_meta") and job["bad_meta"] in m[0]), None)
     if bad_meta is not None:
         name, shape, dtype = meta[bad_meta]
