@@ -155,16 +155,25 @@ class Trainer:
         _write_json_atomic(self.run_dir / STATE, self.state)
 
     def _start_ray(self) -> None:
+        """Connect to ``cluster.address`` or start a local cluster, unless the caller already runs Ray (then
+        that session is used and left running: ``_stop_ray`` only stops what this trainer started)."""
         import ray
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        if ray.is_initialized():
+        self._owns_ray = not ray.is_initialized()
+        if not self._owns_ray:
             return
         if self.cfg.cluster.address:
             ray.init(address=self.cfg.cluster.address, log_to_driver=False)
         else:
             # address="local": always a fresh in-process cluster, never one another process left behind.
             ray.init(address="local", num_cpus=self.cfg.cluster.num_cpus or None, include_dashboard=False, log_to_driver=False)
+
+    def _stop_ray(self) -> None:
+        import ray
+
+        if getattr(self, "_owns_ray", False):
+            ray.shutdown()
 
     def _start_mlflow(self):
         import mlflow
@@ -233,7 +242,7 @@ class Trainer:
         try:
             check_fits(roles, ray.cluster_resources(), reserve_cpus=DATA_TASK_CPUS)
         except Exception:
-            ray.shutdown()
+            self._stop_ray()
             raise
 
     # ------------------------------------------------------------------ the run
@@ -265,7 +274,7 @@ class Trainer:
                 group.shutdown()
         finally:
             self.mlflow.end_run()
-            ray.shutdown()
+            self._stop_ray()
         _write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
 

@@ -21,6 +21,9 @@ def tiny(zoo_cache):
     return load_embedder("tiny")
 
 
+_SESSION_RAY: dict[str, bool] = {"up": False}
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray cluster for the session: 2 CPUs, no dashboard, token auth off (loopback only)."""
@@ -29,8 +32,23 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    _SESSION_RAY["up"] = True
     yield ray
+    _SESSION_RAY["up"] = False
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def session_ray_stays_up(request):
+    """Fail the test that shuts the session's cluster down: every later test holding ``ray_local`` would
+    otherwise meet "Ray has not been started yet", or a cluster Ray Data or Serve auto-started, depending
+    on the order the tests happen to run in."""
+    yield
+    if _SESSION_RAY["up"]:
+        import ray
+
+        if not ray.is_initialized():
+            pytest.fail(f"{request.node.nodeid} shut down the session's Ray cluster: use the ray_local fixture and leave it running")
 
 
 @pytest.fixture(scope="session")

@@ -324,24 +324,20 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
 
 
 @pytest.mark.slow
-def test_vllm_rollout_worker_in_ray_actor_from_base_venv(vllm_python, trained_path, synth_items):
+def test_vllm_rollout_worker_in_ray_actor_from_base_venv(vllm_python, trained_path, synth_items, ray_local):
     """The production path: a .venv driver starts ``RolloutWorker(backend="vllm")`` with the runtime_env
     ``orchestrator.rl_actors`` builds (``.venv-vllm``'s interpreter); its greedy rollouts equal the HF
     worker's token for token, before and after a versioned weight update through the object store, and
     after one through the collective sync (a real gloo broadcast from this process, as learner rank 0
     sends it, in buckets that each worker loads as they arrive)."""
-    import ray
-
     from actors.rollout import RolloutWorker
     from orchestrator.config import parse_config
     from orchestrator.rl_actors import rollout_runtime_env
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray = ray_local  # the session's cluster: later tests keep using it, so this test must not restart it
     greedy = {"max_new_tokens": MAX_NEW, "temperature": 0.0, "top_p": 1.0, "seed": 0}
     queries = _inputs(synth_items)
+    workers = {}
     try:
         from ray.util.placement_group import placement_group, remove_placement_group
 
@@ -351,7 +347,6 @@ def test_vllm_rollout_worker_in_ray_actor_from_base_venv(vllm_python, trained_pa
         ray.get(pg.ready(), timeout=60)
         assert check_vllm_python(parse_config({"rollout": {"backend": "vllm"}}), pg, 0).startswith("0.")  # the pre-flight probe
         remove_placement_group(pg)
-        workers = {}
         for backend in ("vllm", "hf"):
             env = rollout_runtime_env(parse_config({"rollout": {"backend": backend}}))
             workers[backend] = ray.remote(RolloutWorker).options(num_cpus=0.25, runtime_env=env).remote(str(trained_path), backend)
@@ -388,7 +383,6 @@ def test_vllm_rollout_worker_in_ray_actor_from_base_venv(vllm_python, trained_pa
         assert [i["bytes"] for i in infos] == [sent, sent] and [i["version"] for i in infos] == [2, 2]
         outs_c = {b: ray.get(w.generate.remote(queries, 1, greedy), timeout=600) for b, w in workers.items()}
         assert ids(outs_c["vllm"]) == ids(outs_c["hf"]) != ids(outs_p["hf"])
+    finally:
         for w in workers.values():
             ray.kill(w)
-    finally:
-        ray.shutdown()

@@ -112,3 +112,21 @@ def test_bad_config_and_existing_run_dir_fail_fast(uninterrupted, tmp_path):
     r = _run(_cmd(ref_tmp, "huge", "--set", "learners.cpus_per_learner=8"))
     assert r.returncode == 2 and "placement: the roles need" in r.stderr
     assert time.time() - t < 120
+
+
+def test_a_trainer_inside_the_callers_ray_session_leaves_it_running(ray_local, zoo_cache, tmp_path):
+    """A driver that already runs Ray (a Ray job's entrypoint, a notebook) hands its session to the trainer:
+    the run uses that cluster and, when it ends (here: a placement the cluster cannot host), does not shut
+    down Ray under the caller, which ``ray.shutdown()`` in the trainer used to do."""
+    from orchestrator.config import load_config
+    from orchestrator.placement import PlacementError
+    from orchestrator.train import Trainer
+
+    ray = ray_local
+    node = ray.get_runtime_context().get_node_id()
+    argv = _cmd(tmp_path, "inside", "--set", "learners.cpus_per_learner=8")
+    overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    with pytest.raises(PlacementError, match="placement: the roles need"):
+        Trainer(load_config("configs/tiny-cpu.yaml", overrides)).run()
+    assert ray.is_initialized() and ray.get_runtime_context().get_node_id() == node  # the caller's cluster, still up
+    assert ray.get(ray.remote(lambda: 7).options(num_cpus=0).remote(), timeout=60) == 7
