@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .weight_sync import WeightMeta, WeightMismatchError, shape_mismatches, tensor_meta
+from .weight_sync import EngineUnusableError, WeightMeta, WeightMismatchError, shape_mismatches, tensor_meta
 
 BACKENDS = ("hf", "vllm")
 
@@ -236,14 +236,36 @@ class RolloutWorker:
             self.backend.load_weights(sd)
         except WeightMismatchError:
             raise  # refused before any weight moved: this worker still holds its version
-        except Exception:
+        except Exception as e:
             self.version = MIXED_WEIGHTS  # a load that stopped part-way (see receive_weights)
+            self._exit_if_unusable(e)
             raise
         self.version = version
         info = {"version": version, "bytes": sum(v.numel() * v.element_size() for v in sd.values()),
                 "fetch_s": t_fetch, "load_s": time.perf_counter() - t_start - t_fetch}
         self.load_log.append(info)
         return info
+
+    @staticmethod
+    def _exit_if_unusable(err: Exception) -> None:
+        """Inside a Ray actor, end the process when the engine cannot generate any more: Ray counts that as a
+        crash and restarts the actor (``max_restarts``) with a fresh engine at version 0, which the next call
+        brings up to date (its weights token, or the driver's re-broadcast), and re-issues the call
+        (``max_task_retries``). Outside an actor (tests, scripts) the error is raised as it is."""
+        import sys
+
+        if not isinstance(err, EngineUnusableError):
+            return
+        try:
+            import ray
+
+            in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+        except ImportError:
+            in_actor = False
+        if in_actor:
+            print(f"[rime] rollout worker pid {os.getpid()}: {err}. Exiting so that Ray restarts this actor.",
+                  file=sys.stderr, flush=True)
+            os._exit(1)
 
     # ------------------------------------------------------------------ collective weight sync (a receiver)
     def join_weight_sync(self, host: str, port: int, rank: int, world: int, epoch: int, backend: str, timeout_s: float) -> int:
@@ -278,6 +300,7 @@ class RolloutWorker:
                 # is refused as stale (the driver re-broadcasts) instead of sampling from a mixed model.
                 self.version = MIXED_WEIGHTS
             drain(buckets)  # the source is broadcasting: take it all, so it is not left waiting out the timeout
+            self._exit_if_unusable(e)
             raise
         self.version = version
         total = time.perf_counter() - t

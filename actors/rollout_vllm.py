@@ -353,7 +353,13 @@ class VllmRolloutBackend:
             # in vLLM's layerwise state: the engine cannot run, and the next reload replays the stale
             # tensors (and fails again on a wrong one). Put those layers' previous tensors back, so the
             # engine runs a mix of old and new weights (the caller marks it stale) and reloads cleanly.
-            self.llm.collective_rpc(_abandon_layerwise_reload)
+            try:
+                self.llm.collective_rpc(_abandon_layerwise_reload)
+            except BaseException as undo:
+                from actors.weight_sync import EngineUnusableError
+
+                raise EngineUnusableError(f"vLLM: a weight reload failed part-way and undoing it failed too "
+                                          f"({type(undo).__name__}: {undo}); the engine cannot generate") from undo
             raise
         finally:
             self.llm.reset_prefix_cache()
@@ -436,8 +442,10 @@ def _stream_load_job(backend: VllmRolloutBackend, job: dict) -> dict:
     broadcast receiver does). Loads refused up front: ``meta`` lacking any key containing ``leave_out``,
     or declaring the first key containing ``bad_meta`` one row too long. Two loads that fail part-way:
     the first tensor whose key contains ``bad_shape`` sent with one row too many (``meta`` declares it
-    right), or the stream raising at tensor ``fail_at`` (a broadcast whose source died). Reports how many
-    tensors were pulled, and the most handed-over tensors still alive at any pull (what vLLM holds)."""
+    right), or the stream raising at tensor ``fail_at`` (a broadcast whose source died); with
+    ``break_rollback`` the undo of such a failure fails too (the engine is left unusable: run it last).
+    Reports how many tensors were pulled, and the most handed-over tensors still alive at any pull (what
+    vLLM holds)."""
     import weakref
 
     import torch
@@ -469,12 +477,20 @@ def _stream_load_job(backend: VllmRolloutBackend, job: dict) -> dict:
             yield k, v
             del v
 
+    def failing_undo(worker: Any) -> None:
+        raise RuntimeError("the rollback failed (injected by the selftest)")
+
+    undo = globals()["_abandon_layerwise_reload"]
+    if job.get("break_rollback"):
+        globals()["_abandon_layerwise_reload"] = failing_undo
     t = time.perf_counter()
     try:
         backend.load_weight_stream(meta, items())
         error = None
     except Exception as e:  # noqa: BLE001 - the test asserts which error and what the engine does next
         error = f"{type(e).__name__}: {e}"
+    finally:
+        globals()["_abandon_layerwise_reload"] = undo
     return {"kind": job["kind"], "name": job.get("name"), "seconds": time.perf_counter() - t, "num_tensors": total, "error": error, **stats}
 
 

@@ -41,6 +41,12 @@ class WeightMismatchError(ValueError):
     metadata before any weight moves, and never retried: every later sync would fail the same way."""
 
 
+class EngineUnusableError(RuntimeError):
+    """A failed weight load left the inference engine unable to generate (vLLM: the rollback of a reload that
+    stopped part-way failed too). No retry in this process can help: the rollout worker exits so that Ray
+    restarts it (``max_restarts``) with a fresh engine."""
+
+
 def tensor_meta(state_dict: Mapping[str, torch.Tensor]) -> WeightMeta:
     return [(k, tuple(v.shape), str(v.dtype)) for k, v in state_dict.items()]
 

@@ -224,7 +224,8 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
     part-way (a tensor whose shape differs from what its metadata declared, a source that dies mid-stream) raise and
     leave an engine that still runs; and a full stream of the original weights, each tensor dropped by
     the feeder once handed over, then brings back the original greedy exactly while vLLM holds only a
-    few of them at any time. One engine for all of it."""
+    few of them at any time; (f) a part-way failure whose rollback fails too raises EngineUnusableError.
+    One engine for all of it."""
     from safetensors.torch import save_file
 
     from rime_model import Embedder
@@ -258,6 +259,8 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
             dict(gen, name="greedy_after_source_died", n=1, temperature=0.0),
             {"kind": "load_weight_stream", "name": "stream_full", "safetensors": str(original_file)},
             dict(gen, name="greedy_restored", n=1, temperature=0.0),
+            {"kind": "load_weight_stream", "name": "stream_rollback_fails", "safetensors": str(original_file),
+             "fail_at": len(perturbed) // 2, "break_rollback": True},  # last: it leaves the engine unusable
         ],
     }
     res = _run_vllm(vllm_python, spec, tmp_path)
@@ -321,6 +324,11 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
     print(f"streamed load: {full['num_tensors']} tensors in {full['seconds']:.2f} s, at most {full['peak_alive']} held by vLLM")
     assert full["peak_alive"] <= full["num_tensors"] // 4, full
     assert [per[0]["ids"] for per in jobs["greedy_restored"]["samples"]] == vl
+    # (f) a part-way failure whose rollback fails too is reported as an unusable engine (the rollout worker
+    # then exits so that Ray restarts it: tests/test_weight_sync.py), not as an ordinary failed load
+    broken = jobs["stream_rollback_fails"]
+    assert broken["error"].startswith("EngineUnusableError:") and "undoing it failed too" in broken["error"], broken
+    assert "injected by the selftest" in broken["error"] and broken["pulled"] == len(perturbed) // 2
 
 
 @pytest.mark.slow

@@ -178,6 +178,52 @@ def test_a_receive_that_fails_part_way_marks_the_worker_stale(tiny, tmp_path):
         worker.generate([{"text": "a red circle"}], 1, GREEDY, weights={"version": 1, "ref": None})
 
 
+def test_a_worker_whose_engine_became_unusable_exits_and_ray_restarts_it_at_the_version(ray_local, tiny, tmp_path):
+    """A load that leaves the engine unable to generate (vLLM: a reload that failed part-way and whose undo
+    failed too, EngineUnusableError) ends the actor's process. Ray restarts it from the original model and
+    re-issues the update on the fresh engine, so the caller gets the version it asked for, loaded exactly,
+    instead of a worker that fails every later call."""
+    import os
+
+    from actors.rollout import RolloutWorker, load_exported
+    from actors.weight_sync import EngineUnusableError, ObjectStoreWeights
+    from rime_model import Embedder
+
+    ray = ray_local
+    path = str(tiny.save(tmp_path / "m"))
+    marker = str(tmp_path / "engine_broke")
+
+    class EngineBreaksOnce(RolloutWorker):
+        """The first incarnation's engine breaks on its first load; the restarted one is healthy."""
+
+        def __init__(self, model_path: str, marker: str):
+            super().__init__(model_path, "hf")
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+
+                def broken(state_dict):
+                    raise EngineUnusableError("the rollback failed too")
+
+                self.backend.load_weights = broken
+
+    ref_model = Embedder.load(path).model
+    g = torch.Generator().manual_seed(0)
+    export = {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+              for k, v in ref_model.state_dict().items()}
+    load_exported(ref_model, export)
+    expected = float(sum(p.detach().double().sum() for p in ref_model.parameters()))
+
+    actor = ray.remote(EngineBreaksOnce).options(num_cpus=0.25, max_restarts=1, max_task_retries=1).remote(path, marker)
+    first = ray.get(actor.info.remote(), timeout=300)
+    info = ray.get(actor.update_weights.remote(1, [ray.put(ObjectStoreWeights(export))]), timeout=300)
+    after = ray.get(actor.info.remote(), timeout=60)
+    assert os.path.exists(marker) and info["version"] == 1
+    assert after["pid"] != first["pid"] and after["reconstructed"] and not first["reconstructed"]
+    assert after["version"] == 1 and after["loads"] == 1
+    assert ray.get(actor.weights_checksum.remote(), timeout=60) == pytest.approx(expected, rel=1e-12)
+    ray.kill(actor)
+
+
 def test_object_store_weights_reach_a_reader_exact_and_zero_copy(ray_local):
     """Every dtype the sync carries comes back bit-identical in another process, as read-only views of the
     shared object (a copied array would be writable), and a dtype it cannot carry is refused at packing."""
