@@ -334,6 +334,7 @@ class VllmRolloutBackend:
         """
         import torch
 
+        from actors.weight_sync import EngineUnusableError
         from rime_model.latent import is_adapter_key
 
         self.check_weight_meta(meta)
@@ -345,6 +346,7 @@ class VllmRolloutBackend:
         # so a plain second load_weights hits 0-sized parameters. reload_weights (layerwise reload)
         # restores the checkpoint-format parameters, loads, and re-runs the repacking. The engine runs
         # in this process (no multiprocessing), so the generator is passed, not pickled.
+        unusable = False
         try:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream, "is_checkpoint_format": True})
         except BaseException:
@@ -356,15 +358,15 @@ class VllmRolloutBackend:
             try:
                 self.llm.collective_rpc(_abandon_layerwise_reload)
             except BaseException as undo:
-                from actors.weight_sync import EngineUnusableError
-
+                unusable = True
                 raise EngineUnusableError(f"vLLM: a weight reload failed part-way and undoing it failed too "
                                           f"({type(undo).__name__}: {undo}); the engine cannot generate") from undo
             raise
         finally:
-            self.llm.reset_prefix_cache()
-            self.llm.llm_engine.reset_encoder_cache()  # scheduler-side bookkeeping and the runner's cache
-            self.llm.reset_mm_cache()
+            if not unusable:  # a broken engine is replaced whole, and a failing reset here would hide why
+                self.llm.reset_prefix_cache()
+                self.llm.llm_engine.reset_encoder_cache()  # scheduler-side bookkeeping and the runner's cache
+                self.llm.reset_mm_cache()
 
 
 def _abandon_layerwise_reload(worker: Any) -> None:
