@@ -234,11 +234,8 @@ class RolloutWorker:
         t_fetch = time.perf_counter() - t_start
         try:
             self.backend.load_weights(sd)
-        except WeightMismatchError:
-            raise  # refused before any weight moved: this worker still holds its version
         except Exception as e:
-            self.version = MIXED_WEIGHTS  # a load that stopped part-way (see receive_weights)
-            self._exit_if_unusable(e)
+            self._load_failed(e)
             raise
         self.version = version
         info = {"version": version, "bytes": sum(v.numel() * v.element_size() for v in sd.values()),
@@ -246,23 +243,24 @@ class RolloutWorker:
         self.load_log.append(info)
         return info
 
-    @staticmethod
-    def _exit_if_unusable(err: Exception) -> None:
-        """Inside a Ray actor, end the process when the engine cannot generate any more: Ray counts that as a
-        crash and restarts the actor (``max_restarts``) with a fresh engine at version 0, which the next call
-        brings up to date (its weights token, or the driver's re-broadcast), and re-issues the call
-        (``max_task_retries``). Outside an actor (tests, scripts) the error is raised as it is."""
+    def _load_failed(self, err: Exception) -> None:
+        """What a failed weight load leaves (the caller re-raises ``err``).
+
+        - ``WeightMismatchError``: refused before any weight moved, so the worker still holds its version.
+        - Anything else may have stopped part-way: no version is true any more, so the next rollout call is
+          refused as stale (the driver re-broadcasts) instead of sampling from a half-updated model.
+        - ``EngineUnusableError`` inside a Ray actor: the process ends. Ray counts that as a crash, restarts
+          the actor (``max_restarts``) with a fresh engine at version 0 and re-issues the call
+          (``max_task_retries``). Outside an actor (tests, scripts) the error is only raised.
+        """
         import sys
 
-        if not isinstance(err, EngineUnusableError):
-            return
-        try:
-            import ray
+        import ray
 
-            in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
-        except ImportError:
-            in_actor = False
-        if in_actor:
+        if isinstance(err, WeightMismatchError):
+            return
+        self.version = MIXED_WEIGHTS
+        if isinstance(err, EngineUnusableError) and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
             print(f"[rime] rollout worker pid {os.getpid()}: {err}. Exiting so that Ray restarts this actor.",
                   file=sys.stderr, flush=True)
             os._exit(1)
@@ -295,12 +293,10 @@ class RolloutWorker:
         try:
             nbytes = self.backend.load_weight_buckets(meta, buckets)  # checks ``meta`` before the first bucket
         except Exception as e:
-            if not isinstance(e, WeightMismatchError):  # a refused export moved nothing: the version holds
-                # Part of the new weights may be in: no version is true any more, so the next rollout call
-                # is refused as stale (the driver re-broadcasts) instead of sampling from a mixed model.
-                self.version = MIXED_WEIGHTS
-            drain(buckets)  # the source is broadcasting: take it all, so it is not left waiting out the timeout
-            self._exit_if_unusable(e)
+            try:
+                drain(buckets)  # the source is broadcasting: take it all, so it is not left waiting out the timeout
+            finally:
+                self._load_failed(e)  # even when the drain fails too (the source died)
             raise
         self.version = version
         total = time.perf_counter() - t

@@ -149,6 +149,7 @@ class Trainer:
         }
         dump_config(cfg, self.run_dir / "config.yaml")
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self._owns_ray = False  # set by _start_ray: stop Ray at the end only if this trainer started it
 
     # ------------------------------------------------------------------ plumbing
     def _save_state(self) -> None:
@@ -172,7 +173,7 @@ class Trainer:
     def _stop_ray(self) -> None:
         import ray
 
-        if getattr(self, "_owns_ray", False):
+        if self._owns_ray:
             ray.shutdown()
 
     def _start_mlflow(self):
