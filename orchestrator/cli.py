@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train", type=int, default=200, help="queries per task in train (0 = skip split)")
     s.add_argument("--val", type=int, default=50)
     s.add_argument("--test", type=int, default=50)
-    s.add_argument("--tasks", default=None, help="comma list; default t2i,i2t,cls,vqa,composed,referring (opt-in: referring_compose)")
+    s.add_argument("--tasks", default=None, help="comma list; default t2i,i2t,cls,vqa,composed,referring (opt-in: referring_compose, referring_chain)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-size", type=int, default=84)
     m = dsub.add_parser("import-mmeb", help="convert MMEB eval files (.jsonl/.parquet) into rime's schema")

@@ -15,6 +15,12 @@ Tasks (all "image" group):
              -> the single-object picture that combines the two. Two relational look-ups and a
              recombination: a multi-step problem whose explicit reasoning resolves one relation per
              segment, made to test whether PLUME's curriculum carries that reasoning into latent steps.
+  referring_chain  (opt-in) text-only: five objects on a ring given as shuffled facts ("After the red
+             circle comes the blue square.") + "pictures of the object three places after the green
+             cross" -> the single-object picture. Three chained look-ups, each a copy from the text
+             that the reasoning writes out one per segment: written reasoning a small model can learn
+             while one pass has to chain three look-ups, i.e. a positive control for PLUME's
+             curriculum that does not depend on the tiny vision tower.
 
 Every query carries its ideal rewrite and four explicit reasoning segments (PLUME curriculum).
 Splits are assigned by a stable hash of the query's content key, so no caption, edit or
@@ -34,7 +40,8 @@ from .scenes import COLORS, SHAPES, Scene, SceneObject, png_bytes, random_scene,
 from .schema import CANDIDATE_SCHEMA, QUERY_SCHEMA, SPLITS, write_table
 
 TASKS = ("t2i", "i2t", "cls", "vqa", "composed", "referring")  # the default benchmark
-EXTRA_TASKS = ("referring_compose",)  # opt-in: ``tasks=("referring_compose",)``
+EXTRA_TASKS = ("referring_compose", "referring_chain")  # opt-in: ``tasks=("referring_compose",)``
+CHAIN_OBJECTS, CHAIN_HOPS = 5, 3  # referring_chain: ring size and look-ups per query
 SPLIT_BUCKETS = {"train": range(0, 8), "val": range(8, 9), "test": range(9, 10)}  # of 10 hash buckets
 IMAGE_INST = "Represent the given image."
 NUMBERS = {1: "one", 2: "two", 3: "three"}
@@ -259,8 +266,34 @@ def _referring_compose(rng, split, n, size, data: SplitData) -> None:
         ))
 
 
+def _referring_chain(rng, split, n, size, data: SplitData) -> None:
+    """Five objects on a ring, told as shuffled facts. Every object has its own shape AND its own
+    colour, so either word names it and each written hop is a plain copy from the text; on a ring
+    there is no first or last object, so no answer can be read off without following the chain."""
+    ids = _single_object_candidates("referring_chain", split, size, rng, data)
+    for i in range(n):
+        while True:
+            ring = [SceneObject(sh, c, col, 0) for col, (sh, c) in
+                    enumerate(zip(rng.sample(SHAPES, CHAIN_OBJECTS), rng.sample(list(COLORS), CHAIN_OBJECTS)))]
+            facts = [f"After the {a.name} comes the {b.name}." for a, b in zip(ring, ring[1:] + ring[:1])]
+            rng.shuffle(facts)
+            start = rng.randrange(CHAIN_OBJECTS)
+            text = (f"Five objects stand in a ring. {' '.join(facts)} "
+                    f"Pictures of the object {NUMBERS[CHAIN_HOPS]} places after the {ring[start].name}.")
+            if split_of("referring_chain:" + text) == split:
+                break
+        path = [ring[(start + k) % CHAIN_OBJECTS] for k in range(CHAIN_HOPS + 1)]
+        answer = path[-1].a_name
+        data.queries.append(dict(
+            query_id=f"referring_chain/{split}/q{i}", task="referring_chain",
+            qry_inst="Find pictures of the object the text refers to.",
+            qry_text=text, positive_ids=[ids[(path[-1].shape, path[-1].color)]], rewrite=answer,
+            reasoning=_reasoning(*[f"After the {a.name} comes the {b.name}." for a, b in zip(path, path[1:])], answer),
+        ))
+
+
 TASK_BUILDERS = {"t2i": _t2i, "i2t": _i2t, "cls": _cls, "vqa": _vqa, "composed": _composed, "referring": _referring,
-                 "referring_compose": _referring_compose}
+                 "referring_compose": _referring_compose, "referring_chain": _referring_chain}
 
 
 def synth_split(split: str, n_per_task: int, seed: int = 0, tasks=TASKS, image_size: int = 84) -> SplitData:

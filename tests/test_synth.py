@@ -95,3 +95,44 @@ def test_referring_compose_answer_combines_two_relations():
     assert raw <= 0.25
     with pytest.raises(ValueError, match="choose from .*referring_compose"):
         synth_split("test", 1, tasks=("referring_twice",))
+
+
+def test_referring_chain_answer_follows_three_facts_around_the_ring():
+    """The opt-in text-only chain task: each reasoning segment is one of the query's facts, the three
+    follow each other from the named object, and the answer is where they end; no object is first or
+    last, so the answer is spread over the four other objects instead of sitting at an end."""
+    import re
+    from collections import Counter
+
+    from rime_data.synth import CHAIN_HOPS, CHAIN_OBJECTS, EXTRA_TASKS
+
+    assert "referring_chain" in EXTRA_TASKS and "referring_chain" not in TASKS
+    d = synth_split("test", 200, seed=5, tasks=("referring_chain",))
+    cands = {c["cand_id"]: c for c in d.candidates}
+    assert len(cands) == 30 and len(d.queries) == 200
+    offsets = Counter()
+    for q in d.queries:
+        assert not q.get("qry_image")  # text only: nothing depends on the vision tower
+        facts = re.findall(r"After the (\w+ \w+) comes the (\w+ \w+)\.", q["qry_text"])
+        nxt = dict(facts)
+        assert len(nxt) == CHAIN_OBJECTS and set(nxt.values()) == set(nxt)  # a ring: a permutation of the objects
+        names = list(nxt)
+        assert len({n.split()[0] for n in names}) == len({n.split()[1] for n in names}) == CHAIN_OBJECTS
+        (start,) = re.search(r"three places after the (\w+ \w+)\.$", q["qry_text"]).groups()
+        *hops, last = q["reasoning"]
+        at = start
+        for hop in hops:
+            assert hop == f"After the {at} comes the {nxt[at]}."
+            at = nxt[at]
+        assert len(hops) == CHAIN_HOPS and q["rewrite"].endswith(at) and last == f"So the answer is {q['rewrite']}."
+        assert [cands[i]["rewrite"] for i in q["positive_ids"]] == [q["rewrite"]]
+        offsets[facts.index((at, nxt[at]))] += 1  # where the answer's own fact sits in the shuffled text
+    # shuffled facts: the answer's fact is not at a fixed place in the text
+    assert len(offsets) == CHAIN_OBJECTS and max(offsets.values()) < 0.35 * len(d.queries)
+    # the text names every object of the ring, so reading it literally does not find the answer
+    scores = bow_embed([q["qry_text"] for q in d.queries]) @ bow_embed([c["rewrite"] for c in d.candidates]).T
+    ids = [c["cand_id"] for c in d.candidates]
+    raw = aggregate([("rch", query_metrics(s, [1.0 if i in q["positive_ids"] else 0.0 for i in ids]))
+                     for s, q in zip(scores, d.queries)])["all"]["hit@1"]
+    print(f"\nreferring_chain, text-only BoW baseline: raw query Hit@1 = {raw:.3f}")
+    assert raw <= 0.25
