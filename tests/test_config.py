@@ -14,6 +14,13 @@ def test_shipped_config_parses():
     assert cfg.flat()["learners.zero_stage"] == 1
 
 
+@pytest.mark.parametrize("name", ["plume-tiny", "plume-referring", "plume-chain"])
+def test_shipped_plume_recipes_parse(name):
+    """The README's PLUME recipes are configs; a renamed key must fail here, not in a user's run."""
+    cfg = load_config(f"configs/{name}.yaml")
+    assert cfg.run.stages == ("plume",) and cfg.plume.segments == 4 and cfg.plume.curriculum
+
+
 @pytest.mark.parametrize(
     "raw, match",
     [
