@@ -41,7 +41,9 @@ from .schema import CANDIDATE_SCHEMA, QUERY_SCHEMA, SPLITS, write_table
 
 TASKS = ("t2i", "i2t", "cls", "vqa", "composed", "referring")  # the default benchmark
 EXTRA_TASKS = ("referring_compose", "referring_chain")  # opt-in: ``tasks=("referring_compose",)``
-CHAIN_OBJECTS, CHAIN_HOPS = 5, 3  # referring_chain: ring size and look-ups per query
+# referring_chain: ring size (at most len(SHAPES): one shape each; the text says "Five") and look-ups
+# per query (the three reasoning segments before the answer)
+CHAIN_OBJECTS, CHAIN_HOPS = 5, 3
 SPLIT_BUCKETS = {"train": range(0, 8), "val": range(8, 9), "test": range(9, 10)}  # of 10 hash buckets
 IMAGE_INST = "Represent the given image."
 NUMBERS = {1: "one", 2: "two", 3: "three"}
