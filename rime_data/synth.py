@@ -268,6 +268,12 @@ def _referring_compose(rng, split, n, size, data: SplitData) -> None:
         ))
 
 
+def _after(a: SceneObject, b: SceneObject) -> str:
+    """One ring fact. The query's facts and the reasoning's hops are this same sentence, which is what
+    makes each written hop a verbatim copy from the text."""
+    return f"After the {a.name} comes the {b.name}."
+
+
 def _referring_chain(rng, split, n, size, data: SplitData) -> None:
     """Five objects on a ring, told as shuffled facts. Every object has its own shape AND its own
     colour, so either word names it and each written hop is a plain copy from the text; on a ring
@@ -277,7 +283,7 @@ def _referring_chain(rng, split, n, size, data: SplitData) -> None:
         while True:
             ring = [SceneObject(sh, c, col, 0) for col, (sh, c) in
                     enumerate(zip(rng.sample(SHAPES, CHAIN_OBJECTS), rng.sample(list(COLORS), CHAIN_OBJECTS)))]
-            facts = [f"After the {a.name} comes the {b.name}." for a, b in zip(ring, ring[1:] + ring[:1])]
+            facts = [_after(a, b) for a, b in zip(ring, ring[1:] + ring[:1])]
             rng.shuffle(facts)
             start = rng.randrange(CHAIN_OBJECTS)
             text = (f"Five objects stand in a ring. {' '.join(facts)} "
@@ -290,7 +296,7 @@ def _referring_chain(rng, split, n, size, data: SplitData) -> None:
             query_id=f"referring_chain/{split}/q{i}", task="referring_chain",
             qry_inst="Find pictures of the object the text refers to.",
             qry_text=text, positive_ids=[ids[(path[-1].shape, path[-1].color)]], rewrite=answer,
-            reasoning=_reasoning(*[f"After the {a.name} comes the {b.name}." for a, b in zip(path, path[1:])], answer),
+            reasoning=_reasoning(*[_after(a, b) for a, b in zip(path, path[1:])], answer),
         ))
 
 
