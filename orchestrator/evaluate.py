@@ -72,7 +72,7 @@ def query_item(r: dict) -> dict:
     return {"text": r.get("qry_text"), "image": r.get("qry_image"), "instruction": r.get("qry_inst") or None}
 
 
-def _cand_item(r: dict) -> dict:
+def cand_item(r: dict) -> dict:
     return {"text": r.get("cand_text"), "image": r.get("cand_image"), "instruction": r.get("cand_inst") or None}
 
 
@@ -178,19 +178,11 @@ def evaluate(
     skipped: list[dict] = []
     queries, queries_sha1 = load_queries(emb, data, split, tasks, max_queries_per_task, skipped)
     c_path = split_paths(data, split)[1]
-    cands = read_table(c_path).to_pylist()
-    if tasks:
-        cands = [c for c in cands if c["task"] in tasks]
-    cands = _usable(emb, cands, _cand_item, "cand_id", validate_candidate, skipped)
+    cands = load_candidates(emb, data, split, tasks, skipped)
     if "oracle" in query_modes:
         missing = [q["query_id"] for q in queries if not q.get("rewrite")]
         if missing:
             raise ValueError(f"query_mode 'oracle' needs a rewrite on every query; {len(missing)} lack one (e.g. {missing[0]})")
-    cand_index = {c["cand_id"]: i for i, c in enumerate(cands)}
-    by_task: dict[str, list[int]] = {}
-    for i, c in enumerate(cands):
-        by_task.setdefault(c["task"], []).append(i)
-
     timings: dict[str, float] = {}
     cvecs: dict[str, np.ndarray] = {}
     for m in cand_modes:
@@ -201,7 +193,7 @@ def evaluate(
             if list(z["ids"]) == [c["cand_id"] for c in cands]:
                 cvecs[m] = z["vecs"]
         if m not in cvecs:
-            cvecs[m], _ = embed_rows(emb, [_cand_item(c) for c in cands], m, batch_size, gen, desc=f"candidates[{m}]",
+            cvecs[m], _ = embed_rows(emb, [cand_item(c) for c in cands], m, batch_size, gen, desc=f"candidates[{m}]",
                                      latent_steps=k)
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
@@ -223,21 +215,43 @@ def evaluate(
         token_counts += counts
         timings[f"query_{m}_s"] = round(time.perf_counter() - t, 3)
 
+    pairs, per_query, n_ranked = score_pairs(queries, cands, qvecs, cvecs, skipped)
+    mean_tokens = float(np.mean(token_counts)) if token_counts else None
+    return EvalResult(pairs, n_ranked, len(cands), _dedupe(skipped), mean_tokens, rewrite_stats=stats,
+                      rewrite_samples=samples, timings=timings, per_query=per_query,
+                      queries_sha1=queries_sha1)
+
+
+def load_candidates(emb: Embedder, data: str | Path, split: str, tasks: tuple[str, ...] | None,
+                    skipped: list[dict]) -> list[dict]:
+    """The split's usable candidate rows (of ``tasks``, None = all); bad rows go to ``skipped`` with the reason."""
+    cands = read_table(split_paths(data, split)[1]).to_pylist()
+    if tasks:
+        cands = [c for c in cands if c["task"] in tasks]
+    return _usable(emb, cands, cand_item, "cand_id", validate_candidate, skipped)
+
+
+def score_pairs(queries: list[dict], cands: list[dict], qvecs: dict[str, np.ndarray], cvecs: dict[str, np.ndarray],
+                skipped: list[dict]) -> tuple[dict[str, dict], dict[str, dict[str, dict[str, float]]], int]:
+    """Every (query mode, candidate mode) pair of the given vectors, ranked as the benchmark defines it:
+    ``(pairs: "q->c" -> aggregate, per_query: "q->c" -> query_id -> metrics, queries ranked)``. Queries
+    that cannot be ranked go to ``skipped``."""
+    cand_index = {c["cand_id"]: i for i, c in enumerate(cands)}
+    by_task: dict[str, list[int]] = {}
+    for i, c in enumerate(cands):
+        by_task.setdefault(c["task"], []).append(i)
     ranked = _rankable(queries, cands, cand_index, by_task, skipped)
     pairs, per_query = {}, {}
-    for qm in query_modes:
-        for cm in cand_modes:
+    for qm, qv in qvecs.items():
+        for cm, cv in cvecs.items():
             rows, by_id = [], {}
             for qi, idx, rel in ranked:
                 q = queries[qi]
-                rows.append((q["task"], query_metrics(cvecs[cm][idx] @ qvecs[qm][qi], rel)))
+                rows.append((q["task"], query_metrics(cv[idx] @ qv[qi], rel)))
                 by_id[q["query_id"]] = {"task": q["task"], **rows[-1][1]}
             pairs[f"{qm}->{cm}"] = aggregate(rows, {t: "image" for t in by_task})
             per_query[f"{qm}->{cm}"] = by_id
-    mean_tokens = float(np.mean(token_counts)) if token_counts else None
-    return EvalResult(pairs, len(ranked), len(cands), _dedupe(skipped), mean_tokens, rewrite_stats=stats,
-                      rewrite_samples=samples, timings=timings, per_query=per_query,
-                      queries_sha1=queries_sha1)
+    return pairs, per_query, len(ranked)
 
 
 def _rankable(queries: list[dict], cands: list[dict], cand_index: dict[str, int], by_task: dict[str, list[int]],

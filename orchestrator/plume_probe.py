@@ -4,6 +4,9 @@ The curriculum distils explicit reasoning into latent steps, so it can only help
 write that reasoning. At the end of curriculum stage 0 (full explicit text) the driver asks the
 model to reason greedily on held-out queries and logs how often the answer and each reference
 segment come out right: a near-zero score says the latent stages have nothing to carry over.
+It also retrieves with that written reasoning (the gen embedding after it, against the corpus in
+latent mode, as the latent→latent score ranks it): right text is not enough if the embedding after
+it does not find the picture, and this Hit@1 is the ceiling the curriculum distils.
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ from pathlib import Path
 from rime_model import Embedder
 from rime_model.curriculum import score_explicit_reasoning, split_segments
 
-from .evaluate import load_queries, query_item
+from .evaluate import cand_item, load_candidates, load_queries, query_item, score_pairs
 
 
 def explicit_reasoning_probe(emb: Embedder, data: str | Path, split: str, queries_per_task: int, segments: int,
-                             max_new_tokens: int = 128, batch_size: int = 16) -> dict:
+                             max_new_tokens: int = 128, batch_size: int = 16, latent_steps: int | None = None) -> dict:
     """Greedy stage-0 reasoning on the first ``queries_per_task`` queries of each task: answer accuracy,
-    per-segment exact-match rates, counts (bad rows skipped, rows without reasoning) and a few samples."""
+    per-segment exact-match rates, Hit@1 of the embedding after the written reasoning against the
+    candidates in latent mode (``latent_steps``, None = the model's K), counts (bad rows skipped, rows
+    without reasoning) and a few samples."""
     skipped: list[dict] = []
     usable, _ = load_queries(emb, data, split, None, queries_per_task, skipped)
     rows = [r for r in usable if r.get("reasoning")]
@@ -34,6 +39,13 @@ def explicit_reasoning_probe(emb: Embedder, data: str | Path, split: str, querie
     metrics = {"plume/explicit_answer_acc": sum(s.answer_correct for s in scores) / n}
     for i in range(segments):
         metrics[f"plume/explicit_segment{i}_exact"] = sum(s.segments_exact[i] for s in scores) / n
+    cands = load_candidates(emb, data, split, tuple(sorted({r["task"] for r in rows})), skipped)
+    qv = emb.embed_with_reasoning([query_item(r) for r in rows], generated, batch_size).vectors
+    cv = emb.embed([cand_item(c) for c in cands], mode="latent", batch_size=batch_size, steps=latent_steps).vectors
+    pairs, _, ranked = score_pairs(rows, cands, {"explicit": qv}, {"latent": cv}, skipped)
+    if ranked:
+        metrics["plume/explicit_latent_hit1"] = pairs["explicit->latent"]["all"]["hit@1"]
+    counts["skipped"] = len(skipped)  # candidates and unrankable queries too
     samples = [{"task": r["task"], "reasoning": g[0], "answer": g[1], "ideal": " ".join(r["reasoning"]) + " => " + (r.get("rewrite") or "")}
                for r, g in list(zip(rows, generated))[:4]]
     return {"n": n, **counts, "metrics": metrics, "samples": samples}

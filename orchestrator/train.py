@@ -430,7 +430,7 @@ class Trainer:
 
     def _probe_explicit_reasoning(self, group, after: str) -> dict:
         """End of curriculum stage 0 (or the start, when it is skipped): can the model write the reasoning
-        the next stages turn latent?
+        the next stages turn latent, and does the embedding after it retrieve?
         Logs ``plume/explicit_*`` and writes ``eval/plume-explicit.json``."""
         from rime_model import load_embedder
 
@@ -441,7 +441,7 @@ class Trainer:
         group.call("save_embedder", str(model_dir))
         res = explicit_reasoning_probe(load_embedder(str(model_dir)), self.data_dir, self.cfg.data.eval_split,
                                        pc.probe_queries_per_task, pc.segments, pc.probe_max_new_tokens,
-                                       self.cfg.eval.batch_size)
+                                       self.cfg.eval.batch_size, latent_steps=pc.latent_steps)
         path = self.run_dir / "eval" / "plume-explicit.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(res, indent=2))
@@ -451,7 +451,7 @@ class Trainer:
         segs = " ".join(f"{v:.2f}" for k, v in res["metrics"].items() if "segment" in k)
         print(f"[rime] plume explicit-reasoning probe {after} ({res['n']} queries, {res['skipped']} skipped, {res['no_reasoning']} without reasoning, "
               f"{time.perf_counter() - t:.0f}s): answer acc {res['metrics'].get('plume/explicit_answer_acc', float('nan')):.3f}, "
-              f"segments exact {segs}")
+              f"segments exact {segs}, explicit->latent hit@1 {res['metrics'].get('plume/explicit_latent_hit1', float('nan')):.3f}")
         for smp in res["samples"][:2]:
             print(f"[rime]   {smp['task']}: {smp['reasoning'][:160]!r} => {smp['answer']!r} (ideal {smp['ideal'][:160]!r})")
         return res

@@ -332,6 +332,19 @@ class Embedder:
         items = self.prepare(inputs)
         return EmbeddingResult(self._embed_items_with_rewrites(items, list(rewrites), batch_size), "gen")
 
+    @torch.no_grad()
+    def embed_with_reasoning(self, inputs: Iterable[Any], written: Sequence[tuple[str, str]], batch_size: int = 16) -> EmbeddingResult:
+        """Gen embedding after a given explicit (reasoning, answer), teacher-forced in PLUME's stage-0 layout
+        (``<bot><eot>`` reasoning ``</think>`` answer ``<gen_emb>``): how a CoT embedder retrieves, i.e. what
+        the curriculum has to carry into latent steps. ``written`` is what ``generate_reasoning`` returns."""
+        items = self.prepare(inputs)
+        if len(written) != len(items):
+            raise ValueError(f"written: got {len(written)} (reasoning, answer) pairs for {len(items)} inputs; give one per input")
+        conts = [self.token_ids(self.template.latent_continuation(r.strip(), a.strip(), self.tokens)) for r, a in written]
+        vecs = [latent_pass(self, items[i : i + batch_size], 0, conts[i : i + batch_size]).gen_embedding()
+                for i in range(0, len(items), batch_size)]
+        return EmbeddingResult(torch.cat(vecs).cpu().numpy() if vecs else np.zeros((0, self.dim), np.float32), "explicit")
+
     def _embed_items_with_rewrites(self, items: list[Item], rewrites: list[str], batch_size: int) -> np.ndarray:
         if len(rewrites) != len(items):
             raise ValueError(f"rewrites: got {len(rewrites)} for {len(items)} inputs; give one rewrite per input")

@@ -123,4 +123,6 @@ def test_probe_counts_rows_without_reasoning(tmp_path, tiny):
     write_table(rows, QUERY_SCHEMA, path)
     res = explicit_reasoning_probe(tiny, tmp_path, "test", queries_per_task=3, segments=4, max_new_tokens=8)
     assert (res["n"], res["skipped"], res["no_reasoning"]) == (2, 0, 1)
-    assert set(res["metrics"]) == {"plume/explicit_answer_acc"} | {f"plume/explicit_segment{i}_exact" for i in range(4)}
+    assert set(res["metrics"]) == ({"plume/explicit_answer_acc", "plume/explicit_latent_hit1"}
+                                   | {f"plume/explicit_segment{i}_exact" for i in range(4)})
+    assert res["metrics"]["plume/explicit_latent_hit1"] in (0.0, 0.5, 1.0)  # Hit@1 over the 2 probed queries

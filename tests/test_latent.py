@@ -107,6 +107,29 @@ def test_batched_latent_equals_one_at_a_time(tiny_latent):
     assert batched.shape == (4, 128)
 
 
+def test_explicit_embedding_is_read_where_stage_0_trains_it(tiny_latent):
+    """The probe's explicit->latent score embeds a written (reasoning, answer) exactly where curriculum
+    stage 0 teacher-forces it (the learner's stage-0 pass), batched or not; the written answer moves it;
+    nothing written is the inference suffix; a count mismatch names ``written``."""
+    from rime_model.curriculum import Phase, continuation_text
+
+    emb, items = tiny_latent, _items()[:3]
+    written = [("The anchor is the red circle.", "a red circle"),
+               ("Left of it is the blue square. So the answer is the blue square.", "a blue square"), ("", "")]
+    got = emb.embed_with_reasoning(items, written, batch_size=2).vectors
+    single = np.stack([emb.embed_with_reasoning([it], [w]).vectors[0] for it, w in zip(items, written)])
+    np.testing.assert_allclose(got, single, atol=2e-5)
+    conts = [emb.token_ids(continuation_text(emb.template, emb.tokens, [r], Phase(0, 0, 0, True), a)) for r, a in written]
+    with torch.no_grad():
+        stage0 = latent_pass(emb, emb.prepare(items), 0, conts).gen_embedding().numpy()
+    np.testing.assert_allclose(got, stage0, atol=2e-5)
+    np.testing.assert_allclose(got[2], emb.embed(items[2:], mode="latent", steps=0).vectors[0], atol=2e-5)
+    other = emb.embed_with_reasoning(items[:1], [(written[0][0], "a green cross")]).vectors[0]
+    assert float(other @ got[0]) < 0.999
+    with pytest.raises(ValueError, match="written: got 2"):
+        emb.embed_with_reasoning(items, written[:2])
+
+
 def test_kv_cached_steps_equal_a_cache_free_recomputation(tiny_latent):
     emb = tiny_latent
     items = emb.prepare([{"text": "a red circle left of a blue square"}])
