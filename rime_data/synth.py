@@ -15,12 +15,14 @@ Tasks (all "image" group):
              -> the single-object picture that combines the two. Two relational look-ups and a
              recombination: a multi-step problem whose explicit reasoning resolves one relation per
              segment, made to test whether PLUME's curriculum carries that reasoning into latent steps.
-  referring_chain  (opt-in) text-only: five objects on a ring given as shuffled facts ("After the red
-             circle comes the blue square.") + "pictures of the object three places after the green
-             cross" -> the single-object picture. Three chained look-ups, each a copy from the text
-             that the reasoning writes out one per segment: written reasoning a small model can learn
-             while one pass has to chain three look-ups, i.e. a positive control for PLUME's
-             curriculum that does not depend on the tiny vision tower.
+  referring_chain  (opt-in) text only, both sides: five objects on a ring given as shuffled facts
+             ("After the red circle comes the blue square.") + "the object three places after the
+             green cross" -> the object's name among the 30 names. Three chained look-ups, each a copy
+             from the text that the reasoning writes out one per segment: written reasoning a small
+             model can learn while one pass has to chain three look-ups, i.e. a positive control for
+             PLUME's curriculum that does not depend on the tiny vision tower (a picture corpus did:
+             the written chain was right 0.99 of the time while its embedding found the picture at
+             0.15, the random tower having learned colour and not shape).
 
 Every query carries its ideal rewrite and four explicit reasoning segments (PLUME curriculum).
 Splits are assigned by a stable hash of the query's content key, so no caption, edit or
@@ -204,6 +206,19 @@ def _single_object_candidates(task: str, split: str, size: int, rng, data: Split
     return ids
 
 
+def _object_name_candidates(task: str, split: str, data: SplitData) -> dict[tuple[str, str], str]:
+    """One name per (shape, colour) ("a green cross"): a text corpus, for a task that must not lean on
+    the vision tower."""
+    ids = {}
+    for sh in SHAPES:
+        for c in COLORS:
+            name = with_article(f"{c} {sh}")
+            ids[(sh, c)] = f"{task}/{split}/name/{c}-{sh}"
+            data.candidates.append(dict(cand_id=ids[(sh, c)], task=task, cand_inst="Represent the given object name.",
+                                        cand_text=name, rewrite=name))
+    return ids
+
+
 def _neighbour(s: Scene, anchor: SceneObject, side: str) -> SceneObject | None:
     """The nearest object on ``side`` of ``anchor`` (columns are distinct), or None."""
     near = [o for o in s.objects if (o.col < anchor.col if side == "left" else o.col > anchor.col)]
@@ -278,7 +293,7 @@ def _referring_chain(rng, split, n, size, data: SplitData) -> None:
     """Five objects on a ring, told as shuffled facts. Every object has its own shape AND its own
     colour, so either word names it and each written hop is a plain copy from the text; on a ring
     there is no first or last object, so no answer can be read off without following the chain."""
-    ids = _single_object_candidates("referring_chain", split, size, rng, data)
+    ids = _object_name_candidates("referring_chain", split, data)
     for i in range(n):
         while True:
             ring = [SceneObject(sh, c, col, 0) for col, (sh, c) in
@@ -287,14 +302,14 @@ def _referring_chain(rng, split, n, size, data: SplitData) -> None:
             rng.shuffle(facts)
             start = rng.randrange(CHAIN_OBJECTS)
             text = (f"Five objects stand in a ring. {' '.join(facts)} "
-                    f"Pictures of the object {NUMBERS[CHAIN_HOPS]} places after the {ring[start].name}.")
+                    f"The object {NUMBERS[CHAIN_HOPS]} places after the {ring[start].name}.")
             if split_of("referring_chain:" + text) == split:
                 break
         path = [ring[(start + k) % CHAIN_OBJECTS] for k in range(CHAIN_HOPS + 1)]
         answer = path[-1].a_name
         data.queries.append(dict(
             query_id=f"referring_chain/{split}/q{i}", task="referring_chain",
-            qry_inst="Find pictures of the object the text refers to.",
+            qry_inst="Find the name of the object the text refers to.",
             qry_text=text, positive_ids=[ids[(path[-1].shape, path[-1].color)]], rewrite=answer,
             reasoning=_reasoning(*[_after(a, b) for a, b in zip(path, path[1:])], answer),
         ))

@@ -107,9 +107,10 @@ def test_referring_chain_answer_follows_three_facts_around_the_ring():
     d = synth_split("test", 200, seed=5, tasks=("referring_chain",))
     cands = {c["cand_id"]: c for c in d.candidates}
     assert len(cands) == 30 and len(d.queries) == 200
+    assert all(c["cand_text"] == c["rewrite"] and not c.get("cand_image") for c in cands.values())
     offsets = Counter()
     for q in d.queries:
-        assert not q.get("qry_image")  # text only: nothing depends on the vision tower
+        assert not q.get("qry_image")  # text only, queries and corpus: nothing depends on the vision tower
         facts = re.findall(r"After the (\w+ \w+) comes the (\w+ \w+)\.", q["qry_text"])
         nxt = dict(facts)
         assert len(nxt) == CHAIN_OBJECTS and set(nxt.values()) == set(nxt)  # a ring: a permutation of the objects
