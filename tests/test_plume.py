@@ -65,7 +65,11 @@ def test_curriculum_phases_resets_and_latent_eval(plume_run):
     assert [m.step for m in probe] == [PER_STAGE] and 0.0 <= probe[0].value <= 1.0
     report = json.loads((run_dir / "eval" / "plume-explicit.json").read_text())
     assert report["n"] == 6 * 3 and report["skipped"] == report["no_reasoning"] == 0 and len(report["samples"]) == 4
-    assert set(report["metrics"]) == {"plume/explicit_answer_acc"} | {f"plume/explicit_segment{i}_exact" for i in range(4)}
+    assert set(report["metrics"]) == ({"plume/explicit_answer_acc", "plume/explicit_latent_hit1"}
+                                      | {f"plume/explicit_segment{i}_exact" for i in range(4)})
+    # Hit@1 over the 6 tasks' 3 probed queries each (MMEB mean over tasks): a multiple of 1/18
+    assert 0.0 <= report["metrics"]["plume/explicit_latent_hit1"] <= 1.0
+    assert abs(report["metrics"]["plume/explicit_latent_hit1"] * 18 - round(report["metrics"]["plume/explicit_latent_hit1"] * 18)) < 1e-9
     assert stdout.count("explicit-reasoning probe after stage 0") == 1
 
     from rime_model import Embedder
