@@ -206,19 +206,6 @@ def _single_object_candidates(task: str, split: str, size: int, rng, data: Split
     return ids
 
 
-def _object_name_candidates(task: str, split: str, data: SplitData) -> dict[tuple[str, str], str]:
-    """One name per (shape, colour) ("a green cross"): a text corpus, for a task that must not lean on
-    the vision tower."""
-    ids = {}
-    for sh in SHAPES:
-        for c in COLORS:
-            name = with_article(f"{c} {sh}")
-            ids[(sh, c)] = f"{task}/{split}/name/{c}-{sh}"
-            data.candidates.append(dict(cand_id=ids[(sh, c)], task=task, cand_inst="Represent the given object name.",
-                                        cand_text=name, rewrite=name))
-    return ids
-
-
 def _neighbour(s: Scene, anchor: SceneObject, side: str) -> SceneObject | None:
     """The nearest object on ``side`` of ``anchor`` (columns are distinct), or None."""
     near = [o for o in s.objects if (o.col < anchor.col if side == "left" else o.col > anchor.col)]
@@ -293,7 +280,9 @@ def _referring_chain(rng, split, n, size, data: SplitData) -> None:
     """Five objects on a ring, told as shuffled facts. Every object has its own shape AND its own
     colour, so either word names it and each written hop is a plain copy from the text; on a ring
     there is no first or last object, so no answer can be read off without following the chain."""
-    ids = _object_name_candidates("referring_chain", split, data)
+    # a text corpus, one name per (shape, colour) ("a green cross"): nothing leans on the vision tower
+    ids = _label_candidates("referring_chain", split, [with_article(f"{c} {sh}") for sh in SHAPES for c in COLORS], data,
+                            "Represent the given object name.")
     for i in range(n):
         while True:
             ring = [SceneObject(sh, c, col, 0) for col, (sh, c) in
@@ -310,7 +299,7 @@ def _referring_chain(rng, split, n, size, data: SplitData) -> None:
         data.queries.append(dict(
             query_id=f"referring_chain/{split}/q{i}", task="referring_chain",
             qry_inst="Find the name of the object the text refers to.",
-            qry_text=text, positive_ids=[ids[(path[-1].shape, path[-1].color)]], rewrite=answer,
+            qry_text=text, positive_ids=[ids[answer]], rewrite=answer,
             reasoning=_reasoning(*[_after(a, b) for a, b in zip(path, path[1:])], answer),
         ))
 

@@ -23,6 +23,7 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers import PreTrainedModel
 from transformers.processing_utils import ProcessorMixin
 
+from .curriculum import Phase, continuation_text
 from .families import FAMILIES, ModelFamily
 from .inputs import normalize_inputs, reserved_in
 from .latent import ADAPTER_ATTR, AdapterConfig, TransitionAdapter, attach_adapter, latent_pass, load_adapter, save_adapter
@@ -340,7 +341,8 @@ class Embedder:
         items = self.prepare(inputs)
         if len(written) != len(items):
             raise ValueError(f"written: got {len(written)} (reasoning, answer) pairs for {len(items)} inputs; give one per input")
-        conts = [self.token_ids(self.template.latent_continuation(r.strip(), a.strip(), self.tokens)) for r, a in written]
+        stage0 = Phase(stage=0, latent_steps=0, replaced=0, keep_answer=True)  # the learner's layout, by construction
+        conts = [self.token_ids(continuation_text(self.template, self.tokens, [r.strip()], stage0, a)) for r, a in written]
         vecs = [latent_pass(self, items[i : i + batch_size], 0, conts[i : i + batch_size]).gen_embedding()
                 for i in range(0, len(items), batch_size)]
         return EmbeddingResult(torch.cat(vecs).cpu().numpy() if vecs else np.zeros((0, self.dim), np.float32), "explicit")
