@@ -88,11 +88,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         cache_dir=cache_dir() / "eval", model_tag=_model_tag(args.model), latent_steps=args.latent_steps,
     )
     print(format_table(result, args.metric))
+    if result.latent_steps is not None:
+        print(f"latent mode: {result.latent_steps} latent step(s)")
     if result.rewrite_tokens_mean is not None:
         print(f"mean rewrite length: {result.rewrite_tokens_mean:.1f} tokens")
     if result.skipped:
         print(f"skipped {len(result.skipped)} row(s) that could not be used (listed in the report)", file=sys.stderr)
     params = {"model": args.model, "data": args.data, "split": args.split, "query_mode": args.query_mode, "cand_mode": args.cand_mode}
+    if result.latent_steps is not None:  # two evals of one model at two K differ only here
+        params["latent_steps"] = result.latent_steps
     report = write_report(result, Path(args.out), params, per_query=args.per_query)
     print(f"report: {report}")
     uri = tracking_uri_or_none(args.mlflow)

@@ -46,6 +46,9 @@ class EvalResult:
     # what the query ids refer to: synthetic ids repeat across seeds (referring/test/q0), so `rime compare`
     # refuses two reports whose query files differ, wherever the files lie
     queries_sha1: str = ""
+    # K of latent mode where a latent side was scored (None otherwise): reports of one model at two K
+    # (e.g. the ablation's K=0 control) differ only here
+    latent_steps: int | None = None
 
     def to_dict(self, per_query: bool = False) -> dict:
         """The report; ``per_query`` adds every query's metrics (for ``rime compare``)."""
@@ -54,7 +57,7 @@ class EvalResult:
             "skipped": self.skipped, "n_skipped": len(self.skipped),
             "rewrite_tokens_mean": self.rewrite_tokens_mean, "rewrite_stats": self.rewrite_stats,
             "rewrite_samples": self.rewrite_samples, "timings": self.timings, "queries_sha1": self.queries_sha1,
-            **({"per_query": self.per_query} if per_query else {}),
+            "latent_steps": self.latent_steps, **({"per_query": self.per_query} if per_query else {}),
         }
 
     def flat_metrics(self) -> dict[str, float]:
@@ -219,7 +222,8 @@ def evaluate(
     mean_tokens = float(np.mean(token_counts)) if token_counts else None
     return EvalResult(pairs, n_ranked, len(cands), _dedupe(skipped), mean_tokens, rewrite_stats=stats,
                       rewrite_samples=samples, timings=timings, per_query=per_query,
-                      queries_sha1=queries_sha1)
+                      queries_sha1=queries_sha1,
+                      latent_steps=k if "latent" in (*query_modes, *cand_modes) else None)
 
 
 def load_candidates(emb: Embedder, data: str | Path, split: str, tasks: tuple[str, ...] | None,

@@ -18,6 +18,11 @@
 #   RUNS_DIR      where the training runs go (default runs)
 #   OUT           reports, logs and the comparison (default runs/ablations/NAME)
 #   PAIR, METRIC  what is compared (default latent->latent, hit@1)
+#   ZERO_STEP_CONTROL  1 (default): also score each curriculum arm's latent mode with no latent step
+#                 (`rime eval --latent-steps 0`) and compare it paired with the same model at its own K
+#                 (B = K steps, A = 0 steps) into $OUT/latent_steps.json: whether the curriculum's gain
+#                 comes from the latent steps or from a better prefix pass (on the chain control it was
+#                 the latter, README); always latent->latent. 0 skips it.
 #   PARALLEL      arms trained and scored at once (default 1). On GPUs, join one Ray cluster
 #                 (`ray start --head`, a profile's --sets give cluster.address=auto) so Ray places
 #                 the arms side by side; an arm whose placement waits past cluster.placement_timeout_s
@@ -52,9 +57,11 @@ PAIR=${PAIR:-latent->latent}
 METRIC=${METRIC:-hit@1}
 PARALLEL=${PARALLEL:-1}
 SUBMIT=${SUBMIT:-}
+ZERO_STEP_CONTROL=${ZERO_STEP_CONTROL:-1}
 
 [ -x "$RIME" ] || { echo "plume_ablation: $RIME not found; run bash scripts/setup.sh first (or set RIME)" >&2; exit 2; }
 [ -f "$CONFIG" ] || { echo "plume_ablation: CONFIG=$CONFIG does not exist" >&2; exit 2; }
+[[ $ZERO_STEP_CONTROL =~ ^[01]$ ]] || { echo "plume_ablation: ZERO_STEP_CONTROL=$ZERO_STEP_CONTROL must be 0 or 1" >&2; exit 2; }
 [[ $PARALLEL =~ ^[1-9][0-9]*$ ]] || { echo "plume_ablation: PARALLEL=$PARALLEL must be a positive integer (arms run at once)" >&2; exit 2; }
 IFS=, read -r -a start_list <<< "$STARTS"
 IFS=, read -r -a seed_list <<< "$SEEDS"
@@ -90,8 +97,27 @@ if [ ! -f "$TEST_DATA/test/queries.parquet" ]; then
 fi
 
 report_of() { echo "$OUT/reports/m$1-seed$2-$3.json"; }  # start_index seed arm
+control_of() { echo "$OUT/reports/m$1-seed$2-cur-k0.json"; }  # start_index seed: the curriculum arm at K=0
+needs_control() { [ "$ZERO_STEP_CONTROL" = 1 ] && [ "$1" = cur ]; }  # arm
 
-run_arm() {  # start_index start seed arm [rime train args...]: train the arm, score it into its report
+run_arm() {  # start_index start seed arm [rime train args...]: train and score the arm (what is missing)
+  local i=$1 start=$2 seed=$3 arm=$4
+  shift 4
+  local run="$NAME-m$i-seed$seed-$arm" report control model
+  report=$(report_of "$i" "$seed" "$arm")
+  [ -f "$report" ] || train_and_score "$i" "$start" "$seed" "$arm" "$@" || return 1
+  control=$(control_of "$i" "$seed")
+  needs_control "$arm" && [ ! -f "$control" ] || return 0
+  model=$(sed -n 's/^  "model": "\(.*\)",$/\1/p' "$report" | head -n 1)  # what the report scored (a path or models:/ URI)
+  echo "[ablation] eval $run with 0 latent steps" >&2
+  "$RIME" eval --model "$model" --data "$TEST_DATA" --split test --tasks "$TASKS" \
+    --query-mode latent --cand-mode latent --latent-steps 0 --max-queries-per-task "$TEST_QUERIES" \
+    --per-query --mlflow none --out "$control.tmp" > "$OUT/logs/eval-$run-k0.log" 2>&1 \
+    || { echo "plume_ablation: eval of $run with 0 latent steps failed, see $OUT/logs/eval-$run-k0.log" >&2; return 1; }
+  mv "$control.tmp" "$control"
+}
+
+train_and_score() {  # start_index start seed arm [rime train args...]: train the arm, score it into its report
   local i=$1 start=$2 seed=$3 arm=$4
   shift 4
   local run="$NAME-m$i-seed$seed-$arm" report
@@ -128,13 +154,16 @@ run_arm() {  # start_index start seed arm [rime train args...]: train the arm, s
   echo "[ablation] scored $run" >&2
 }
 
-reports=(); groups=(); todo=()
+reports=(); controls=(); groups=(); todo=()
 for i in "${!start_list[@]}"; do
   for seed in "${seed_list[@]}"; do
     for arm in nocur cur; do  # compare takes A B per pair: A = no curriculum, B = curriculum
       reports+=("$(report_of "$i" "$seed" "$arm")")
-      [ -f "${reports[-1]}" ] || todo+=("$i $seed $arm")
+      if [ ! -f "${reports[-1]}" ] || { needs_control "$arm" && [ ! -f "$(control_of "$i" "$seed")" ]; }; then
+        todo+=("$i $seed $arm")
+      fi
     done
+    controls+=("$(control_of "$i" "$seed")" "${reports[-1]}")  # A = 0 latent steps, B = the model's K
     groups+=("${start_list[$i]}")
   done
 done
@@ -171,3 +200,11 @@ group_args=()
 tail -n 1 "$OUT/compare.txt" > "$OUT/compare.json"
 sed '$d' "$OUT/compare.txt"
 echo "[ablation] B = curriculum, A = no curriculum; reports in $OUT/reports, comparison in $OUT/compare.json"
+if [ "$ZERO_STEP_CONTROL" = 1 ]; then
+  echo
+  echo "[ablation] the latent steps' own share, in the curriculum arm: B = its K latent steps, A = 0 steps"
+  "$RIME" compare "${controls[@]}" --pair "latent->latent" --metric "$METRIC" "${group_args[@]}" --json > "$OUT/latent_steps.txt"
+  tail -n 1 "$OUT/latent_steps.txt" > "$OUT/latent_steps.json"
+  sed '$d' "$OUT/latent_steps.txt"
+  echo "[ablation] comparison in $OUT/latent_steps.json"
+fi

@@ -74,6 +74,7 @@ def test_rime_eval_on_mmeb_fixture_all_pairs(zoo_cache, mmeb_fixture, tmp_path):
     assert all(set(x) >= {"rewrite", "ideal", "well_formed", "tokens"} for x in rep["rewrite_samples"])
     assert 0.0 <= rep["rewrite_stats"]["empty_frac"] <= 1.0 and 0.0 <= rep["rewrite_stats"]["well_formed_frac"] <= 1.0
     assert "per_query" not in rep  # opt-in: reports stay small
+    assert rep["latent_steps"] is None  # no latent side scored (the ablation test checks a K=0 and a K report)
 
     # --per-query: every query's metrics, which average back to the report's, and feed `rime compare`
     out_pq = tmp_path / "report-pq.json"

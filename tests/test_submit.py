@@ -413,6 +413,9 @@ def test_plume_ablation_trains_every_arm_as_a_ray_job(head_and_mlflow, zoo_cache
         assert cfg["model"]["spec"] == str(start.resolve())
         report = json.loads((tmp / "out" / "reports" / f"m0-seed{seed}-{'cur' if curriculum else 'nocur'}.json").read_text())
         assert report["model"].startswith("models:/") and report["model"] in log  # the model this job logged
+        if curriculum:  # its zero-step control scores the same logged model
+            control = json.loads((tmp / "out" / "reports" / f"m0-seed{seed}-cur-k0.json").read_text())
+            assert control["model"] == report["model"] and control["latent_steps"] == 0
     from ray.job_submission import JobSubmissionClient
 
     jobs = {j.submission_id: j for j in JobSubmissionClient(c["address"]).list_jobs()}
