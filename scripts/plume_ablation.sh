@@ -100,6 +100,15 @@ report_of() { echo "$OUT/reports/m$1-seed$2-$3.json"; }  # start_index seed arm
 control_of() { echo "$OUT/reports/m$1-seed$2-cur-k0.json"; }  # start_index seed: the curriculum arm at K=0
 needs_control() { [ "$ZERO_STEP_CONTROL" = 1 ] && [ "$1" = cur ]; }  # arm
 
+score() {  # model report what log_name [rime eval args...]: score the model per query on TEST_DATA into report
+  local model=$1 report=$2 what=$3 log="$OUT/logs/eval-$4.log"
+  shift 4
+  "$RIME" eval --model "$model" --data "$TEST_DATA" --split test --tasks "$TASKS" --max-queries-per-task "$TEST_QUERIES" \
+    --per-query --mlflow none --out "$report.tmp" "$@" > "$log" 2>&1 \
+    || { echo "plume_ablation: eval of $what failed, see $log" >&2; return 1; }
+  mv "$report.tmp" "$report"
+}
+
 run_arm() {  # start_index start seed arm [rime train args...]: train and score the arm (what is missing)
   local i=$1 start=$2 seed=$3 arm=$4
   shift 4
@@ -110,11 +119,7 @@ run_arm() {  # start_index start seed arm [rime train args...]: train and score 
   needs_control "$arm" && [ ! -f "$control" ] || return 0
   model=$(sed -n 's/^  "model": "\(.*\)",$/\1/p' "$report" | head -n 1)  # what the report scored (a path or models:/ URI)
   echo "[ablation] eval $run with 0 latent steps" >&2
-  "$RIME" eval --model "$model" --data "$TEST_DATA" --split test --tasks "$TASKS" \
-    --query-mode latent --cand-mode latent --latent-steps 0 --max-queries-per-task "$TEST_QUERIES" \
-    --per-query --mlflow none --out "$control.tmp" > "$OUT/logs/eval-$run-k0.log" 2>&1 \
-    || { echo "plume_ablation: eval of $run with 0 latent steps failed, see $OUT/logs/eval-$run-k0.log" >&2; return 1; }
-  mv "$control.tmp" "$control"
+  score "$model" "$control" "$run with 0 latent steps" "$run-k0" --query-mode latent --cand-mode latent --latent-steps 0
 }
 
 train_and_score() {  # start_index start seed arm [rime train args...]: train the arm, score it into its report
@@ -146,11 +151,7 @@ train_and_score() {  # start_index start seed arm [rime train args...]: train th
     fi
   fi
   echo "[ablation] eval $run ($model) on $TEST_DATA" >&2
-  "$RIME" eval --model "$model" --data "$TEST_DATA" --split test --tasks "$TASKS" \
-    --query-mode disc,latent --cand-mode disc,latent --max-queries-per-task "$TEST_QUERIES" \
-    --per-query --mlflow none --out "$report.tmp" > "$OUT/logs/eval-$run.log" 2>&1 \
-    || { echo "plume_ablation: eval of $run failed, see $OUT/logs/eval-$run.log" >&2; return 1; }
-  mv "$report.tmp" "$report"
+  score "$model" "$report" "$run" "$run" --query-mode disc,latent --cand-mode disc,latent || return 1
   echo "[ablation] scored $run" >&2
 }
 
@@ -163,7 +164,7 @@ for i in "${!start_list[@]}"; do
         todo+=("$i $seed $arm")
       fi
     done
-    controls+=("$(control_of "$i" "$seed")" "${reports[-1]}")  # A = 0 latent steps, B = the model's K
+    controls+=("$(control_of "$i" "$seed")" "$(report_of "$i" "$seed" cur)")  # A = 0 latent steps, B = the model's K
     groups+=("${start_list[$i]}")
   done
 done
