@@ -57,9 +57,11 @@ def _cmd_data(args: argparse.Namespace) -> int:
         from rime_data.synth import TASKS, write_synth
 
         tasks = tuple(args.tasks.split(",")) if args.tasks else TASKS
-        sizes = {"train": args.train, "val": args.val, "test": args.test}
-        counts = write_synth(args.out, {k: v for k, v in sizes.items() if v > 0}, seed=args.seed, tasks=tasks, image_size=args.image_size)
-        print(json.dumps({"out": args.out, "splits": counts}))
+        train = args.train if args.train is not None else 0 if args.split_style == "transfer" else 200
+        sizes = {"train": train, "val": args.val, "test": args.test}
+        counts = write_synth(args.out, {k: v for k, v in sizes.items() if v > 0}, seed=args.seed, tasks=tasks,
+                             image_size=args.image_size, style=args.split_style)
+        print(json.dumps({"out": args.out, "style": args.split_style, "splits": counts}))
         return 0
     from rime_data.mmeb import import_mmeb
 
@@ -224,12 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("synth", help="generate the procedural benchmark (train/val/test parquet)")
     s.add_argument("--out", required=True)
-    s.add_argument("--train", type=int, default=200, help="queries per task in train (0 = skip split)")
+    s.add_argument("--train", type=int, default=None, help="queries per task in train (0 = skip split; default 200, "
+                   "0 with --split-style transfer)")
     s.add_argument("--val", type=int, default=50)
     s.add_argument("--test", type=int, default=50)
     s.add_argument("--tasks", default=None, help="comma list; default t2i,i2t,cls,vqa,composed,referring (opt-in: referring_compose, referring_chain)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--image-size", type=int, default=84)
+    s.add_argument("--image-size", type=int, default=None, help="classic style only (default 84); the others draw sizes")
+    s.add_argument("--split-style", default="classic", choices=["classic", "randomised", "transfer"],
+                   help="classic: today's fixed rendering and wording (default); randomised: training ranges of size, "
+                        "layout, look and wording; transfer: val/test only, settings outside the training ranges")
     m = dsub.add_parser("import-mmeb", help="convert MMEB eval files (.jsonl/.parquet) into rime's schema")
     m.add_argument("files", nargs="+")
     m.add_argument("--image-root", required=True)

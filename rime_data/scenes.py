@@ -3,6 +3,10 @@
 Each scene holds 1-3 non-overlapping objects on a 3x3 grid of cells, so captions ("a red circle
 left of a blue square") and referring expressions ("the object left of the yellow square") can be
 generated with their ground truth. Rendering uses only Pillow.
+
+This module is the ``classic`` style. Styled scenes (rime_data/layouts.py) carry normalised
+``boxes`` and a ``layout`` name instead of grid cells, and are drawn by rime_data/looks.py; their
+``col`` is the object's left-to-right rank, so every relation below holds for both.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ GRID = 3
 class SceneObject:
     shape: str
     color: str
-    col: int  # 0 = left … GRID-1 = right
-    row: int  # 0 = top … GRID-1 = bottom
+    col: int  # 0 = left … GRID-1 = right (styled scenes: left-to-right rank)
+    row: int  # 0 = top … GRID-1 = bottom (styled scenes: the third of the height its centre is in)
 
     @property
     def name(self) -> str:
@@ -47,10 +51,15 @@ def with_article(phrase: str) -> str:
     return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
 
 
+Box = tuple[float, float, float, float]  # normalised (x0, y0, x1, y1), 0..1 of the image side
+
+
 @dataclass(frozen=True)
 class Scene:
     objects: tuple[SceneObject, ...]
     background: int = 0
+    boxes: tuple[Box, ...] | None = None  # styled scenes: one box per object, in ``objects`` order
+    layout: str | None = None  # styled scenes: the placement scheme that drew the boxes
 
     def caption(self) -> str:
         """Left-to-right description, e.g. 'a red circle, a blue square and a green cross'."""

@@ -24,6 +24,13 @@ Tasks (all "image" group):
              the written chain was right 0.99 of the time while its embedding found the picture at
              0.15, the random tower having learned colour and not shape).
 
+Styles (rime_data/styles.py): ``classic`` (the default) is the data above exactly as it always was;
+``randomised`` draws sizes, counts, layouts, looks and sentence templates from the training ranges;
+``transfer`` draws them from ranges training never uses, for val/test only. The content (objects,
+relations, answers), the ideal rewrites and the reasoning are the same in every style: only how a
+record is shown and phrased varies. referring_chain has no pictures and its exact sentences are its
+point as a control, so every style writes it as classic.
+
 Every query carries its ideal rewrite and four explicit reasoning segments (PLUME curriculum).
 Splits are assigned by a stable hash of the query's content key, so no caption, edit or
 reference scene appears in two splits whatever the sizes asked for, and a seed fixes everything.
@@ -32,14 +39,19 @@ reference scene appears in two splits whatever the sizes asked for, and a seed f
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Callable
 
-from .scenes import COLORS, SHAPES, Scene, SceneObject, png_bytes, random_scene, render, with_article
+from .scenes import COLORS, SHAPES, Scene, SceneObject, with_article
 from .schema import CANDIDATE_SCHEMA, QUERY_SCHEMA, SPLITS, write_table
+from .styler import Styler
+from .styles import check_style
+from .templates import canonical
 
 TASKS = ("t2i", "i2t", "cls", "vqa", "composed", "referring")  # the default benchmark
 EXTRA_TASKS = ("referring_compose", "referring_chain")  # opt-in: ``tasks=("referring_compose",)``
@@ -47,14 +59,15 @@ EXTRA_TASKS = ("referring_compose", "referring_chain")  # opt-in: ``tasks=("refe
 # per query (the three reasoning segments before the answer)
 CHAIN_OBJECTS, CHAIN_HOPS = 5, 3
 SPLIT_BUCKETS = {"train": range(0, 8), "val": range(8, 9), "test": range(9, 10)}  # of 10 hash buckets
-IMAGE_INST = "Represent the given image."
 NUMBERS = {1: "one", 2: "two", 3: "three"}
+COUNT_WORDS = {**NUMBERS, 4: "four", 5: "five"}  # styled scenes hold up to five objects
 
 
 @dataclass
 class SplitData:
     queries: list[dict]
     candidates: list[dict]
+    provenance: list[dict] = field(default_factory=list)  # styled data: every look and template drawn
 
 
 def split_of(key: str) -> str:
@@ -67,14 +80,22 @@ def _scene_key(s: Scene) -> str:
     return "|".join(f"{o.color}-{o.shape}@{o.col}{o.row}" for o in sorted(s.objects, key=lambda o: o.col))
 
 
-def _img(scene: Scene, size: int) -> bytes:
-    return png_bytes(render(scene, size))
+def _listing(items: list[str], sep: str = ", ", last: str = " and ") -> str:
+    return items[0] if len(items) == 1 else sep.join(items[:-1]) + last + items[-1]
 
 
-def _draw(rng: random.Random, split: str, key_fn: Callable[[Scene], str], **kw) -> Scene:
+def _caption(s: Scene, sty: Styler) -> str:
+    """The scene's caption in the style's phrasing (classic: ``s.caption()``, the canonical form)."""
+    names = [o.name for o in sorted(s.objects, key=lambda o: (o.col, o.row))]
+    a = [with_article(n) for n in names]
+    return sty.say("caption", objects=s.caption(), objects_then=_listing(a, ", then ", ", then "),
+                   objects_rev=_listing(a[::-1]), objects_bare=_listing(names))
+
+
+def _draw(sty: Styler, split: str, key_fn: Callable[[Scene], str], **kw) -> Scene:
     """Draw scenes until one whose content key hashes into ``split``."""
     while True:
-        s = random_scene(rng, **kw)
+        s = sty.scene(**kw)
         if split_of(key_fn(s)) == split:
             return s
 
@@ -84,125 +105,133 @@ def _reasoning(first: str, second: str, third: str, answer: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- tasks
-def _t2i(rng, split, n, size, data: SplitData) -> None:
+def _t2i(sty: Styler, split, n, data: SplitData) -> None:
     by_caption: dict[str, list[str]] = defaultdict(list)
     rows = []
     for i in range(n):
-        s = _draw(rng, split, lambda x: "t2i:" + x.caption())
+        s = _draw(sty, split, lambda x: "t2i:" + x.caption())
         cid = f"t2i/{split}/img{i}"
-        data.candidates.append(dict(cand_id=cid, task="t2i", cand_inst=IMAGE_INST, cand_image=_img(s, size), rewrite=s.caption()))
+        data.candidates.append(dict(cand_id=cid, task="t2i", cand_inst=sty.say("image.cand_inst"), cand_image=sty.image(s),
+                                    rewrite=s.caption()))
         by_caption[s.caption()].append(cid)
         rows.append((i, s))
     for i, s in rows:
         cap = s.caption()
         data.queries.append(dict(
-            query_id=f"t2i/{split}/q{i}", task="t2i", qry_inst="Find an image that matches the given caption.",
-            qry_text=cap, positive_ids=by_caption[cap], rewrite=cap,
-            reasoning=_reasoning(f"The caption lists {NUMBERS[len(s.objects)]} object(s).", "Their order is left to right.",
+            query_id=f"t2i/{split}/q{i}", task="t2i", qry_inst=sty.say("t2i.inst"),
+            qry_text=_caption(s, sty), positive_ids=by_caption[cap], rewrite=cap,
+            reasoning=_reasoning(f"The caption lists {COUNT_WORDS[len(s.objects)]} object(s).", "Their order is left to right.",
                                  f"The picture must show exactly {cap}.", cap),
         ))
 
 
-def _i2t(rng, split, n, size, data: SplitData) -> None:
+def _i2t(sty: Styler, split, n, data: SplitData) -> None:
     caption_ids: dict[str, str] = {}
     for i in range(n):
-        s = _draw(rng, split, lambda x: "i2t:" + x.caption())
+        s = _draw(sty, split, lambda x: "i2t:" + x.caption())
         cap = s.caption()
         if cap not in caption_ids:
             caption_ids[cap] = f"i2t/{split}/cap{len(caption_ids)}"
-            data.candidates.append(dict(cand_id=caption_ids[cap], task="i2t", cand_inst="Represent the given caption.", cand_text=cap, rewrite=cap))
+            data.candidates.append(dict(cand_id=caption_ids[cap], task="i2t", cand_inst=sty.say("caption.cand_inst"),
+                                        cand_text=_caption(s, sty), rewrite=cap))
         data.queries.append(dict(
-            query_id=f"i2t/{split}/q{i}", task="i2t", qry_inst="Find a caption describing the given image.",
-            qry_image=_img(s, size), positive_ids=[caption_ids[cap]], rewrite=cap,
-            reasoning=_reasoning(f"I see {NUMBERS[len(s.objects)]} object(s).", "I read them from left to right.",
+            query_id=f"i2t/{split}/q{i}", task="i2t", qry_inst=sty.say("i2t.inst"),
+            qry_image=sty.image(s), positive_ids=[caption_ids[cap]], rewrite=cap,
+            reasoning=_reasoning(f"I see {COUNT_WORDS[len(s.objects)]} object(s).", "I read them from left to right.",
                                  f"They are {cap}.", cap),
         ))
 
 
-def _label_candidates(task: str, split: str, labels: list[str], data: SplitData, inst: str) -> dict[str, str]:
+def _label_candidates(task: str, split: str, labels: list[str], data: SplitData, inst: Callable[[], str]) -> dict[str, str]:
+    """One text candidate per label (the labels stay canonical: they are the answers)."""
     ids = {}
     for lab in labels:
         ids[lab] = f"{task}/{split}/label/{lab.replace(' ', '_')}"
-        data.candidates.append(dict(cand_id=ids[lab], task=task, cand_inst=inst, cand_text=lab, rewrite=lab))
+        data.candidates.append(dict(cand_id=ids[lab], task=task, cand_inst=inst(), cand_text=lab, rewrite=lab))
     return ids
 
 
-def _cls(rng, split, n, size, data: SplitData) -> None:
+def _cls(sty: Styler, split, n, data: SplitData) -> None:
     labels = {sh: with_article(sh) for sh in SHAPES}
-    ids = _label_candidates("cls", split, list(labels.values()), data, "Represent the given class label.")
+    ids = _label_candidates("cls", split, list(labels.values()), data, partial(sty.say, "cls.cand_inst"))
     for i in range(n):
-        s = _draw(rng, split, lambda x: "cls:" + _scene_key(x))
+        s = _draw(sty, split, lambda x: "cls:" + _scene_key(x))
         left = min(s.objects, key=lambda o: o.col)
         lab = labels[left.shape]
         data.queries.append(dict(
-            query_id=f"cls/{split}/q{i}", task="cls", qry_inst="Classify the shape of the leftmost object in the image.",
-            qry_image=_img(s, size), positive_ids=[ids[lab]], cand_ids=list(ids.values()), rewrite=lab,
+            query_id=f"cls/{split}/q{i}", task="cls", qry_inst=sty.say("cls.inst"),
+            qry_image=sty.image(s), positive_ids=[ids[lab]], cand_ids=list(ids.values()), rewrite=lab,
             reasoning=_reasoning(f"The image shows {s.caption()}.", "The leftmost object comes first.",
                                  f"It is {left.a_name}.", lab),
         ))
 
 
-def _vqa(rng, split, n, size, data: SplitData) -> None:
-    colours = _label_candidates("vqa", split, list(COLORS), data, "Represent the given answer.")
-    counts = _label_candidates("vqa", split, list(NUMBERS.values()), data, "Represent the given answer.")
+def _vqa(sty: Styler, split, n, data: SplitData) -> None:
+    rng = sty.rng
+    inst = partial(sty.say, "vqa.cand_inst")
+    colours = _label_candidates("vqa", split, list(COLORS), data, inst)
+    counts = _label_candidates("vqa", split, [COUNT_WORDS[k] for k in sty.counts()], data, inst)
     for i in range(n):
-        s = _draw(rng, split, lambda x: "vqa:" + _scene_key(x))
+        s = _draw(sty, split, lambda x: "vqa:" + _scene_key(x))
         if rng.random() < 0.5:
             obj = rng.choice(s.objects)
             others = [o for o in s.objects if o.shape == obj.shape and o is not obj]
             where = " leftmost" if others else ""
             if others:
                 obj = min([obj, *others], key=lambda o: o.col)
-            question, answer, cands = f"What colour is the{where} {obj.shape}?", obj.color, colours
+            question, answer, cands = sty.say("vqa.colour", obj=f"the{where} {obj.shape}"), obj.color, colours
             third = f"The{where} {obj.shape} is {obj.color}."
         else:
             k = len(s.objects)
-            question, answer, cands = "How many objects are in the picture?", NUMBERS[k], counts
-            third = f"Counting them gives {NUMBERS[k]}."
+            question, answer, cands = sty.say("vqa.count"), COUNT_WORDS[k], counts
+            third = f"Counting them gives {COUNT_WORDS[k]}."
         data.queries.append(dict(
-            query_id=f"vqa/{split}/q{i}", task="vqa", qry_inst="Answer the question about the image.",
-            qry_text=question, qry_image=_img(s, size), positive_ids=[cands[answer]], cand_ids=list(cands.values()),
+            query_id=f"vqa/{split}/q{i}", task="vqa", qry_inst=sty.say("vqa.inst"),
+            qry_text=question, qry_image=sty.image(s), positive_ids=[cands[answer]], cand_ids=list(cands.values()),
             rewrite=answer, reasoning=_reasoning(f"The image shows {s.caption()}.", f"The question: {question}", third, answer),
         ))
 
 
-def _composed(rng, split, n, size, data: SplitData) -> None:
+def _composed(sty: Styler, split, n, data: SplitData) -> None:
+    rng = sty.rng
     kinds = [(sh, c) for sh in SHAPES for c in COLORS]
     by_key: dict[str, list[str]] = defaultdict(list)
     pending = []
     for i in range(n):
         while True:
-            s = random_scene(rng)
+            s = sty.scene()
             obj = rng.choice(s.objects)
             free = [k for k in kinds if k not in {(o.shape, o.color) for o in s.objects}]
             shape, color = rng.choice(free)
             new = SceneObject(shape, color, obj.col, obj.row)
             target = replace(s, objects=tuple(new if o is obj else o for o in s.objects))
-            edit = f"Replace the {obj.name} with {new.a_name}."
+            edit = canonical("composed.edit", old=obj.name, new=new.a_name)
             if split_of("composed:" + _scene_key(s) + edit) == split:
                 break
         cid = f"composed/{split}/img{i}"
-        data.candidates.append(dict(cand_id=cid, task="composed", cand_inst=IMAGE_INST, cand_image=_img(target, size), rewrite=target.caption()))
+        data.candidates.append(dict(cand_id=cid, task="composed", cand_inst=sty.say("image.cand_inst"),
+                                    cand_image=sty.image(target), rewrite=target.caption()))
         by_key[target.caption()].append(cid)
-        pending.append((i, s, edit, target, obj, new))
-    for i, s, edit, target, obj, new in pending:
+        pending.append((i, s, target, obj, new))
+    for i, s, target, obj, new in pending:
         data.queries.append(dict(
-            query_id=f"composed/{split}/q{i}", task="composed", qry_inst="Find the image that results from the edit.",
-            qry_text=edit, qry_image=_img(s, size), positive_ids=by_key[target.caption()], rewrite=target.caption(),
+            query_id=f"composed/{split}/q{i}", task="composed", qry_inst=sty.say("composed.inst"),
+            qry_text=sty.say("composed.edit", old=obj.name, new=new.a_name), qry_image=sty.image(s),
+            positive_ids=by_key[target.caption()], rewrite=target.caption(),
             reasoning=_reasoning(f"The reference shows {s.caption()}.", f"The edit removes the {obj.name}.",
                                  f"{new.a_name.capitalize()} takes its place.", target.caption()),
         ))
 
 
-def _single_object_candidates(task: str, split: str, size: int, rng, data: SplitData) -> dict[tuple[str, str], str]:
+def _single_object_candidates(task: str, split: str, sty: Styler, data: SplitData) -> dict[tuple[str, str], str]:
     """One picture per (shape, colour): the corpus of the referring tasks."""
     ids = {}
     for sh in SHAPES:
         for c in COLORS:
-            one = Scene((SceneObject(sh, c, 1, 1),), background=rng.randrange(3))
+            one = sty.single(sh, c)
             ids[(sh, c)] = f"{task}/{split}/img/{c}-{sh}"
-            data.candidates.append(dict(cand_id=ids[(sh, c)], task=task, cand_inst=IMAGE_INST,
-                                        cand_image=_img(one, size), rewrite=with_article(f"{c} {sh}")))
+            data.candidates.append(dict(cand_id=ids[(sh, c)], task=task, cand_inst=sty.say("image.cand_inst"),
+                                        cand_image=sty.image(one), rewrite=with_article(f"{c} {sh}")))
     return ids
 
 
@@ -225,46 +254,49 @@ def _relations(s: Scene) -> list[tuple[SceneObject, str, SceneObject]]:
     return out
 
 
-def _referring(rng, split, n, size, data: SplitData) -> None:
-    ids = _single_object_candidates("referring", split, size, rng, data)
+def _referring(sty: Styler, split, n, data: SplitData) -> None:
+    rng = sty.rng
+    ids = _single_object_candidates("referring", split, sty, data)
     for i in range(n):
         while True:
-            s = random_scene(rng, n_objects=rng.choice((2, 3)))
+            s = sty.scene(n_objects=rng.choice([k for k in sty.counts() if k >= 2]))
             anchor = rng.choice(s.objects)
             side = rng.choice(("left", "right"))
             target = _neighbour(s, anchor, side)
             if target is None:
                 continue
-            text = f"Pictures containing the object {side} of the {anchor.name}."
+            text = canonical("referring.text", rel=canonical("rel", side=side), anchor=anchor.name)
             if split_of("referring:" + _scene_key(s) + text) == split:
                 break
         answer = target.a_name
         data.queries.append(dict(
-            query_id=f"referring/{split}/q{i}", task="referring",
-            qry_inst="Find pictures of the object the text refers to in the image.",
-            qry_text=text, qry_image=_img(s, size), positive_ids=[ids[(target.shape, target.color)]], rewrite=answer,
+            query_id=f"referring/{split}/q{i}", task="referring", qry_inst=sty.say("referring.inst"),
+            qry_text=sty.say("referring.text", rel=sty.say("rel", side=side), anchor=anchor.name),
+            qry_image=sty.image(s), positive_ids=[ids[(target.shape, target.color)]], rewrite=answer,
             reasoning=_reasoning(f"The image shows {s.caption()}.", f"The anchor is the {anchor.name}.",
                                  f"The nearest object to its {side} is the {target.name}.", answer),
         ))
 
 
-def _referring_compose(rng, split, n, size, data: SplitData) -> None:
-    ids = _single_object_candidates("referring_compose", split, size, rng, data)
+def _referring_compose(sty: Styler, split, n, data: SplitData) -> None:
+    rng = sty.rng
+    ids = _single_object_candidates("referring_compose", split, sty, data)
     for i in range(n):
         while True:
-            s = random_scene(rng, n_objects=3)
+            s = sty.scene(n_objects=3 if sty.classic else rng.choice([k for k in sty.counts() if k >= 3]))
             (a1, side1, o1), (a2, side2, o2) = rng.sample(_relations(s), 2)
             if o1 == o2:  # the answer must combine two different objects
                 continue
-            text = (f"A picture of the shape of the object {side1} of the {a1.name} "
-                    f"in the colour of the object {side2} of the {a2.name}.")
+            text = canonical("referring_compose.text", rel1=canonical("rel", side=side1), a1=a1.name,
+                             rel2=canonical("rel", side=side2), a2=a2.name)
             if split_of("referring_compose:" + _scene_key(s) + text) == split:
                 break
         answer = with_article(f"{o2.color} {o1.shape}")
         data.queries.append(dict(
-            query_id=f"referring_compose/{split}/q{i}", task="referring_compose",
-            qry_inst="Find the picture the text describes, using the objects in the image.",
-            qry_text=text, qry_image=_img(s, size), positive_ids=[ids[(o1.shape, o2.color)]], rewrite=answer,
+            query_id=f"referring_compose/{split}/q{i}", task="referring_compose", qry_inst=sty.say("referring_compose.inst"),
+            qry_text=sty.say("referring_compose.text", rel1=sty.say("rel", side=side1), a1=a1.name,
+                             rel2=sty.say("rel", side=side2), a2=a2.name),
+            qry_image=sty.image(s), positive_ids=[ids[(o1.shape, o2.color)]], rewrite=answer,
             reasoning=_reasoning(f"The image shows {s.caption()}.", f"The object {side1} of the {a1.name} is the {o1.name}.",
                                  f"The object {side2} of the {a2.name} is the {o2.name}.", answer),
         ))
@@ -276,13 +308,14 @@ def _after(a: SceneObject, b: SceneObject) -> str:
     return f"After the {a.name} comes the {b.name}."
 
 
-def _referring_chain(rng, split, n, size, data: SplitData) -> None:
+def _referring_chain(sty: Styler, split, n, data: SplitData) -> None:
     """Five objects on a ring, told as shuffled facts. Every object has its own shape AND its own
     colour, so either word names it and each written hop is a plain copy from the text; on a ring
     there is no first or last object, so no answer can be read off without following the chain."""
     # a text corpus, one name per (shape, colour) ("a green cross"): nothing leans on the vision tower
+    rng = sty.rng
     ids = _label_candidates("referring_chain", split, [with_article(f"{c} {sh}") for sh in SHAPES for c in COLORS], data,
-                            "Represent the given object name.")
+                            lambda: "Represent the given object name.")
     for i in range(n):
         while True:
             ring = [SceneObject(sh, c, col, 0) for col, (sh, c) in
@@ -308,27 +341,45 @@ TASK_BUILDERS = {"t2i": _t2i, "i2t": _i2t, "cls": _cls, "vqa": _vqa, "composed":
                  "referring_compose": _referring_compose, "referring_chain": _referring_chain}
 
 
-def synth_split(split: str, n_per_task: int, seed: int = 0, tasks=TASKS, image_size: int = 84) -> SplitData:
-    """Generate one split: ``n_per_task`` queries for each task, with their candidates."""
+def synth_split(split: str, n_per_task: int, seed: int = 0, tasks=TASKS, image_size: int | None = None,
+                style: str = "classic") -> SplitData:
+    """Generate one split: ``n_per_task`` queries for each task, with their candidates.
+
+    ``image_size`` (default 84) is the classic style's; the other styles draw sizes from their ranges.
+    ``transfer`` refuses the train split: its settings are for measuring transfer, never for training."""
     if split not in SPLITS:
         raise ValueError(f"split: {split!r} is not one of {SPLITS}")
     unknown = set(tasks) - set(TASK_BUILDERS)
     if unknown:
         raise ValueError(f"tasks: unknown {sorted(unknown)}; choose from {TASKS + EXTRA_TASKS}")
+    if check_style(style) == "transfer" and split == "train":
+        raise ValueError("split: the transfer style writes evaluation splits only (val, test); its sizes, layouts "
+                         "and templates must never reach training. Ask for train = 0")
     data = SplitData([], [])
     for task in tasks:
-        rng = random.Random(f"{seed}:{split}:{task}")
-        TASK_BUILDERS[task](rng, split, n_per_task, image_size, data)
+        # classic keeps its seed string, so classic data is what it always was; referring_chain is
+        # classic in every style (text only; its exact sentences are the control)
+        plain = style == "classic" or task == "referring_chain"
+        sty = Styler("classic" if plain else style, random.Random(f"{seed}:{split}:{task}" + ("" if plain else f":{style}")),
+                     image_size)
+        TASK_BUILDERS[task](sty, split, n_per_task, data)
+        data.provenance.extend(dict(task=task, **p) for p in sty.provenance)
     return data
 
 
-def write_synth(out: str | Path, sizes: dict[str, int], seed: int = 0, tasks=TASKS, image_size: int = 84) -> dict:
-    """Write every split under ``out``; returns {split: {queries, candidates}} counts."""
+def write_synth(out: str | Path, sizes: dict[str, int], seed: int = 0, tasks=TASKS, image_size: int | None = None,
+                style: str = "classic") -> dict:
+    """Write every split under ``out``; returns {split: {queries, candidates}} counts. Styled data also
+    gets ``<split>/provenance.jsonl``: the look of every picture and the template of every sentence."""
     counts = {}
     for split, n in sizes.items():
-        d = synth_split(split, n, seed, tasks, image_size)
+        d = synth_split(split, n, seed, tasks, image_size, style)
         counts[split] = {
             "queries": write_table(d.queries, QUERY_SCHEMA, Path(out) / split / "queries.parquet"),
             "candidates": write_table(d.candidates, CANDIDATE_SCHEMA, Path(out) / split / "candidates.parquet"),
         }
+        if style != "classic":
+            with open(Path(out) / split / "provenance.jsonl", "w") as f:
+                f.writelines(json.dumps(dict(style=style, **p)) + "\n" for p in d.provenance)
     return counts
+

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
+from rime_data.fingerprint import fingerprint
 from rime_data.metrics import aggregate, query_metrics
 from rime_data.schema import CANDIDATE_SCHEMA, QUERY_SCHEMA, validate_candidate, validate_query
-from rime_data.synth import TASKS, synth_split, write_synth
+from rime_data.synth import EXTRA_TASKS, TASKS, synth_split, write_synth
 from rime_data.text_baseline import bow_embed
 
 
@@ -38,6 +39,31 @@ def test_schema_and_validity(data_dir):
         assert len(ids) == len(cs)
         assert all(set(r["positive_ids"]) <= ids for r in qs)
         assert all(r["rewrite"] and len(r["reasoning"]) >= 4 for r in qs)
+
+
+# The classic style is the main job's data: these digests (rime_data.fingerprint: every record's
+# fields, images by decoded pixels) were taken from the generator before styles existed, and must not
+# move while the main job's numbers are pinned to it. Styled data has its own pins (test_synth_styles.py).
+CLASSIC_FINGERPRINTS = {
+    ("train", 12, 0, TASKS + EXTRA_TASKS): "6cb573b7ed1f907bdfbe9136395783677ba25261",
+    ("val", 5, 3, TASKS): "fdc4f3a3e31ad27441d75f3c5f1a6f8418a7e579",
+    ("test", 7, 1, TASKS + EXTRA_TASKS): "52286c567f971c656c16e175bb2f6e6ddce8f27f",
+}
+
+
+@pytest.mark.parametrize("args", list(CLASSIC_FINGERPRINTS))
+def test_classic_data_is_unchanged(args):
+    assert fingerprint(synth_split(*args)) == CLASSIC_FINGERPRINTS[args]
+    assert fingerprint(synth_split(*args, style="classic", image_size=84)) == CLASSIC_FINGERPRINTS[args]
+
+
+def test_fingerprint_sees_every_change():
+    d = synth_split("val", 3, seed=0)
+    base = fingerprint(d)
+    d.queries[0]["qry_text"] += " "
+    assert fingerprint(d) != base
+    d = synth_split("val", 3, seed=0, image_size=85)  # a different picture, same texts
+    assert fingerprint(d) != base
 
 
 def test_deterministic_by_seed():
