@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-MODES = ("disc", "gen", "latent")
+from rime_model.choices import MODES
 
 
 class ApiError(Exception):
@@ -27,8 +27,14 @@ class ApiError(Exception):
         self.status, self.field, self.message = status, field, message
 
     def body(self) -> dict:
-        return {"error": {"message": f"{self.field}: {self.message}", "type": "invalid_request_error", "param": self.field,
-                          "code": self.status}}
+        return {
+            "error": {
+                "message": f"{self.field}: {self.message}",
+                "type": "invalid_request_error",
+                "param": self.field,
+                "code": self.status,
+            }
+        }
 
 
 @dataclass(frozen=True)
@@ -49,11 +55,13 @@ class EmbeddingRequest:
 
 def parse_body(raw: bytes, limits: Limits) -> dict:
     if len(raw) > limits.max_body_bytes:
-        raise ApiError(413, "body", f"{len(raw)} bytes exceeds the {limits.max_body_bytes}-byte limit; send fewer or smaller items")
+        raise ApiError(
+            413, "body", f"{len(raw)} bytes exceeds the {limits.max_body_bytes}-byte limit; send fewer or smaller items"
+        )
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, "body", f"not valid JSON ({e}); send a JSON object like {{\"input\": \"text\"}}") from e
+        raise ApiError(400, "body", f'not valid JSON ({e}); send a JSON object like {{"input": "text"}}') from e
     if not isinstance(body, dict):
         raise ApiError(400, "body", "must be a JSON object with an 'input' field")
     return body
@@ -134,5 +142,10 @@ def response(vectors: list[np.ndarray], req: EmbeddingRequest, model_name: str, 
             row["rewrite"] = rewrites[i].text
             row["rewrite_tokens"] = rewrites[i].num_tokens
         data.append(row)
-    return {"object": "list", "data": data, "model": model_name, "mode": req.mode,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return {
+        "object": "list",
+        "data": data,
+        "model": model_name,
+        "mode": req.mode,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }

@@ -17,14 +17,9 @@ from typing import Any
 import torch
 
 from rime_model import Embedder
-from rime_model.curriculum import Phase, continuation_text, split_segments
-from rime_model.latent import ADAPTER_ATTR, AdapterConfig, adapter_differences, balance_loss, latent_pass
-from rime_model.losses import cma_loss, completion_ce, info_nce, plume_loss
-from rime_model.policy_loss import PolicyLossConfig, policy_loss
+from rime_model.latent import ADAPTER_ATTR, AdapterConfig, adapter_differences
 
-Pair = dict[str, Any]  # CMA/PLUME: {"q": item, "t": item, "q_rewrite", "t_rewrite", "q_reasoning": [str], "target_id"}
-Sample = dict[str, Any]  # Refine-RL: {"q": item, "token_ids", "logprobs", "advantage", "anchor": [D], "target_id"}
-LEARNER_STAGES = ("cma", "refine-rl", "plume")
+from .stage_losses import LEARNER_LOSSES
 
 
 def deepspeed_config(lc: dict, world_size: int) -> dict:
@@ -61,11 +56,22 @@ def param_groups(model: torch.nn.Module) -> list[dict]:
 class Learner:
     """One data-parallel rank. Created by ``orchestrator.learner_group.LearnerGroup``."""
 
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
-                 learner_cfg: dict, stage_cfg: dict, seed: int = 0, freeze_vision: bool = False,
-                 latent_adapter: dict | None = None):
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                          LOCAL_RANK="0", WORLD_SIZE=str(world_size))
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        model_path: str,
+        learner_cfg: dict,
+        stage_cfg: dict,
+        seed: int = 0,
+        freeze_vision: bool = False,
+        latent_adapter: dict | None = None,
+    ):
+        os.environ.update(
+            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size)
+        )
         torch.set_num_threads(learner_cfg["torch_threads"])
         torch.manual_seed(seed + rank)
         import deepspeed
@@ -81,7 +87,7 @@ class Learner:
             have = self.emb.latent_adapter
             if have is not None and adapter_differences(have.cfg.to_dict(), want.to_dict()):
                 delattr(self.emb.model, ADAPTER_ATTR)  # the configured adapter (e.g. an ablation) replaces it
-                have = None  # (the driver said so: orchestrator.train.announce_adapter)
+                have = None  # (the driver said so: orchestrator.stages.plume.announce_adapter)
             if have is None:
                 self.emb.attach_latent_adapter(want, seed=seed)
             else:
@@ -100,8 +106,9 @@ class Learner:
             optimizer = torch.optim.AdamW(params, lr=learner_cfg["lr"], weight_decay=learner_cfg["weight_decay"])
         # Linear warm-up; DeepSpeed steps it at each accumulation boundary and checkpoints it.
         schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))  # noqa: E731
-        self.engine, _, _, _ = deepspeed.initialize(model=self.emb.model, model_parameters=params, optimizer=optimizer,
-                                                    lr_scheduler=schedule, config=ds_cfg)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.emb.model, model_parameters=params, optimizer=optimizer, lr_scheduler=schedule, config=ds_cfg
+        )
         self.emb.model = self.engine.module
         self.step = 0
         self.stage = "cma"
@@ -112,20 +119,25 @@ class Learner:
         opt = self.engine.optimizer
         return getattr(opt, "optimizer", opt)  # ZeRO wraps the client optimizer; its state lives inside
 
-    def begin_stage(self, stage: str, stage_cfg: dict, lr: float, warmup_steps: int, ref_path: str | None = None,
-                    reset_optimizer: bool = True, embedding_lr: float = 0.0) -> None:
-        """Switch the loss to ``stage``: new learning rates and warm-up, optimizer state reset (METHOD.md:
-        stage changes restart Adam), and for Refine-RL a frozen reference policy for the KL term."""
-        if stage not in LEARNER_STAGES:
-            raise ValueError(f"stage {stage!r} has no learner loss; known: {LEARNER_STAGES}")
+    def begin_stage(
+        self,
+        stage: str,
+        stage_cfg: dict,
+        lr: float,
+        warmup_steps: int,
+        ref_path: str | None = None,
+        reset_optimizer: bool = True,
+        embedding_lr: float = 0.0,
+    ) -> None:
+        """Switch the loss to ``stage`` (``stage_losses.LEARNER_LOSSES``): new learning rates and warm-up,
+        optimizer state reset (METHOD.md: stage changes restart Adam), then the loss's own start (Refine-RL:
+        a frozen reference policy from ``ref_path`` for the KL term)."""
+        if stage not in LEARNER_LOSSES:
+            raise ValueError(f"stage {stage!r} has no learner loss; known: {tuple(LEARNER_LOSSES)}")
         self.stage, self.stage_cfg = stage, stage_cfg
         self.reset_optimizer(lr, warmup_steps, clear_state=reset_optimizer, embedding_lr=embedding_lr)
         self.ref = None
-        if stage == "refine-rl" and stage_cfg["policy"]["kl_coef"] > 0:
-            if ref_path is None:
-                raise ValueError("begin_stage('refine-rl'): kl_coef > 0 needs ref_path (the stage's starting model)")
-            self.ref = Embedder.load(ref_path, device=str(self.engine.device))
-            self.ref.model.requires_grad_(False)
+        LEARNER_LOSSES[stage].begin(self, ref_path)
 
     def reset_optimizer(self, lr: float, warmup_steps: int, clear_state: bool = True, embedding_lr: float = 0.0) -> None:
         """Fresh Adam moments (stage and curriculum-stage changes), new learning rates (``embedding_lr``
@@ -139,21 +151,17 @@ class Learner:
         self.engine.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
 
     # ------------------------------------------------------------------ training
-    def train_step(self, micro_batches: list[list[Pair]], phase: dict | None = None) -> dict[str, float]:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; returns mean loss terms.
-        ``phase`` (PLUME only) is the curriculum phase of this step."""
+    def train_step(self, micro_batches: list[Any], **step_args: Any) -> dict[str, float]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches with the stage's loss; returns mean loss
+        terms. ``step_args`` go to the loss (PLUME: ``phase``, the curriculum phase of this step)."""
         if len(micro_batches) != self.lc["grad_accum_steps"]:
-            raise ValueError(f"train_step: got {len(micro_batches)} micro-batches, expected grad_accum_steps={self.lc['grad_accum_steps']}")
-        if (self.stage == "plume") != (phase is not None):
-            raise ValueError(f"train_step: phase is required by the plume stage and only there (stage {self.stage!r})")
+            raise ValueError(
+                f"train_step: got {len(micro_batches)} micro-batches, expected grad_accum_steps={self.lc['grad_accum_steps']}"
+            )
+        loss = LEARNER_LOSSES[self.stage]
         sums: dict[str, float] = {}
         for mb in micro_batches:
-            if self.stage == "cma":
-                terms = self._cma_terms(mb)
-            elif self.stage == "plume":
-                terms = self._plume_terms(mb, Phase(**phase))
-            else:
-                terms = self._grpo_terms(mb)
+            terms = loss.terms(self, mb, **step_args)
             self.engine.backward(terms["loss"])
             self.engine.step()
             for k, v in terms.items():
@@ -167,86 +175,6 @@ class Learner:
         if len(lrs) > 1:
             out["lr_embeddings"] = float(lrs[1])
         out["pairs"] = float(sum(len(mb) for mb in micro_batches))
-        return out
-
-    def _cma_terms(self, pairs: list[Pair]) -> dict[str, torch.Tensor]:
-        emb, cfg = self.emb, self.stage_cfg
-        q_items = emb.prepare([p["q"] for p in pairs])
-        t_items = emb.prepare([p["t"] for p in pairs])
-        disc = emb.build_disc_batch(q_items + t_items)
-        d = emb.encode(disc)
-        gen = emb.build_gen_batch(q_items + t_items, [p["q_rewrite"] for p in pairs] + [p["t_rewrite"] for p in pairs])
-        h = emb.hidden_states(gen)
-        g = emb.encode(gen, hidden=h)
-        ce = completion_ce(h, gen.labels, emb.model.get_output_embeddings())
-        n = len(pairs)
-        return cma_loss(d[:n], d[n:], g[:n], g[n:], ce, lambda_cma=cfg["lambda_cma"], temperature=cfg["temperature"],
-                        ce_weight=cfg["ce_weight"], target_ids=[p["target_id"] for p in pairs])
-
-    def _plume_terms(self, pairs: list[Pair], phase: Phase) -> dict[str, Any]:
-        """PLUME: queries run ``phase.latent_steps`` latent steps, then the curriculum's remaining text
-        (reasoning segments not yet replaced + the answer) under CE. Targets either follow the same
-        phase with their own answer (``target_layout: phase``) or are embedded as at inference, K latent
-        steps and no text (``latent``). Gen embeddings at ``<gen_emb>``, disc anchors at ``<disc_emb>``
-        of the same prefix passes."""
-        emb, cfg = self.emb, self.stage_cfg
-        q_items = emb.prepare([p["q"] for p in pairs])
-        t_items = emb.prepare([p["t"] for p in pairs])
-        texts = [continuation_text(emb.template, emb.tokens, split_segments(p.get("q_reasoning"), cfg["segments"])[0], phase,
-                                   p["q_rewrite"]) for p in pairs]
-        lm_head, n = emb.model.get_output_embeddings(), len(pairs)
-        if cfg["target_layout"] == "phase":  # targets follow the query's phase: one pass for both sides
-            texts += [continuation_text(emb.template, emb.tokens, [], phase, p["t_rewrite"]) for p in pairs]
-            conts = [emb.token_ids(t) for t in texts]
-            outs = [latent_pass(emb, q_items + t_items, phase.latent_steps, conts)]
-            g, c = outs[0].gen_embedding(), outs[0].disc_embedding()
-        else:  # "latent": targets are embedded exactly as at inference (K latent steps, no text)
-            conts = [emb.token_ids(t) for t in texts]
-            outs = [latent_pass(emb, q_items, phase.latent_steps, conts), latent_pass(emb, t_items, cfg["latent_steps"])]
-            g = torch.cat([o.gen_embedding() for o in outs])
-            c = torch.cat([o.disc_embedding() for o in outs])
-        ce = completion_ce(outs[0].hidden, outs[0].labels, lm_head)
-        probs = [p for o in outs for p in o.router_probs]
-        bal = balance_loss(probs) if probs else None
-        terms: dict[str, Any] = plume_loss(g[:n], g[n:], c[:n], c[n:], ce, bal, temperature=cfg["temperature"],
-                                           ce_weight=cfg["ce_weight"], disc_weight=cfg["disc_weight"],
-                                           lambda_bal=cfg["lambda_bal"], target_ids=[p["target_id"] for p in pairs])
-        if probs:
-            usage = torch.cat(probs).detach().mean(0)
-            terms.update({f"router_p{m}": float(v) for m, v in enumerate(usage)})
-        terms["text_tokens"] = float((outs[0].labels[:, 1:] != -100).sum())
-        return terms
-
-    def _grpo_terms(self, samples: list[Sample]) -> dict[str, Any]:
-        """Clipped surrogate + KL to the reference (verl's registry) + λ·InfoNCE(g, frozen anchors).
-
-        One forward pass gives both the rewrite tokens' log-probs and the gen embedding ``g`` at
-        ``<gen_emb>``, so generation and embedding are optimised jointly (METHOD.md, Stage 2)."""
-        emb, cfg = self.emb, self.stage_cfg
-        items = emb.prepare([s["q"] for s in samples])
-        batch = emb.build_rollout_batch(items, [s["token_ids"] for s in samples])
-        span = max(1, max(len(s["token_ids"]) + len(emb.forced_suffix(s["token_ids"])) for s in samples))
-        h = emb.hidden_states(batch)
-        logp, entropy, mask = emb.action_logprobs(h, batch.labels, span)
-        old = torch.zeros_like(logp)
-        for b, s in enumerate(samples):
-            old[b, mask[b].bool()] = torch.tensor(s["logprobs"], dtype=old.dtype, device=old.device)
-        ref = None
-        if self.ref is not None:
-            with torch.no_grad():
-                ref, _, _ = self.ref.action_logprobs(self.ref.hidden_states(batch), batch.labels, span)
-        adv = torch.tensor([s["advantage"] for s in samples], dtype=logp.dtype, device=logp.device)
-        pg_loss, pm = policy_loss(logp, old, ref, adv, mask, PolicyLossConfig(**cfg["policy"]))
-        g = emb.encode(batch, hidden=h)
-        anchors = torch.tensor([s["anchor"] for s in samples], dtype=g.dtype, device=g.device)
-        nce = info_nce(g, anchors, cfg["nce_temperature"], [s["target_id"] for s in samples])
-        n_tok = mask.sum().clamp(min=1)
-        out: dict[str, Any] = {
-            "loss": pg_loss + cfg["lambda_nce"] * nce, "nce": nce, "entropy": (entropy.detach() * mask).sum() / n_tok,
-            "logprob_mismatch": ((logp.detach() - old).abs() * mask).sum() / n_tok,
-            "response_tokens": float(mask.sum()),
-        }
-        out.update({k.replace("actor/", ""): v for k, v in pm.items()})
         return out
 
     # ------------------------------------------------------------------ state

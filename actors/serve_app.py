@@ -7,7 +7,6 @@ replicas and autoscaling from the Serve config (``serve.yaml``). Client errors a
 bodies naming the field; the replica keeps serving.
 """
 
-
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -31,9 +30,18 @@ logger = logging.getLogger("ray.serve")
 class EmbedderServer:
     """One replica: the embedder, one batch queue per mode (disc, gen, latent), and request validation."""
 
-    def __init__(self, model: str, model_name: str = "", torch_threads: int = 1, limits: dict | None = None,
-                 disc_batch: dict | None = None, gen_batch: dict | None = None, max_new_tokens: int = 32,
-                 latent_batch: dict | None = None, latent_steps: int | None = None):
+    def __init__(
+        self,
+        model: str,
+        model_name: str = "",
+        torch_threads: int = 1,
+        limits: dict | None = None,
+        disc_batch: dict | None = None,
+        gen_batch: dict | None = None,
+        max_new_tokens: int = 32,
+        latent_batch: dict | None = None,
+        latent_steps: int | None = None,
+    ):
         import torch
 
         from rime_model import GenerationConfig, load_embedder
@@ -51,8 +59,11 @@ class EmbedderServer:
         self.generation = GenerationConfig(max_new_tokens=max_new_tokens)
         self.latent_steps = self.emb.latent_steps if latent_steps is None else int(latent_steps)
         self.pools = {m: ThreadPoolExecutor(1, thread_name_prefix=m) for m in ("disc", "gen", "latent")}
-        for method, cfg in ((self._disc_batch, disc_batch or {}), (self._gen_batch, gen_batch or {}),
-                            (self._latent_batch, latent_batch or {})):
+        for method, cfg in (
+            (self._disc_batch, disc_batch or {}),
+            (self._gen_batch, gen_batch or {}),
+            (self._latent_batch, latent_batch or {}),
+        ):
             method.set_max_batch_size(int(cfg.get("max_batch_size", 16)))
             method.set_batch_wait_timeout_s(float(cfg.get("batch_wait_timeout_s", 0.01)))
         from ray.serve.metrics import Counter
@@ -71,14 +82,16 @@ class EmbedderServer:
     async def _gen_batch(self, items: list[dict]) -> list[tuple[np.ndarray, Any]]:
         loop = asyncio.get_running_loop()
         res = await loop.run_in_executor(
-            self.pools["gen"], lambda: self.emb.embed(items, mode="gen", batch_size=len(items), generation=self.generation))
+            self.pools["gen"], lambda: self.emb.embed(items, mode="gen", batch_size=len(items), generation=self.generation)
+        )
         return list(zip(res.vectors, res.rewrites))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _latent_batch(self, items: list[dict]) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
         res = await loop.run_in_executor(
-            self.pools["latent"], lambda: self.emb.embed(items, mode="latent", batch_size=len(items), steps=self.latent_steps))
+            self.pools["latent"], lambda: self.emb.embed(items, mode="latent", batch_size=len(items), steps=self.latent_steps)
+        )
         return list(res.vectors)
 
     def _prepare(self, items: list) -> list[dict]:
@@ -86,7 +99,7 @@ class EmbedderServer:
         out = []
         for i, item in enumerate(items):
             try:
-                (text, image, instruction), = self.emb.prepare([item])
+                ((text, image, instruction),) = self.emb.prepare([item])
             except InputError as e:
                 raise ApiError(400, f"input[{i}].{e.field}", str(e).split(": ", 1)[-1]) from e
             out.append({"text": text, "image": image, "instruction": instruction})
@@ -116,20 +129,39 @@ class EmbedderServer:
         except Exception as e:  # noqa: BLE001 - a model failure: every request of the batch gets a JSON 500
             logger.exception("embedding batch failed")
             self.requests.inc(tags={"mode": mode, "status": "500"})
-            return JSONResponse({"error": {"message": f"the model failed on this batch ({type(e).__name__}: {str(e)[:200]}); "
-                                           "the replica keeps serving, retry", "type": "server_error", "param": None,
-                                           "code": 500}}, status_code=500)
-        tokens = sum(len(self.emb.token_ids(it.get("text") or "")) for it in req.items)
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": f"the model failed on this batch ({type(e).__name__}: {str(e)[:200]}); "
+                        "the replica keeps serving, retry",
+                        "type": "server_error",
+                        "param": None,
+                        "code": 500,
+                    }
+                },
+                status_code=500,
+            )
+        tokens = sum(len(self.emb.enc.token_ids(it.get("text") or "")) for it in req.items)
         self.requests.inc(tags={"mode": mode, "status": "200"})
         self.items.inc(len(req.items), tags={"mode": mode})
         return JSONResponse(response(vectors, req, self.model_name, rewrites, tokens))
 
     @app.get("/v1/models")
     async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "rime",
-                                            "dimensions": self.emb.dim, "modes": ["disc", "gen", "latent"],
-                                            "latent_steps": self.latent_steps,
-                                            "latent_adapter": self.emb.latent_adapter is not None}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.model_name,
+                    "object": "model",
+                    "owned_by": "rime",
+                    "dimensions": self.emb.dim,
+                    "modes": ["disc", "gen", "latent"],
+                    "latent_steps": self.latent_steps,
+                    "latent_adapter": self.emb.latent_adapter is not None,
+                }
+            ],
+        }
 
     @app.get("/health")
     async def health(self) -> dict:

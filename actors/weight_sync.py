@@ -25,7 +25,10 @@ import torch
 
 WeightMeta = list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype) in broadcast order
 
-DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool)}
+DTYPES = {
+    str(d): d
+    for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool)
+}
 
 
 class SyncGroupError(RuntimeError):
@@ -51,12 +54,16 @@ def tensor_meta(state_dict: Mapping[str, torch.Tensor]) -> WeightMeta:
     return [(k, tuple(v.shape), str(v.dtype)) for k, v in state_dict.items()]
 
 
-def shape_mismatches(meta: WeightMeta, shapes: Mapping[str, tuple[int, ...]],
-                     key: Callable[[str], str] = lambda k: k) -> list[str]:
+def shape_mismatches(
+    meta: WeightMeta, shapes: Mapping[str, tuple[int, ...]], key: Callable[[str], str] = lambda k: k
+) -> list[str]:
     """``name: sent (..) but the model has (..)`` for each tensor of ``meta`` whose shape differs from
     ``shapes[key(name)]`` (names ``shapes`` lacks are the key check's business)."""
-    return [f"{name}: sent {tuple(shape)} but the model has {tuple(shapes[key(name)])}"
-            for name, shape, _ in meta if key(name) in shapes and tuple(shape) != tuple(shapes[key(name)])]
+    return [
+        f"{name}: sent {tuple(shape)} but the model has {tuple(shapes[key(name)])}"
+        for name, shape, _ in meta
+        if key(name) in shapes and tuple(shape) != tuple(shapes[key(name)])
+    ]
 
 
 class ObjectStoreWeights:
@@ -83,8 +90,9 @@ class ObjectStoreWeights:
     def state_dict(self) -> dict[str, torch.Tensor]:
         with warnings.catch_warnings():  # read-only views of the shared object, by design
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return {name: torch.from_numpy(a).view(DTYPES[dt]).reshape(shape)
-                    for (name, shape, dt), a in zip(self.meta, self.arrays)}
+            return {
+                name: torch.from_numpy(a).view(DTYPES[dt]).reshape(shape) for (name, shape, dt), a in zip(self.meta, self.arrays)
+            }
 
 
 def fetch_weights(weights: Any) -> dict[str, torch.Tensor]:
@@ -120,8 +128,10 @@ class BroadcastGroup:
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"weight sync backend: {backend!r} is not gloo or nccl")
         if backend == "nccl" and not torch.cuda.is_available():
-            raise RuntimeError("weight sync backend nccl needs a GPU in every member; this one has none "
-                               "(give rollout workers GPUs, or use rollout.weight_sync: object_store)")
+            raise RuntimeError(
+                "weight sync backend nccl needs a GPU in every member; this one has none "
+                "(give rollout workers GPUs, or use rollout.weight_sync: object_store)"
+            )
         prefixed = dist.PrefixStore(f"rime-weight-sync/{epoch}", store)
         timeout = timedelta(seconds=timeout_s)
         if backend == "gloo":
@@ -140,8 +150,9 @@ class BroadcastGroup:
         import ray
 
         host = ray.util.get_node_ip_address()
-        store = torch.distributed.TCPStore(host, 0, world, is_master=True, timeout=timedelta(seconds=timeout_s),
-                                           wait_for_workers=False)
+        store = torch.distributed.TCPStore(
+            host, 0, world, is_master=True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+        )
         return store, host, store.port
 
     @staticmethod
@@ -187,4 +198,3 @@ def check_member(group: BroadcastGroup | None, epoch: int) -> BroadcastGroup:
         have = None if group is None else group.epoch
         raise SyncGroupError(f"not a member of weight-sync group epoch {epoch} (this process has {have})")
     return group
-

@@ -58,7 +58,14 @@ def main() -> None:
     }
     for k, v in summary.items():
         print(f"{k}: {v:.2f}x")
-    print(json.dumps({"emb_per_s": {f"{m}@{bs}": round(r, 3) for (m, bs), r in rows.items()}, **{k: round(v, 3) for k, v in summary.items()}}))
+    print(
+        json.dumps(
+            {
+                "emb_per_s": {f"{m}@{bs}": round(r, 3) for (m, bs), r in rows.items()},
+                **{k: round(v, 3) for k, v in summary.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

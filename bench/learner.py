@@ -32,13 +32,13 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     results = {}
     for n, zero in ((1, 1), (2, 1), (2, 2), (2, 3)):
-        cfg = parse_config({"learners": {"num_learners": n, "zero_stage": zero, "micro_batch_size": args.micro_batch}})
+        cfg = parse_config({"learners": {"num_actors": n, "zero_stage": zero, "micro_batch_size": args.micro_batch}})
         group = LearnerGroup(cfg, path, {"lambda_cma": 1.0, "temperature": 0.02, "ce_weight": 1.0})
         mb = args.micro_batch
 
         def step(i: int) -> None:
             start = (i * n * mb) % (len(pairs) - n * mb)
-            group.call("train_step", per_rank=[([pairs[start + r * mb:start + (r + 1) * mb]],) for r in range(n)])
+            group.call("train_step", per_rank=[([pairs[start + r * mb : start + (r + 1) * mb]],) for r in range(n)])
 
         step(0)  # warm-up
         t = time.perf_counter()

@@ -31,8 +31,11 @@ def _items(n: int, size: int, seed: int = 0) -> list[dict]:
     out = []
     for i in range(n):
         s = random_scene(rng)
-        out.append({"image": render(s, size), "text": "Find the picture this one refers to."} if i % 2 == 0
-                   else {"text": f"Pictures containing the object left of the {s.objects[0].name}."})
+        out.append(
+            {"image": render(s, size), "text": "Find the picture this one refers to."}
+            if i % 2 == 0
+            else {"text": f"Pictures containing the object left of the {s.objects[0].name}."}
+        )
     return out
 
 
@@ -97,19 +100,41 @@ def main() -> None:
     with torch.inference_mode():
         for name, fn in modes.items():
             lat[name] = statistics.median(_latency_ms(fn, items, args.device, args.repeats))
-    dev = torch.cuda.get_device_name() if args.device and args.device.startswith("cuda") else f"CPU x{torch.get_num_threads()} threads"
-    print(f"model={args.model} device={dev} dtype={args.dtype} n={args.n} K={args.latent_steps} "
-          f"rewrite={args.rewrite_tokens} tok, cot={args.cot_tokens} tok")
-    labels = {"disc": "disc (one pass)", "latent": f"latent (K={args.latent_steps})",
-              "gen": f"gen ({args.rewrite_tokens}-token rewrite)", "cot": f"explicit reasoning ({args.cot_tokens} tok)"}
+    dev = (
+        torch.cuda.get_device_name()
+        if args.device and args.device.startswith("cuda")
+        else f"CPU x{torch.get_num_threads()} threads"
+    )
+    print(
+        f"model={args.model} device={dev} dtype={args.dtype} n={args.n} K={args.latent_steps} "
+        f"rewrite={args.rewrite_tokens} tok, cot={args.cot_tokens} tok"
+    )
+    labels = {
+        "disc": "disc (one pass)",
+        "latent": f"latent (K={args.latent_steps})",
+        "gen": f"gen ({args.rewrite_tokens}-token rewrite)",
+        "cot": f"explicit reasoning ({args.cot_tokens} tok)",
+    }
     print(f"{'mode':32s} {'ms/sample':>10s} {'vs disc':>8s}")
     for name, ms in lat.items():
         print(f"{labels[name]:32s} {ms:10.1f} {ms / lat['disc']:7.2f}x")
-    summary = {"latent/disc": lat["latent"] / lat["disc"], "gen/disc": lat["gen"] / lat["disc"],
-               "cot/latent": lat["cot"] / lat["latent"], "cot/gen": lat["cot"] / lat["gen"]}
+    summary = {
+        "latent/disc": lat["latent"] / lat["disc"],
+        "gen/disc": lat["gen"] / lat["disc"],
+        "cot/latent": lat["cot"] / lat["latent"],
+        "cot/gen": lat["cot"] / lat["gen"],
+    }
     print("  ".join(f"{k} {v:.1f}x" for k, v in summary.items()) + "   (paper, H20: latent/disc 1.9x, cot/latent 30x)")
-    print(json.dumps({"ms_per_sample": {k: round(v, 2) for k, v in lat.items()}, **{k: round(v, 3) for k, v in summary.items()},
-                      "model": args.model, "device": dev}))
+    print(
+        json.dumps(
+            {
+                "ms_per_sample": {k: round(v, 2) for k, v in lat.items()},
+                **{k: round(v, 3) for k, v in summary.items()},
+                "model": args.model,
+                "device": dev,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

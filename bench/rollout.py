@@ -33,16 +33,19 @@ def _backend_rates(model: str, backend: str, queries: list[dict], group: int, to
     from orchestrator.rl_actors import rollout_runtime_env
 
     cfg = parse_config({"rollout": {"backend": backend, "max_new_tokens": tokens}})
-    worker = ray.remote(RolloutWorker).options(num_cpus=0.5, runtime_env=rollout_runtime_env(cfg)).remote(
-        model, backend, 2, len(queries))
+    worker = (
+        ray.remote(RolloutWorker)
+        .options(num_cpus=0.5, runtime_env=rollout_runtime_env(cfg))
+        .remote(model, backend, 2, len(queries))
+    )
     sampling = {"max_new_tokens": tokens, "temperature": 1.0, "top_p": 1.0, "seed": 0}
     ray.get(worker.generate.remote(queries[:2], 1, sampling))  # warm-up
     out = {}
     t = time.perf_counter()
-    n_tok = sum(ray.get(worker.generate.remote([q], 1, sampling))["tokens"] for q in queries)
+    n_tok = sum(ray.get(worker.generate.remote([q], 1, sampling)).tokens for q in queries)
     out["batch 1"] = n_tok / (time.perf_counter() - t)
     t = time.perf_counter()
-    n_tok = ray.get(worker.generate.remote(queries, group, sampling))["tokens"]
+    n_tok = ray.get(worker.generate.remote(queries, group, sampling)).tokens
     out[f"batch {len(queries)} x G={group}"] = n_tok / (time.perf_counter() - t)
     ray.kill(worker)
     return out
@@ -56,9 +59,15 @@ def _step_split(model: str, steps: int, tmp: Path) -> list[dict]:
     from rime_data.synth import write_synth
 
     write_synth(tmp / "data", {"train": 10}, seed=0)
-    cfg = parse_config({"run": {"stages": ["refine-rl"]}, "refine_rl": {"queries_per_step": 8},
-                        "learners": {"cpus_per_learner": 0.4},  # + rollout/reward 0.2: 1 CPU stays free for Ray Data
-                        "rollout": {"num_workers": 2, "group_size": 4, "cpus_per_worker": 0.05}, "reward": {"num_actors": 1}})
+    cfg = parse_config(
+        {
+            "run": {"stages": ["refine-rl"]},
+            "refine_rl": {"queries_per_step": 8},
+            "learners": {"cpus_per_actor": 0.4},  # + rollout/reward 0.2: 1 CPU stays free for Ray Data
+            "rollout": {"num_actors": 2, "group_size": 4, "cpus_per_actor": 0.05},
+            "reward": {"num_actors": 1},
+        }
+    )
     group = LearnerGroup(cfg, model, {"lambda_cma": 1.0, "temperature": 0.02, "ce_weight": 1.0})
     group.call("begin_stage", "refine-rl", stage_config(cfg), cfg.refine_rl.lr, 1, model)
     stream = PairStream(tmp / "data", "train", 0, 64, tmp / "errors.jsonl", group_by_task=False)
@@ -110,7 +119,9 @@ def main() -> None:
         for setting, v in r.items():
             print(f"{backend:>8s} {setting:>18s} {v:9.1f} {v / base:8.2f}x")
     keys = ("time/rollout_s", "time/reward_s", "time/learn_s", "time/sync_s", "perf/step_time_s")
-    print(f"\nRefine-RL step time split (8 queries x G=4, 2 learners, 2 rollout workers, 1 reward actor; mean of {len(split)} steps)")
+    print(
+        f"\nRefine-RL step time split (8 queries x G=4, 2 learners, 2 rollout workers, 1 reward actor; mean of {len(split)} steps)"
+    )
     total = sum(m["perf/step_time_s"] for m in split) / len(split)
     for k in keys:
         v = sum(m[k] for m in split) / len(split)

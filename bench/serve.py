@@ -35,7 +35,12 @@ def drive(url: str, n: int, concurrency: int, max_seconds: float) -> dict:
         lat = [x for x in pool.map(one, range(n)) if x is not None]
     wall = time.perf_counter() - t0
     lat.sort()
-    return {"rps": len(lat) / wall, "p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))], "n": len(lat)}
+    return {
+        "rps": len(lat) / wall,
+        "p50_ms": 1000 * statistics.median(lat),
+        "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))],
+        "n": len(lat),
+    }
 
 
 def main() -> None:
@@ -61,7 +66,8 @@ def main() -> None:
     results = {}
     for replicas, batch in ((1, 1), (1, 32), (2, 32)):
         app = EmbedderServer.options(num_replicas=replicas, ray_actor_options={"num_cpus": 0.5}).bind(
-            model=model, disc_batch={"max_batch_size": batch, "batch_wait_timeout_s": 0.005 if batch > 1 else 0.0})
+            model=model, disc_batch={"max_batch_size": batch, "batch_wait_timeout_s": 0.005 if batch > 1 else 0.0}
+        )
         serve.run(app, name="bench", route_prefix="/")
         drive(url, 20, 4, 30)  # warm-up
         results[(replicas, batch)] = drive(url, args.requests, args.concurrency, args.max_seconds)

@@ -77,8 +77,14 @@ def _measure(model: str, backend: str, transport: str, export: dict, bucket_byte
 
     env = rollout_runtime_env(parse_config({"rollout": {"backend": backend}}))
     worker = ray.remote(RolloutWorker).options(num_cpus=0.5, runtime_env=env).remote(model, backend, 2)
-    ray.get(worker.generate.remote([{"text": "a red circle left of a blue square"}], 1,
-                                   {"max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0, "seed": 0}), timeout=900)
+    ray.get(
+        worker.generate.remote(
+            [{"text": "a red circle left of a blue square"}],
+            1,
+            {"max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0, "seed": 0},
+        ),
+        timeout=900,
+    )
     src = None
     packed = transport == "object_store"
     if transport == "collective":
@@ -108,8 +114,11 @@ def _measure(model: str, backend: str, transport: str, export: dict, bucket_byte
             seconds.append(dt)
             rises.append(rise)
     ray.kill(worker)
-    return {"seconds": sorted(seconds)[len(seconds) // 2], "rise_mib": max(r[0] for r in rises) / 2**20,
-            "anon_rise_mib": max(r[1] for r in rises) / 2**20}
+    return {
+        "seconds": sorted(seconds)[len(seconds) // 2],
+        "rise_mib": max(r[0] for r in rises) / 2**20,
+        "anon_rise_mib": max(r[1] for r in rises) / 2**20,
+    }
 
 
 def main() -> None:
@@ -130,8 +139,9 @@ def main() -> None:
     export = {k: v.detach().clone() for k, v in Embedder.load(model).model.state_dict().items()}
     size = sum(v.numel() * v.element_size() for v in export.values())
     meta, bucket = tensor_meta(export), args.bucket_mb << 20
-    largest_bucket = max(sum(torch.Size(meta[i][1]).numel() * export[meta[i][0]].element_size() for i in idx)
-                         for idx in plan_buckets(meta, bucket))
+    largest_bucket = max(
+        sum(torch.Size(meta[i][1]).numel() * export[meta[i][0]].element_size() for i in idx) for idx in plan_buckets(meta, bucket)
+    )
     backends = ["hf"]
     if (VLLM_VENV / "bin" / "python").is_file():
         backends.append("vllm")
@@ -143,14 +153,20 @@ def main() -> None:
     ray.shutdown()
 
     base = rows[("hf", "object_store_dict")]
-    print(f"\nweight update on one rollout worker ({args.model}: {len(export)} tensors, {size / 2**20:.0f} MiB; "
-          f"collective buckets <= {args.bucket_mb} MiB, largest {largest_bucket / 2**20:.0f} MiB; 2 CPUs)")
-    print(f"{'backend':>8s} {'transport':>17s} {'seconds':>8s} {'vs base':>8s} {'RSS rise MiB':>13s} {'/ model':>8s} "
-          f"{'anon rise MiB':>14s} {'/ model':>8s}")
+    print(
+        f"\nweight update on one rollout worker ({args.model}: {len(export)} tensors, {size / 2**20:.0f} MiB; "
+        f"collective buckets <= {args.bucket_mb} MiB, largest {largest_bucket / 2**20:.0f} MiB; 2 CPUs)"
+    )
+    print(
+        f"{'backend':>8s} {'transport':>17s} {'seconds':>8s} {'vs base':>8s} {'RSS rise MiB':>13s} {'/ model':>8s} "
+        f"{'anon rise MiB':>14s} {'/ model':>8s}"
+    )
     for (b, t), r in rows.items():
-        print(f"{b:>8s} {t:>17s} {r['seconds']:8.2f} {r['seconds'] / base['seconds']:7.2f}x "
-              f"{r['rise_mib']:13.0f} {r['rise_mib'] * 2**20 / size:7.2f}x "
-              f"{r['anon_rise_mib']:14.0f} {r['anon_rise_mib'] * 2**20 / size:7.2f}x")
+        print(
+            f"{b:>8s} {t:>17s} {r['seconds']:8.2f} {r['seconds'] / base['seconds']:7.2f}x "
+            f"{r['rise_mib']:13.0f} {r['rise_mib'] * 2**20 / size:7.2f}x "
+            f"{r['anon_rise_mib']:14.0f} {r['anon_rise_mib'] * 2**20 / size:7.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -41,10 +41,16 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         for i in range(n)
     ]
     emb = load_embedder(args.model)
-    res = emb.embed(items, mode=args.mode, generation=GenerationConfig(max_new_tokens=args.max_new_tokens),
-                    steps=args.latent_steps)
+    res = emb.embed(
+        items, mode=args.mode, generation=GenerationConfig(max_new_tokens=args.max_new_tokens), steps=args.latent_steps
+    )
     for i in range(n):
-        row = {"index": i, "mode": res.mode, "dim": int(res.vectors.shape[1]), "head": [round(float(x), 5) for x in res.vectors[i][:8]]}
+        row = {
+            "index": i,
+            "mode": res.mode,
+            "dim": int(res.vectors.shape[1]),
+            "head": [round(float(x), 5) for x in res.vectors[i][:8]],
+        }
         if res.rewrites is not None:
             row["rewrite"] = res.rewrites[i].text
             row["rewrite_tokens"] = res.rewrites[i].num_tokens
@@ -59,8 +65,14 @@ def _cmd_data(args: argparse.Namespace) -> int:
         tasks = tuple(args.tasks.split(",")) if args.tasks else TASKS
         train = args.train if args.train is not None else 0 if args.split_style == "transfer" else 200
         sizes = {"train": train, "val": args.val, "test": args.test}
-        counts = write_synth(args.out, {k: v for k, v in sizes.items() if v > 0}, seed=args.seed, tasks=tasks,
-                             image_size=args.image_size, style=args.split_style)
+        counts = write_synth(
+            args.out,
+            {k: v for k, v in sizes.items() if v > 0},
+            seed=args.seed,
+            tasks=tasks,
+            image_size=args.image_size,
+            style=args.split_style,
+        )
         print(json.dumps({"out": args.out, "style": args.split_style, "splits": counts}))
         return 0
     from rime_data.mmeb import import_mmeb
@@ -83,11 +95,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     emb = load_embedder(args.model)
     result = evaluate(
-        emb, args.data, split=args.split, query_modes=tuple(args.query_mode.split(",")),
-        cand_modes=tuple(args.cand_mode.split(",")), batch_size=args.batch_size,
+        emb,
+        args.data,
+        split=args.split,
+        query_modes=tuple(args.query_mode.split(",")),
+        cand_modes=tuple(args.cand_mode.split(",")),
+        batch_size=args.batch_size,
         generation=GenerationConfig(max_new_tokens=args.max_new_tokens),
-        tasks=tuple(args.tasks.split(",")) if args.tasks else None, max_queries_per_task=args.max_queries_per_task,
-        cache_dir=cache_dir() / "eval", model_tag=_model_tag(args.model), latent_steps=args.latent_steps,
+        tasks=tuple(args.tasks.split(",")) if args.tasks else None,
+        max_queries_per_task=args.max_queries_per_task,
+        cache_dir=cache_dir() / "eval",
+        model_tag=_model_tag(args.model),
+        latent_steps=args.latent_steps,
     )
     print(format_table(result, args.metric))
     if result.latent_steps is not None:
@@ -96,7 +115,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"mean rewrite length: {result.rewrite_tokens_mean:.1f} tokens")
     if result.skipped:
         print(f"skipped {len(result.skipped)} row(s) that could not be used (listed in the report)", file=sys.stderr)
-    params = {"model": args.model, "data": args.data, "split": args.split, "query_mode": args.query_mode, "cand_mode": args.cand_mode}
+    params = {
+        "model": args.model,
+        "data": args.data,
+        "split": args.split,
+        "query_mode": args.query_mode,
+        "cand_mode": args.cand_mode,
+    }
     if result.latent_steps is not None:  # two evals of one model at two K differ only here
         params["latent_steps"] = result.latent_steps
     report = write_report(result, Path(args.out), params, per_query=args.per_query)
@@ -118,8 +143,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if len(reports) < 2 or len(reports) % 2:
             raise CompareError(f"give reports in pairs, A B [A2 B2 ...] (one pair per seed); got {len(reports)}")
         pairs = list(zip(reports[0::2], reports[1::2]))
-        comps = [compare_files(a, b, pair=args.pair, metric=args.metric, resamples=args.resamples, seed=args.seed)
-                 for a, b in pairs]
+        comps = [
+            compare_files(a, b, pair=args.pair, metric=args.metric, resamples=args.resamples, seed=args.seed) for a, b in pairs
+        ]
         groups = [g.strip() for g in args.groups.split(",")] if args.groups else None
         summary = summarize_runs(comps, groups) if len(comps) > 1 or groups else None
     except CompareError as e:
@@ -134,21 +160,57 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from .ablate import run
+
+    return run(args)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .train import train
 
     cfg = load_config(args.config, args.set)
-    summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    print(json.dumps({k: v for k, v in summary.items() if k in ("run_dir", "mlflow_run_id", "steps", "baseline", "final", "model_uri", "bad_rows")}, indent=2))
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite, verbose=args.verbose)
+    print(
+        json.dumps(
+            {
+                k: v
+                for k, v in summary.items()
+                if k
+                in (
+                    "run_dir",
+                    "mlflow_run_id",
+                    "steps",
+                    "baseline",
+                    "baseline_transfer",
+                    "final",
+                    "final_transfer",
+                    "model_uri",
+                    "bad_rows",
+                )
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from .config import apply_overrides, config_yaml, load_config, parse_config
+
+    cfg = load_config(args.config, args.set) if args.config else parse_config(apply_overrides({}, args.set))
+    source = " ".join(["rime config show", *([args.config] if args.config else []), *(f"--set {s}" for s in args.set)])
+    print(f"# {source}: the resolved config, every default included\n" + config_yaml(cfg), end="")
     return 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .serving import run_server
 
-    run_server(model=args.model, config=args.config, host=args.host, port=args.port, replicas=args.replicas,
-               block=not args.no_block)
+    run_server(
+        model=args.model, config=args.config, host=args.host, port=args.port, replicas=args.replicas, block=not args.no_block
+    )
     return 0
 
 
@@ -180,7 +242,9 @@ when the units are all equal (no t statistic: p_t is then the exact sign test's 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rime", description="Generative multimodal embeddings: train (RIME, PLUME) and serve on Ray.")
+    p = argparse.ArgumentParser(
+        prog="rime", description="Generative multimodal embeddings: train (RIME, PLUME) and serve on Ray."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quickstart", help="build the tiny model, embed generated scenes in disc and gen modes, print a table")
@@ -206,15 +270,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=32)
     e.set_defaults(func=_cmd_embed)
 
+    cf = sub.add_parser("config", help="inspect configs")
+    cfsub = cf.add_subparsers(dest="config_command", required=True)
+    show = cfsub.add_parser("show", help="print the fully resolved config (every default) as YAML")
+    show.add_argument("config", nargs="?", default=None, help="YAML config (default: no file, only the defaults)")
+    show.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    show.set_defaults(func=_cmd_config_show)
+
     t = sub.add_parser("train", help="run the stages of a YAML config (local Ray in-process unless cluster.address)")
     t.add_argument("config")
     t.add_argument("--resume", action="store_true", help="continue the run dir's latest checkpoint (same step, same MLflow run)")
     t.add_argument("--overwrite", action="store_true", help="delete an existing run dir of the same name first")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    t.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray Data's execution reports and debug lines (always in <run dir>/train.log)",
+    )
     t.set_defaults(func=_cmd_train)
 
     sv = sub.add_parser("serve", help="serve /v1/embeddings on Ray Serve (local Ray in-process, 127.0.0.1 by default)")
-    sv.add_argument("--model", default=None, help="zoo name, hf:<repo-or-path>, saved folder or MLflow models:/ URI; overrides the config")
+    sv.add_argument(
+        "--model", default=None, help="zoo name, hf:<repo-or-path>, saved folder or MLflow models:/ URI; overrides the config"
+    )
     sv.add_argument("--config", default="configs/serve.yaml", help="Ray Serve config file")
     sv.add_argument("--host", default=None)
     sv.add_argument("--port", type=int, default=None)
@@ -226,16 +304,28 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("synth", help="generate the procedural benchmark (train/val/test parquet)")
     s.add_argument("--out", required=True)
-    s.add_argument("--train", type=int, default=None, help="queries per task in train (0 = skip split; default 200, "
-                   "0 with --split-style transfer)")
+    s.add_argument(
+        "--train",
+        type=int,
+        default=None,
+        help="queries per task in train (0 = skip split; default 200, 0 with --split-style transfer)",
+    )
     s.add_argument("--val", type=int, default=50)
     s.add_argument("--test", type=int, default=50)
-    s.add_argument("--tasks", default=None, help="comma list; default t2i,i2t,cls,vqa,composed,referring (opt-in: referring_compose, referring_chain)")
+    s.add_argument(
+        "--tasks",
+        default=None,
+        help="comma list; default t2i,i2t,cls,vqa,composed,referring (opt-in: referring_compose, referring_chain)",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-size", type=int, default=None, help="classic style only (default 84); the others draw sizes")
-    s.add_argument("--split-style", default="classic", choices=["classic", "randomised", "transfer"],
-                   help="classic: today's fixed rendering and wording (default); randomised: training ranges of size, "
-                        "layout, look and wording; transfer: val/test only, settings outside the training ranges")
+    s.add_argument(
+        "--split-style",
+        default="classic",
+        choices=["classic", "randomised", "transfer"],
+        help="classic: today's fixed rendering and wording (default); randomised: training ranges of size, "
+        "layout, look and wording; transfer: val/test only, settings outside the training ranges",
+    )
     m = dsub.add_parser("import-mmeb", help="convert MMEB eval files (.jsonl/.parquet) into rime's schema")
     m.add_argument("files", nargs="+")
     m.add_argument("--image-root", required=True)
@@ -261,20 +351,38 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--per-query", action="store_true", help="also write every query's metrics (for rime compare)")
     v.set_defaults(func=_cmd_eval)
 
-    c = sub.add_parser("compare", help="paired comparison of `rime eval --per-query` reports on the same queries: "
-                       "A B, or A1 B1 A2 B2 ... (one pair per seed) for an across-seed test as well",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=COMPARE_JSON_HELP)
-    c.add_argument("reports", nargs="+", metavar="REPORT",
-                   help="A B [A2 B2 ...]: baseline then compared report, per pair; differences are B - A")
-    c.add_argument("--pair", default="latent->latent", help="query->candidate mode pair; quote it in a shell: --pair 'disc->disc'")
+    c = sub.add_parser(
+        "compare",
+        help="paired comparison of `rime eval --per-query` reports on the same queries: "
+        "A B, or A1 B1 A2 B2 ... (one pair per seed) for an across-seed test as well",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=COMPARE_JSON_HELP,
+    )
+    c.add_argument(
+        "reports",
+        nargs="+",
+        metavar="REPORT",
+        help="A B [A2 B2 ...]: baseline then compared report, per pair; differences are B - A",
+    )
+    c.add_argument(
+        "--pair", default="latent->latent", help="query->candidate mode pair; quote it in a shell: --pair 'disc->disc'"
+    )
     c.add_argument("--metric", default="hit@1", choices=["hit@1", "hit@5", "ndcg@5", "mrr"])
     c.add_argument("--resamples", type=int, default=10_000, help="paired bootstrap resamples")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--groups", default=None, metavar="G1,G2,...",
-                   help="one label per pair (e.g. its start checkpoint): average the pairs of a group, then test "
-                        "across groups, for pairs that share a checkpoint and so are not independent")
+    c.add_argument(
+        "--groups",
+        default=None,
+        metavar="G1,G2,...",
+        help="one label per pair (e.g. its start checkpoint): average the pairs of a group, then test "
+        "across groups, for pairs that share a checkpoint and so are not independent",
+    )
     c.add_argument("--json", action="store_true", help="also print the result as one JSON line (shape below)")
     c.set_defaults(func=_cmd_compare)
+
+    from .ablate import add_parser as add_ablate_parser
+
+    add_ablate_parser(sub).set_defaults(func=_cmd_ablate)  # train arms x start models x seeds, then compare
 
     from .mlflow_server import add_parser as add_mlflow_server_parser
     from .submit import add_parsers as add_submit_parsers
@@ -285,7 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .logs import setup_console
+
     args = build_parser().parse_args(argv)
+    setup_console(verbose=getattr(args, "verbose", False))
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # rime_model's InputError is a ValueError

@@ -51,7 +51,7 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     if n == 0:
         return 1.0
     k = min(only_a, only_b)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
     return min(1.0, 2.0 * tail)
 
 
@@ -59,8 +59,9 @@ def _rows(report: dict, name: str, pair: str, metric: str) -> dict[str, float]:
     if "per_query" not in report:
         raise CompareError(f"{name}: the report has no per-query rows; re-run `rime eval ... --per-query`")
     if pair not in report["per_query"]:
-        raise CompareError(f"{name}: pair {pair!r} not in the report (it has {sorted(report['per_query'])}); "
-                           "pick one with --pair")
+        raise CompareError(
+            f"{name}: pair {pair!r} not in the report (it has {sorted(report['per_query'])}); pick one with --pair"
+        )
     rows = report["per_query"][pair]
     bad = [q for q, m in rows.items() if metric not in m]
     if bad:
@@ -68,14 +69,17 @@ def _rows(report: dict, name: str, pair: str, metric: str) -> dict[str, float]:
     return {q: float(m[metric]) for q, m in rows.items()}
 
 
-def compare_reports(a: dict, b: dict, pair: str = "latent->latent", metric: str = "hit@1",
-                    resamples: int = 10_000, seed: int = 0) -> PairedComparison:
+def compare_reports(
+    a: dict, b: dict, pair: str = "latent->latent", metric: str = "hit@1", resamples: int = 10_000, seed: int = 0
+) -> PairedComparison:
     """B against A on the queries both scored (the difference is B - A)."""
     ra, rb = _rows(a, "A", pair, metric), _rows(b, "B", pair, metric)
     sa, sb = a.get("queries_sha1"), b.get("queries_sha1")
     if sa and sb and sa != sb:
-        raise CompareError(f"A and B were scored on different query files (sha1 {sa[:12]} vs {sb[:12]}): a query id "
-                           "names different queries in different datasets; score both on the same --data and --split")
+        raise CompareError(
+            f"A and B were scored on different query files (sha1 {sa[:12]} vs {sb[:12]}): a query id "
+            "names different queries in different datasets; score both on the same --data and --split"
+        )
     shared = sorted(set(ra) & set(rb))
     if not shared:
         raise CompareError("the reports share no query ids: were they run on the same --data and --split?")
@@ -88,10 +92,20 @@ def compare_reports(a: dict, b: dict, pair: str = "latent->latent", metric: str 
     binary = metric.startswith("hit@")  # 0/1 per query: McNemar applies
     only_a = int(((xa == 1) & (xb == 0)).sum()) if binary else None
     only_b = int(((xa == 0) & (xb == 1)).sum()) if binary else None
-    return PairedComparison(pair, metric, len(shared), float(xa.mean()), float(xb.mean()), float(d.mean()),
-                            float(lo), float(hi), only_a, only_b,
-                            mcnemar_exact(only_a, only_b) if binary else None,
-                            len(set(ra) ^ set(rb)))
+    return PairedComparison(
+        pair,
+        metric,
+        len(shared),
+        float(xa.mean()),
+        float(xb.mean()),
+        float(d.mean()),
+        float(lo),
+        float(hi),
+        only_a,
+        only_b,
+        mcnemar_exact(only_a, only_b) if binary else None,
+        len(set(ra) ^ set(rb)),
+    )
 
 
 def compare_files(path_a: str | Path, path_b: str | Path, **kw) -> PairedComparison:
@@ -105,9 +119,13 @@ def compare_files(path_a: str | Path, path_b: str | Path, **kw) -> PairedCompari
 
 
 def format_comparison(c: PairedComparison, name_a: str, name_b: str) -> str:
-    lines = [f"{c.pair} {c.metric} on {c.n} shared queries" + (f" ({c.not_shared} in one report only, left out)" if c.not_shared else ""),
-             f"  A {name_a}: {c.mean_a:.4f}", f"  B {name_b}: {c.mean_b:.4f}",
-             f"  B - A: {c.diff:+.4f} (95% paired bootstrap CI {c.ci_low:+.4f} .. {c.ci_high:+.4f})"]
+    lines = [
+        f"{c.pair} {c.metric} on {c.n} shared queries"
+        + (f" ({c.not_shared} in one report only, left out)" if c.not_shared else ""),
+        f"  A {name_a}: {c.mean_a:.4f}",
+        f"  B {name_b}: {c.mean_b:.4f}",
+        f"  B - A: {c.diff:+.4f} (95% paired bootstrap CI {c.ci_low:+.4f} .. {c.ci_high:+.4f})",
+    ]
     if c.p_mcnemar is not None:
         lines.append(f"  only A right: {c.only_a}, only B right: {c.only_b}, exact McNemar p = {c.p_mcnemar:.4f}")
     return "\n".join(lines)
@@ -157,13 +175,16 @@ def summarize_runs(comparisons: list[PairedComparison], groups: list[str] | None
     diffs = [float(c.diff) for c in comparisons]
     if groups is not None:
         if len(groups) != len(comparisons):
-            raise CompareError(f"--groups gives {len(groups)} labels for {len(comparisons)} pairs of reports; "
-                               "give one label per pair, in the same order (e.g. --groups ckpt0,ckpt0,ckpt1)")
+            raise CompareError(
+                f"--groups gives {len(groups)} labels for {len(comparisons)} pairs of reports; "
+                "give one label per pair, in the same order (e.g. --groups ckpt0,ckpt0,ckpt1)"
+            )
         if not all(groups):
             raise CompareError(f"--groups has an empty label ({','.join(groups)!r}); name every pair's group")
         if len(set(groups)) < 2:
-            raise CompareError(f"--groups puts every pair in one group ({groups[0]!r}); a test across groups "
-                               "needs at least 2 different labels")
+            raise CompareError(
+                f"--groups puts every pair in one group ({groups[0]!r}); a test across groups needs at least 2 different labels"
+            )
     units = np.array(diffs if groups is None else _group_means(diffs, groups))
     n, mean, sd = len(units), float(units.mean()), float(units.std(ddof=1))
     test = "t"
@@ -178,20 +199,43 @@ def summarize_runs(comparisons: list[PairedComparison], groups: list[str] | None
         lo, hi = mean - half, mean + half
         p = float(stats.ttest_1samp(units, 0.0).pvalue)
     d = np.array(diffs)
-    return RunsSummary(comparisons[0].pair, comparisons[0].metric, len(diffs), diffs,
-                       None if groups is None else list(groups), "run" if groups is None else "group",
-                       [float(x) for x in units], mean, sd, lo, hi, p, int((d > 0).sum()), int((d < 0).sum()), test)
+    return RunsSummary(
+        comparisons[0].pair,
+        comparisons[0].metric,
+        len(diffs),
+        diffs,
+        None if groups is None else list(groups),
+        "run" if groups is None else "group",
+        [float(x) for x in units],
+        mean,
+        sd,
+        lo,
+        hi,
+        p,
+        int((d > 0).sum()),
+        int((d < 0).sum()),
+        test,
+    )
 
 
 def format_runs_summary(s: RunsSummary) -> str:
-    lines = [f"across {s.runs} pairs of runs (the {s.unit} is the unit): {s.pair} {s.metric}",
-             "  B - A per pair: " + ", ".join(f"{x:+.4f}" for x in s.diffs)]
+    lines = [
+        f"across {s.runs} pairs of runs (the {s.unit} is the unit): {s.pair} {s.metric}",
+        "  B - A per pair: " + ", ".join(f"{x:+.4f}" for x in s.diffs),
+    ]
     if s.groups is not None:
         labels = list(dict.fromkeys(s.groups))
-        lines.append(f"  B - A per group ({len(labels)}, mean of its pairs): " + ", ".join(
-            f"{g} {x:+.4f} (n={s.groups.count(g)})" for g, x in zip(labels, s.unit_diffs)))
-    lines += [f"  mean B - A: {s.mean_diff:+.4f} (sd {s.sd:.4f} over {len(s.unit_diffs)} {s.unit}s; "
-              + (f"95% t interval {s.ci_low:+.4f} .. {s.ci_high:+.4f}; t-test p = {s.p_t:.4f})" if s.test == "t" else
-               f"no spread, so no t interval; exact sign test p = {s.p_t:.4f})"),
-              f"  B better in {s.b_better}, A better in {s.a_better}, tied in {s.runs - s.b_better - s.a_better} pairs"]
+        lines.append(
+            f"  B - A per group ({len(labels)}, mean of its pairs): "
+            + ", ".join(f"{g} {x:+.4f} (n={s.groups.count(g)})" for g, x in zip(labels, s.unit_diffs))
+        )
+    lines += [
+        f"  mean B - A: {s.mean_diff:+.4f} (sd {s.sd:.4f} over {len(s.unit_diffs)} {s.unit}s; "
+        + (
+            f"95% t interval {s.ci_low:+.4f} .. {s.ci_high:+.4f}; t-test p = {s.p_t:.4f})"
+            if s.test == "t"
+            else f"no spread, so no t interval; exact sign test p = {s.p_t:.4f})"
+        ),
+        f"  B better in {s.b_better}, A better in {s.a_better}, tied in {s.runs - s.b_better - s.a_better} pairs",
+    ]
     return "\n".join(lines)

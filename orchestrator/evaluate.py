@@ -53,11 +53,18 @@ class EvalResult:
     def to_dict(self, per_query: bool = False) -> dict:
         """The report; ``per_query`` adds every query's metrics (for ``rime compare``)."""
         return {
-            "pairs": self.pairs, "n_queries": self.n_queries, "n_candidates": self.n_candidates,
-            "skipped": self.skipped, "n_skipped": len(self.skipped),
-            "rewrite_tokens_mean": self.rewrite_tokens_mean, "rewrite_stats": self.rewrite_stats,
-            "rewrite_samples": self.rewrite_samples, "timings": self.timings, "queries_sha1": self.queries_sha1,
-            "latent_steps": self.latent_steps, **({"per_query": self.per_query} if per_query else {}),
+            "pairs": self.pairs,
+            "n_queries": self.n_queries,
+            "n_candidates": self.n_candidates,
+            "skipped": self.skipped,
+            "n_skipped": len(self.skipped),
+            "rewrite_tokens_mean": self.rewrite_tokens_mean,
+            "rewrite_stats": self.rewrite_stats,
+            "rewrite_samples": self.rewrite_samples,
+            "timings": self.timings,
+            "queries_sha1": self.queries_sha1,
+            "latent_steps": self.latent_steps,
+            **({"per_query": self.per_query} if per_query else {}),
         }
 
     def flat_metrics(self) -> dict[str, float]:
@@ -96,8 +103,14 @@ def _usable(emb: Embedder, rows: list[dict], to_item, id_key: str, check, skippe
     return good
 
 
-def load_queries(emb: Embedder, data: str | Path, split: str, tasks: tuple[str, ...] | None,
-                 max_queries_per_task: int | None, skipped: list[dict]) -> tuple[list[dict], str]:
+def load_queries(
+    emb: Embedder,
+    data: str | Path,
+    split: str,
+    tasks: tuple[str, ...] | None,
+    max_queries_per_task: int | None,
+    skipped: list[dict],
+) -> tuple[list[dict], str]:
     """The split's usable query rows (first ``max_queries_per_task`` of each task) and the sha1 of the file
     they were read from (one read: the digest `rime compare` checks is of exactly these bytes); bad rows go
     to ``skipped`` with the reason, never silently."""
@@ -116,17 +129,29 @@ def load_queries(emb: Embedder, data: str | Path, split: str, tasks: tuple[str, 
     usable, seen = [], set()
     for q in _usable(emb, queries, query_item, "query_id", validate_query, skipped):
         if q["query_id"] in seen:  # per-query reports and `rime compare` key on the id
-            skipped.append({"id": q["query_id"], "error": "query_id: appears twice in the split; give every query a "
-                            "unique id (the first one is scored)"})
+            skipped.append(
+                {
+                    "id": q["query_id"],
+                    "error": "query_id: appears twice in the split; give every query a unique id (the first one is scored)",
+                }
+            )
             continue
         seen.add(q["query_id"])
         usable.append(q)
     return usable, hashlib.sha1(raw).hexdigest()
 
 
-def embed_rows(emb: Embedder, items: list[dict], mode: str, batch_size: int, gen: GenerationConfig,
-               rewrites: list[str] | None = None, desc: str = "", generated: list | None = None,
-               latent_steps: int | None = None) -> tuple[np.ndarray, list[int]]:
+def embed_rows(
+    emb: Embedder,
+    items: list[dict],
+    mode: str,
+    batch_size: int,
+    gen: GenerationConfig,
+    rewrites: list[str] | None = None,
+    desc: str = "",
+    generated: list | None = None,
+    latent_steps: int | None = None,
+) -> tuple[np.ndarray, list[int]]:
     """Vectors of ``items`` in ``mode`` with a progress bar; also the rewrite token counts (gen).
     ``generated`` (a list) receives the gen-mode ``Rewrite`` objects, for the report."""
     vecs, counts = [], []
@@ -143,8 +168,9 @@ def embed_rows(emb: Embedder, items: list[dict], mode: str, batch_size: int, gen
     return (np.concatenate(vecs) if vecs else np.zeros((0, emb.dim), np.float32)), counts
 
 
-def _cache_file(cache_dir: Path | None, model_tag: str | None, cand_path: Path, mode: str, gen: GenerationConfig,
-                latent_steps: int) -> Path | None:
+def _cache_file(
+    cache_dir: Path | None, model_tag: str | None, cand_path: Path, mode: str, gen: GenerationConfig, latent_steps: int
+) -> Path | None:
     if cache_dir is None or model_tag is None:
         return None
     st = cand_path.stat()
@@ -196,8 +222,9 @@ def evaluate(
             if list(z["ids"]) == [c["cand_id"] for c in cands]:
                 cvecs[m] = z["vecs"]
         if m not in cvecs:
-            cvecs[m], _ = embed_rows(emb, [cand_item(c) for c in cands], m, batch_size, gen, desc=f"candidates[{m}]",
-                                     latent_steps=k)
+            cvecs[m], _ = embed_rows(
+                emb, [cand_item(c) for c in cands], m, batch_size, gen, desc=f"candidates[{m}]", latent_steps=k
+            )
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 np.savez(cache, ids=np.array([c["cand_id"] for c in cands]), vecs=cvecs[m])
@@ -211,8 +238,17 @@ def evaluate(
     for m in query_modes:
         t = time.perf_counter()
         produced: list = []
-        qvecs[m], counts = embed_rows(emb, [query_item(q) for q in queries], m, batch_size, gen, rewrites, desc=f"queries[{m}]",
-                                      generated=produced, latent_steps=k)
+        qvecs[m], counts = embed_rows(
+            emb,
+            [query_item(q) for q in queries],
+            m,
+            batch_size,
+            gen,
+            rewrites,
+            desc=f"queries[{m}]",
+            generated=produced,
+            latent_steps=k,
+        )
         if m == "gen" and produced:
             samples, stats = _rewrite_report(queries, produced)
         token_counts += counts
@@ -220,14 +256,24 @@ def evaluate(
 
     pairs, per_query, n_ranked = score_pairs(queries, cands, qvecs, cvecs, skipped)
     mean_tokens = float(np.mean(token_counts)) if token_counts else None
-    return EvalResult(pairs, n_ranked, len(cands), _dedupe(skipped), mean_tokens, rewrite_stats=stats,
-                      rewrite_samples=samples, timings=timings, per_query=per_query,
-                      queries_sha1=queries_sha1,
-                      latent_steps=k if "latent" in (*query_modes, *cand_modes) else None)
+    return EvalResult(
+        pairs,
+        n_ranked,
+        len(cands),
+        _dedupe(skipped),
+        mean_tokens,
+        rewrite_stats=stats,
+        rewrite_samples=samples,
+        timings=timings,
+        per_query=per_query,
+        queries_sha1=queries_sha1,
+        latent_steps=k if "latent" in (*query_modes, *cand_modes) else None,
+    )
 
 
-def load_candidates(emb: Embedder, data: str | Path, split: str, tasks: tuple[str, ...] | None,
-                    skipped: list[dict]) -> list[dict]:
+def load_candidates(
+    emb: Embedder, data: str | Path, split: str, tasks: tuple[str, ...] | None, skipped: list[dict]
+) -> list[dict]:
     """The split's usable candidate rows (of ``tasks``, None = all); bad rows go to ``skipped`` with the reason."""
     cands = read_table(split_paths(data, split)[1]).to_pylist()
     if tasks:
@@ -235,8 +281,9 @@ def load_candidates(emb: Embedder, data: str | Path, split: str, tasks: tuple[st
     return _usable(emb, cands, cand_item, "cand_id", validate_candidate, skipped)
 
 
-def score_pairs(queries: list[dict], cands: list[dict], qvecs: dict[str, np.ndarray], cvecs: dict[str, np.ndarray],
-                skipped: list[dict]) -> tuple[dict[str, dict], dict[str, dict[str, dict[str, float]]], int]:
+def score_pairs(
+    queries: list[dict], cands: list[dict], qvecs: dict[str, np.ndarray], cvecs: dict[str, np.ndarray], skipped: list[dict]
+) -> tuple[dict[str, dict], dict[str, dict[str, dict[str, float]]], int]:
     """Every (query mode, candidate mode) pair of the given vectors, ranked as the benchmark defines it:
     ``(pairs: "q->c" -> aggregate, per_query: "q->c" -> query_id -> metrics, queries ranked)``. Queries
     that cannot be ranked go to ``skipped``."""
@@ -258,8 +305,9 @@ def score_pairs(queries: list[dict], cands: list[dict], qvecs: dict[str, np.ndar
     return pairs, per_query, len(ranked)
 
 
-def _rankable(queries: list[dict], cands: list[dict], cand_index: dict[str, int], by_task: dict[str, list[int]],
-              skipped: list[dict]) -> list[tuple[int, list[int], list[float]]]:
+def _rankable(
+    queries: list[dict], cands: list[dict], cand_index: dict[str, int], by_task: dict[str, list[int]], skipped: list[dict]
+) -> list[tuple[int, list[int], list[float]]]:
     """(query index, candidate indices, relevance) of every query that can be ranked as the benchmark
     defines it. A query whose own candidate list names a candidate that is missing or was unusable is
     skipped and reported: ranked against fewer negatives it would score higher than it should."""
@@ -268,8 +316,13 @@ def _rankable(queries: list[dict], cands: list[dict], cand_index: dict[str, int]
         if q.get("cand_ids"):
             missing = [c for c in q["cand_ids"] if c not in cand_index]
             if missing:
-                skipped.append({"id": q["query_id"], "error": f"cand_ids: {len(missing)} of {len(q['cand_ids'])} candidates "
-                                f"missing from the split or unusable (e.g. {missing[0]!r}); fix or remove them"})
+                skipped.append(
+                    {
+                        "id": q["query_id"],
+                        "error": f"cand_ids: {len(missing)} of {len(q['cand_ids'])} candidates "
+                        f"missing from the split or unusable (e.g. {missing[0]!r}); fix or remove them",
+                    }
+                )
                 continue
             idx = [cand_index[c] for c in q["cand_ids"]]
         else:
@@ -277,8 +330,13 @@ def _rankable(queries: list[dict], cands: list[dict], cand_index: dict[str, int]
         grades = dict(zip(q["positive_ids"], q.get("positive_grades") or [1.0] * len(q["positive_ids"])))
         rel = [float(grades.get(cands[i]["cand_id"], 0.0)) for i in idx]
         if not any(r > 0 for r in rel):
-            skipped.append({"id": q["query_id"], "error": "positive_ids: no relevant candidate among the usable candidates "
-                            "of its task; check the candidates table"})
+            skipped.append(
+                {
+                    "id": q["query_id"],
+                    "error": "positive_ids: no relevant candidate among the usable candidates "
+                    "of its task; check the candidates table",
+                }
+            )
             continue
         out.append((qi, idx, rel))
     return out
@@ -293,10 +351,21 @@ def _rewrite_report(queries: list[dict], produced: list, per_task: int = 3) -> t
     for q, r in zip(queries, produced):
         if shown.get(q["task"], 0) < per_task:
             shown[q["task"]] = shown.get(q["task"], 0) + 1
-            samples.append({"query_id": q["query_id"], "task": q["task"], "rewrite": r.text, "ideal": q.get("rewrite"),
-                            "well_formed": r.well_formed, "tokens": r.num_tokens})
+            samples.append(
+                {
+                    "query_id": q["query_id"],
+                    "task": q["task"],
+                    "rewrite": r.text,
+                    "ideal": q.get("rewrite"),
+                    "well_formed": r.well_formed,
+                    "tokens": r.num_tokens,
+                }
+            )
     n = max(1, len(produced))
-    stats = {"empty_frac": sum(not r.text.strip() for r in produced) / n, "well_formed_frac": sum(r.well_formed for r in produced) / n}
+    stats = {
+        "empty_frac": sum(not r.text.strip() for r in produced) / n,
+        "well_formed_frac": sum(r.well_formed for r in produced) / n,
+    }
     return samples, stats
 
 
@@ -317,7 +386,10 @@ def format_table(result: EvalResult, metric: str = "hit@1") -> str:
     width = max([len(p) for p in pairs] + [8])
     lines = [f"{metric:12s}" + "".join(f"{p:>{width + 2}s}" for p in pairs)]
     for t in tasks:
-        lines.append(f"{t:12s}" + "".join(f"{result.pairs[p]['tasks'].get(t, {}).get(metric, float('nan')):>{width + 2}.3f}" for p in pairs))
+        lines.append(
+            f"{t:12s}"
+            + "".join(f"{result.pairs[p]['tasks'].get(t, {}).get(metric, float('nan')):>{width + 2}.3f}" for p in pairs)
+        )
     lines.append(f"{'ALL (mean)':12s}" + "".join(f"{result.pairs[p]['all'][metric]:>{width + 2}.3f}" for p in pairs))
     return "\n".join(lines)
 

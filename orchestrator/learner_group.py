@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from typing import Any
 
@@ -11,11 +12,10 @@ from .config import Config
 from .placement import DATA_TASK_CPUS, RoleRequest, reserve, run_in_bundle
 
 
-
 def learner_request(cfg: Config) -> RoleRequest:
     """The learner role's resources as the config states them."""
     lc = cfg.learners
-    return RoleRequest("learner", lc.num_learners, lc.cpus_per_learner, lc.gpus_per_learner, lc.node_resource, "learners")
+    return RoleRequest("learner", lc.num_actors, lc.cpus_per_actor, lc.gpus_per_actor, lc.node_resource, "learners")
 
 
 def free_port() -> int:
@@ -42,27 +42,44 @@ def rendezvous(pg) -> tuple[str, int]:
 class LearnerGroup:
     """K ``Learner`` actors forming one data-parallel group (rank 0 is the reporting rank)."""
 
-    def __init__(self, cfg: Config, model_path: str, stage_cfg: dict, reserve_cpus: float = DATA_TASK_CPUS):
-        import dataclasses
-
+    def __init__(
+        self, cfg: Config, model_path: str, stage_cfg: dict, reserve_cpus: float = DATA_TASK_CPUS, **learner_options: Any
+    ):
+        """``learner_options``: what the run's stages ask of every learner at construction
+        (``Stage.learner_options``, e.g. PLUME's ``latent_adapter``)."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         lc = cfg.learners
-        self.size = lc.num_learners
-        self.pg = reserve([learner_request(cfg)], cfg.cluster.placement_timeout_s, reserve_cpus=reserve_cpus,
-                          check_totals=not cfg.cluster.autoscaling)
+        self.size = lc.num_actors
+        self.pg = reserve(
+            [learner_request(cfg)],
+            cfg.cluster.placement_timeout_s,
+            reserve_cpus=reserve_cpus,
+            check_totals=not cfg.cluster.autoscaling,
+        )
         remote = ray.remote(Learner)
         node_ip, port = rendezvous(self.pg)
         addr = "127.0.0.1" if not cfg.cluster.address else node_ip
         self.actors = [
             remote.options(
-                num_cpus=lc.cpus_per_learner, num_gpus=lc.gpus_per_learner,
+                num_cpus=lc.cpus_per_actor,
+                num_gpus=lc.gpus_per_actor,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(lc.torch_threads), "TOKENIZERS_PARALLELISM": "false"}},
-            ).remote(i, lc.num_learners, addr, port, model_path, dataclasses.asdict(lc), stage_cfg, cfg.run.seed,
-                     cfg.model.freeze_vision, cfg.plume.adapter() if "plume" in cfg.run.stages else None)
-            for i in range(lc.num_learners)
+            ).remote(
+                i,
+                lc.num_actors,
+                addr,
+                port,
+                model_path,
+                lc.model_dump(),
+                stage_cfg,
+                cfg.run.seed,
+                cfg.model.freeze_vision,
+                **learner_options,
+            )
+            for i in range(lc.num_actors)
         ]
         ray.get([a.ping.remote() for a in self.actors])
 
@@ -80,10 +97,8 @@ class LearnerGroup:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        try:
+        with contextlib.suppress(ray.exceptions.RayError, TimeoutError):  # a dead rank cannot join the barrier: kill anyway
             ray.get([a.shutdown.remote() for a in self.actors], timeout=60)
-        except (ray.exceptions.RayError, TimeoutError):  # a dead rank cannot join the barrier: kill anyway
-            pass
         for a in self.actors:
             ray.kill(a)
         remove_placement_group(self.pg)

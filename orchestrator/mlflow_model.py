@@ -34,9 +34,12 @@ class EmbedderPyfunc(mlflow.pyfunc.PythonModel):
         params = params or {}
         cols = [c for c in ("text", "image", "instruction") if c in model_input.columns]
         items = [{c: (r[c] if isinstance(r[c], (str, bytes)) else None) for c in cols} for r in model_input.to_dict("records")]
-        res = self.emb.embed(items, mode=params.get("mode", "disc"),
-                             generation=GenerationConfig(max_new_tokens=int(params.get("max_new_tokens", 32))),
-                             steps=int(params.get("latent_steps", 0)) or None)
+        res = self.emb.embed(
+            items,
+            mode=params.get("mode", "disc"),
+            generation=GenerationConfig(max_new_tokens=int(params.get("max_new_tokens", 32))),
+            steps=int(params.get("latent_steps", 0)) or None,
+        )
         return res.vectors
 
 
@@ -46,14 +49,23 @@ def log_embedder_model(embedder_dir: str, name: str = "embedder") -> str:
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     sig = ModelSignature(
-        inputs=Schema([ColSpec("string", "text", required=False), ColSpec("binary", "image", required=False),
-                       ColSpec("string", "instruction", required=False)]),
+        inputs=Schema(
+            [
+                ColSpec("string", "text", required=False),
+                ColSpec("binary", "image", required=False),
+                ColSpec("string", "instruction", required=False),
+            ]
+        ),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),
-        params=ParamSchema([ParamSpec("mode", "string", "disc"), ParamSpec("max_new_tokens", "long", 32),
-                            ParamSpec("latent_steps", "long", 0)]),
+        params=ParamSchema(
+            [ParamSpec("mode", "string", "disc"), ParamSpec("max_new_tokens", "long", 32), ParamSpec("latent_steps", "long", 0)]
+        ),
     )
     info = mlflow.pyfunc.log_model(
-        name=name, python_model=EmbedderPyfunc(), artifacts={"embedder": embedder_dir}, signature=sig,
+        name=name,
+        python_model=EmbedderPyfunc(),
+        artifacts={"embedder": embedder_dir},
+        signature=sig,
         code_paths=[str(Path(m.__file__).parent) for m in (rime_model, orchestrator)],  # the pickle names these
         pip_requirements=pinned_requirements(),
     )

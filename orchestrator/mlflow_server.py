@@ -33,23 +33,45 @@ def backend_uri(backend: str | None, root: Path) -> str:
         try:
             import psycopg2  # noqa: F401
         except ImportError:
-            raise MlflowServerError(f"--backend-store-uri {backend.split('@')[-1]}: Postgres needs psycopg2; "
-                                    "`pip install psycopg2-binary` into this environment") from None
+            raise MlflowServerError(
+                f"--backend-store-uri {backend.split('@')[-1]}: Postgres needs psycopg2; "
+                "`pip install psycopg2-binary` into this environment"
+            ) from None
     elif not backend.startswith(("sqlite:///", "mysql", "mssql")):
-        raise MlflowServerError(f"--backend-store-uri {backend}: expected sqlite:///PATH or postgresql://… "
-                                "(the plain file store is deprecated in MLflow 3)")
+        raise MlflowServerError(
+            f"--backend-store-uri {backend}: expected sqlite:///PATH or postgresql://… "
+            "(the plain file store is deprecated in MLflow 3)"
+        )
     return backend
 
 
-def server_command(host: str = "127.0.0.1", port: int = 5000, root: str | Path = "runs/mlflow", backend: str | None = None,
-                   artifacts: str | None = None, workers: int = 2, allowed_hosts: str | None = None) -> list[str]:
+def server_command(
+    host: str = "127.0.0.1",
+    port: int = 5000,
+    root: str | Path = "runs/mlflow",
+    backend: str | None = None,
+    artifacts: str | None = None,
+    workers: int = 2,
+    allowed_hosts: str | None = None,
+) -> list[str]:
     """The ``mlflow server`` argv (the ``mlflow`` beside this Python)."""
     root = Path(root)
     exe = Path(sys.executable).parent / "mlflow"
-    cmd = [str(exe) if exe.exists() else (shutil.which("mlflow") or "mlflow"), "server", "--host", host, "--port", str(port),
-           "--backend-store-uri", backend_uri(backend, root),
-           "--serve-artifacts", "--artifacts-destination", artifacts or str((root / "artifacts").resolve()),
-           "--workers", str(workers)]
+    cmd = [
+        str(exe) if exe.exists() else (shutil.which("mlflow") or "mlflow"),
+        "server",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        backend_uri(backend, root),
+        "--serve-artifacts",
+        "--artifacts-destination",
+        artifacts or str((root / "artifacts").resolve()),
+        "--workers",
+        str(workers),
+    ]
     if allowed_hosts:
         cmd += ["--allowed-hosts", allowed_hosts]
     return cmd
@@ -87,8 +109,9 @@ def wait_healthy(uri: str, timeout_s: float = 60.0, proc=None) -> None:
 
 def cmd_mlflow_server(args) -> int:
     root = Path(args.dir)
-    cmd = server_command(args.host, args.port, root, args.backend_store_uri, args.artifacts_destination, args.workers,
-                         args.allowed_hosts)
+    cmd = server_command(
+        args.host, args.port, root, args.backend_store_uri, args.artifacts_destination, args.workers, args.allowed_hosts
+    )
     shown = "localhost" if args.host in ("0.0.0.0", "::") else args.host
     if args.dry_run:
         print(" ".join(cmd))
@@ -98,14 +121,18 @@ def cmd_mlflow_server(args) -> int:
     root.mkdir(parents=True, exist_ok=True)
     if not args.artifacts_destination:
         (root / "artifacts").mkdir(exist_ok=True)
-    print(f"[rime] MLflow server: export MLFLOW_TRACKING_URI=http://{shown}:{args.port}  (store {cmd[cmd.index('--backend-store-uri') + 1]})",
-          flush=True)
+    print(
+        f"[rime] MLflow server: export MLFLOW_TRACKING_URI=http://{shown}:{args.port}  (store {cmd[cmd.index('--backend-store-uri') + 1]})",
+        flush=True,
+    )
     os.execv(cmd[0], cmd)  # the server replaces this process (signals, exit code and logs are mlflow's)
     return 0  # pragma: no cover
 
 
 def add_parser(sub) -> None:
-    m = sub.add_parser("mlflow-server", help="run an MLflow tracking server (sqlite/Postgres + proxied artifacts) for cluster runs")
+    m = sub.add_parser(
+        "mlflow-server", help="run an MLflow tracking server (sqlite/Postgres + proxied artifacts) for cluster runs"
+    )
     m.add_argument("--host", default="127.0.0.1", help="0.0.0.0 on a cluster head")
     m.add_argument("--port", type=int, default=5000)
     m.add_argument("--dir", default="runs/mlflow", help="folder for the sqlite store and artifacts (default runs/mlflow)")

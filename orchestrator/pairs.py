@@ -9,10 +9,11 @@ was already trained on, across epoch boundaries too, instead of restarting or sk
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
+from actors.batches import Pair
 from rime_data.pipeline import CleanBatches, PipelineConfig, append_errors, clean_candidates, query_dataset
 from rime_data.schema import read_table, split_paths
 
@@ -23,21 +24,20 @@ class StreamPosition:
     offset: int = 0  # batches already trained on in this epoch
 
 
-def to_pair(q: dict, cand: dict, target_id: int) -> dict:
-    """A (query, positive) training pair with both sides' ideal rewrites (CMA's CE and gen targets) and the
-    query's reasoning segments (PLUME's curriculum text)."""
-    return {
-        "q": {"text": q.get("qry_text"), "image": q.get("qry_image"), "instruction": q.get("qry_inst") or None},
-        "t": {"text": cand.get("cand_text"), "image": cand.get("cand_image"), "instruction": cand.get("cand_inst") or None},
-        "q_rewrite": q.get("rewrite") or (q.get("qry_text") or ""),
-        "t_rewrite": cand.get("rewrite") or (cand.get("cand_text") or ""),
-        "q_reasoning": [] if _missing(q.get("reasoning")) else [str(x) for x in q["reasoning"]],  # PLUME curriculum
-        "target_id": target_id,
-        "query_id": q["query_id"],
-        "task": q["task"],
-        "positive_ids": [str(x) for x in q["positive_ids"]],
-        "cand_ids": None if _missing(q.get("cand_ids")) else [str(x) for x in q["cand_ids"]],
-    }
+def to_pair(q: dict, cand: dict, target_id: int) -> Pair:
+    """A (query, positive) training pair from a checked query row and its positive candidate row."""
+    return Pair(
+        q={"text": q.get("qry_text"), "image": q.get("qry_image"), "instruction": q.get("qry_inst") or None},
+        t={"text": cand.get("cand_text"), "image": cand.get("cand_image"), "instruction": cand.get("cand_inst") or None},
+        q_rewrite=q.get("rewrite") or (q.get("qry_text") or ""),
+        t_rewrite=cand.get("rewrite") or (cand.get("cand_text") or ""),
+        q_reasoning=[] if _missing(q.get("reasoning")) else [str(x) for x in q["reasoning"]],  # PLUME curriculum
+        target_id=target_id,
+        query_id=q["query_id"],
+        task=q["task"],
+        positive_ids=[str(x) for x in q["positive_ids"]],
+        cand_ids=None if _missing(q.get("cand_ids")) else [str(x) for x in q["cand_ids"]],
+    )
 
 
 def _missing(v) -> bool:
@@ -50,7 +50,7 @@ def target_id_map(cand_ids) -> dict[str, int]:
     return {cid: i for i, cid in enumerate(sorted(cand_ids))}
 
 
-def make_pairs(queries: list[dict], candidates: list[dict]) -> list[dict]:
+def make_pairs(queries: list[dict], candidates: list[dict]) -> list[Pair]:
     """In-memory pairs of a small split (tests, benchmarks); training streams them with ``PairStream``."""
     cands = {c["cand_id"]: c for c in candidates}
     ids = target_id_map(cands)
@@ -60,8 +60,16 @@ def make_pairs(queries: list[dict], candidates: list[dict]) -> list[dict]:
 class PairStream:
     """Endless, epoch-numbered stream of training pairs with an exact resume position."""
 
-    def __init__(self, data_dir: str | Path, split: str, seed: int, shuffle_buffer: int, errors_file: Path,
-                 pipeline: PipelineConfig | None = None, group_by_task: bool = True):
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str,
+        seed: int,
+        shuffle_buffer: int,
+        errors_file: Path,
+        pipeline: PipelineConfig | None = None,
+        group_by_task: bool = True,
+    ):
         q_path, c_path = split_paths(data_dir, split)
         self.q_path = q_path
         self.seed, self.buffer, self.errors_file = seed, max(1, shuffle_buffer), errors_file
@@ -79,21 +87,29 @@ class PairStream:
         self._it: Iterator[dict] | None = None
         self._it_epoch = -1
 
-    def _epoch(self, epoch: int) -> Iterator[dict]:
+    def _epoch(self, epoch: int) -> Iterator[Pair]:
         import ray
 
         ray.data.DataContext.get_current().execution_options.preserve_order = True
         rng = random.Random(f"{self.seed}:{epoch}")
-        source = CleanBatches(query_dataset(self.q_path, self.pipeline), batch_size=64,
-                              errors_file=self.errors_file if epoch == 0 else None)
+        source = CleanBatches(
+            query_dataset(self.q_path, self.pipeline), batch_size=64, errors_file=self.errors_file if epoch == 0 else None
+        )
         self._source = source
-        buf: list[dict] = []
+        buf: list[Pair] = []
         for batch in source:
             for q in batch:
                 cand = self.cands.get(q["positive_ids"][0])
                 if cand is None:
-                    source.log_bad([{**q, "_error": f"positive_ids[0]: candidate {q['positive_ids'][0]!r} is not among "
-                                                    "the split's usable candidates (a bad one has its own line here)"}])
+                    source.log_bad(
+                        [
+                            {
+                                **q,
+                                "_error": f"positive_ids[0]: candidate {q['positive_ids'][0]!r} is not among "
+                                "the split's usable candidates (a bad one has its own line here)",
+                            }
+                        ]
+                    )
                     continue
                 buf.append(to_pair(q, cand, self.target_ids[cand["cand_id"]]))
                 if len(buf) >= self.buffer:
@@ -113,13 +129,13 @@ class PairStream:
         each epoch; logged once)."""
         return self.bad_candidates + (self._source.n_bad if self._source else 0)
 
-    def _epoch_batches(self, epoch: int, n: int) -> Iterator[list[dict]]:
+    def _epoch_batches(self, epoch: int, n: int) -> Iterator[list[Pair]]:
         """Batches of ``n`` pairs; with ``group_by_task`` every batch comes from one task, so in-batch
         negatives are hard ones (as VLM2Vec/MMEB training samples per dataset). An epoch's last
         partial batches are dropped and counted in ``dropped_pairs`` (never silently)."""
-        buckets: dict[str, list[dict]] = {}
+        buckets: dict[str, list[Pair]] = {}
         for pair in self._epoch(epoch):
-            key = pair["task"] if self.group_by_task else ""
+            key = pair.task if self.group_by_task else ""
             bucket = buckets.setdefault(key, [])
             bucket.append(pair)
             if len(bucket) == n:
@@ -127,7 +143,7 @@ class PairStream:
                 buckets[key] = []
         self.dropped_pairs += sum(len(b) for b in buckets.values())
 
-    def next_batch(self, n: int) -> list[dict]:
+    def next_batch(self, n: int) -> list[Pair]:
         """The next batch of ``n`` pairs from ``self.pos`` (epochs roll over; a resumed run replays the
         epoch's deterministic order and skips the ``pos.offset`` batches it already trained on)."""
         while True:
@@ -142,7 +158,9 @@ class PairStream:
                 return batch
             except StopIteration:
                 if self.pos.offset == 0:
-                    raise RuntimeError(f"data: fewer than {n} usable training pairs per batch in {self.q_path} "
-                                       f"(see {self.errors_file}); lower learners.micro_batch_size") from None
+                    raise RuntimeError(
+                        f"data: fewer than {n} usable training pairs per batch in {self.q_path} "
+                        f"(see {self.errors_file}); lower learners.micro_batch_size"
+                    ) from None
                 self._it = None
                 self.pos = StreamPosition(self.pos.epoch + 1, 0)

@@ -52,7 +52,7 @@ def check_fits(requests: list[RoleRequest], available: dict[str, float], reserve
             extra = f" + {reserve_cpus:g} kept free for data tasks" if res == "CPU" and reserve_cpus else ""
             raise PlacementError(
                 f"placement: the roles need {need:g} {res} ({detail}{extra}) but the cluster has {have:g}. "
-                f"Lower learners.num_learners / learners.{'cpus' if res == 'CPU' else 'gpus'}_per_learner, "
+                f"Lower learners.num_actors / learners.{'cpus' if res == 'CPU' else 'gpus'}_per_actor, "
                 "or point cluster.address at a bigger cluster."
             )
     for r in requests:
@@ -63,12 +63,11 @@ def check_fits(requests: list[RoleRequest], available: dict[str, float], reserve
                 f"placement: {key}={r.node_resource} pins the {r.role} role to nodes that advertise the resource "
                 f"{r.node_resource!r}, and no node of the cluster does (its custom resources: {custom}). Start such nodes "
                 f"(a node type's resources in ray_cluster.yaml, `ray start --resources='{{\"{r.node_resource}\": 8}}'`), "
-                f"set cluster.autoscaling=true if the autoscaler will add them, or set {key}=\"\" for any node."
+                f'set cluster.autoscaling=true if the autoscaler will add them, or set {key}="" for any node.'
             )
 
 
-def run_in_bundle(fn, pg, bundle: int, runtime_env: dict | None = None, timeout_s: float | None = None,
-                  max_retries: int = 3):
+def run_in_bundle(fn, pg, bundle: int, runtime_env: dict | None = None, timeout_s: float | None = None, max_retries: int = 3):
     """``fn()`` as a zero-CPU task inside bundle ``bundle`` of ``pg`` (so on the node, and with the
     runtime_env, of the actor that bundle will host); returns its result. Used to ask a node something
     before the actors that depend on the answer start."""
@@ -76,7 +75,8 @@ def run_in_bundle(fn, pg, bundle: int, runtime_env: dict | None = None, timeout_
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     task = ray.remote(num_cpus=0, max_retries=max_retries)(fn).options(
-        runtime_env=runtime_env, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle))
+        runtime_env=runtime_env, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)
+    )
     return ray.get(task.remote(), timeout=timeout_s)
 
 

@@ -77,10 +77,12 @@ def run_quickstart(model: str = "tiny", n_scenes: int = 16, seed: int = 0, out_d
 
 
 def _print(report: dict, out: Path) -> None:
-    print(f"\nrime quickstart: model={report['model']} dim={report['dim']} scenes={report['n_scenes']} (load {report['load_s']} s)")
+    print(
+        f"\nrime quickstart: model={report['model']} dim={report['dim']} scenes={report['n_scenes']} (load {report['load_s']} s)"
+    )
     print(f"  example caption : {report['example']['caption']}")
     print(f"  gen rewrite     : {report['example']['gen_rewrite']!r} ({report['example']['gen_rewrite_tokens']} tokens)")
-    print("  caption->image Hit@1 (untrained model, chance = %.3f):" % report["chance_hit@1"])
+    print(f"  caption->image Hit@1 (untrained model, chance = {report['chance_hit@1']:.3f}):")
     for pair, v in report["caption_to_image_hit@1"].items():
         print(f"    {pair:10s} {v:.3f}")
     print("  timings (s): " + ", ".join(f"{k}={v}" for k, v in report["timings"].items()))

@@ -20,8 +20,10 @@ VLLM_VENV = Path(__file__).resolve().parent.parent / ".venv-vllm"
 def rl_requests(cfg: Config) -> list[RoleRequest]:
     """The rollout and reward roles' resources as the config states them."""
     ro, rw = cfg.rollout, cfg.reward
-    return [RoleRequest("rollout", ro.num_workers, ro.cpus_per_worker, ro.gpus_per_worker, ro.node_resource, "rollout"),
-            RoleRequest("reward", rw.num_actors, rw.cpus_per_actor, rw.gpus_per_actor, rw.node_resource, "reward")]
+    return [
+        RoleRequest("rollout", ro.num_actors, ro.cpus_per_actor, ro.gpus_per_actor, ro.node_resource, "rollout"),
+        RoleRequest("reward", rw.num_actors, rw.cpus_per_actor, rw.gpus_per_actor, rw.node_resource, "reward"),
+    ]
 
 
 def rollout_runtime_env(cfg: Config) -> dict:
@@ -35,9 +37,11 @@ def rollout_runtime_env(cfg: Config) -> dict:
         else:
             py = VLLM_VENV / "bin" / "python"
             if not py.is_file():
-                raise RuntimeError(f"rollout.vllm_python: empty, and this checkout has no {py}; create it with "
-                                   "`bash scripts/setup_vllm.sh` (vLLM for CPU), set rollout.vllm_python to the Python "
-                                   "of a venv with vLLM on the rollout nodes, or set rollout.backend=hf")
+                raise RuntimeError(
+                    f"rollout.vllm_python: empty, and this checkout has no {py}; create it with "
+                    "`bash scripts/setup_vllm.sh` (vLLM for CPU), set rollout.vllm_python to the Python "
+                    "of a venv with vLLM on the rollout nodes, or set rollout.backend=hf"
+                )
             env["py_executable"] = str(py)
             env["env_vars"]["PYTHONPATH"] = str(VLLM_VENV.parent)  # this checkout's rime, for that venv
     return env
@@ -51,10 +55,13 @@ def vllm_engine_options(cfg: Config) -> dict:
     memory share follows the worker's GPU fraction (vLLM's own default, 0.9 of the card, would not
     leave room for the roles that share it)."""
     ro = cfg.rollout
-    opts = {"max_model_len": ro.vllm_max_model_len, "dtype": ro.vllm_dtype or PRECISION_DTYPE[cfg.learners.precision],
-            "enforce_eager": ro.vllm_enforce_eager}
-    if ro.gpus_per_worker > 0:
-        opts["gpu_memory_utilization"] = ro.vllm_gpu_memory_utilization or round(0.9 * min(ro.gpus_per_worker, 1.0), 3)
+    opts = {
+        "max_model_len": ro.vllm_max_model_len,
+        "dtype": ro.vllm_dtype or PRECISION_DTYPE[cfg.learners.precision],
+        "enforce_eager": ro.vllm_enforce_eager,
+    }
+    if ro.gpus_per_actor > 0:
+        opts["gpu_memory_utilization"] = ro.vllm_gpu_memory_utilization or round(0.9 * min(ro.gpus_per_actor, 1.0), 3)
     return opts
 
 
@@ -73,9 +80,11 @@ def check_vllm_python(cfg: Config, pg, bundle: int) -> str:
         return run_in_bundle(probe, pg, bundle, runtime_env=env, timeout_s=600, max_retries=0)
     except Exception as e:  # noqa: BLE001 - a missing interpreter and a failed import surface differently
         reason = str(getattr(e, "cause", None) or e).strip().splitlines()[-1][:300]
-        raise RuntimeError(f"rollout.vllm_python: {env['py_executable']} cannot import vllm on the rollout node "
-                           f"({reason}); point it at the Python of a venv with vLLM and ray on every rollout node "
-                           "(ray_cluster.yaml and clusters/Dockerfile build /opt/rime-vllm), or set rollout.backend=hf") from None
+        raise RuntimeError(
+            f"rollout.vllm_python: {env['py_executable']} cannot import vllm on the rollout node "
+            f"({reason}); point it at the Python of a venv with vLLM and ray on every rollout node "
+            "(ray_cluster.yaml and clusters/Dockerfile build /opt/rime-vllm), or set rollout.backend=hf"
+        ) from None
 
 
 class RLActors:
@@ -93,8 +102,9 @@ class RLActors:
         self.cfg = cfg
         requests = rl_requests(cfg)
         self.candidates_ref = ray.put(candidates)
-        self.pg = reserve(requests, cfg.cluster.placement_timeout_s, reserve_cpus=reserve_cpus,
-                          check_totals=not cfg.cluster.autoscaling)
+        self.pg = reserve(
+            requests, cfg.cluster.placement_timeout_s, reserve_cpus=reserve_cpus, check_totals=not cfg.cluster.autoscaling
+        )
         ro, rw = cfg.rollout, cfg.reward
 
         def strategy(i: int):
@@ -103,21 +113,37 @@ class RLActors:
         if ro.backend == "vllm":
             check_vllm_python(cfg, self.pg, 0)
         self.rollout = [
-            ray.remote(RolloutWorker).options(
-                num_cpus=ro.cpus_per_worker, num_gpus=ro.gpus_per_worker, scheduling_strategy=strategy(i),
-                max_restarts=ro.max_restarts, max_task_retries=ro.max_restarts, runtime_env=rollout_runtime_env(cfg),
-            ).remote(model_path, ro.backend, ro.torch_threads, ro.batch_size,
-                     vllm_engine_options(cfg) if ro.backend == "vllm" else None)
-            for i in range(ro.num_workers)
+            ray.remote(RolloutWorker)
+            .options(
+                num_cpus=ro.cpus_per_actor,
+                num_gpus=ro.gpus_per_actor,
+                scheduling_strategy=strategy(i),
+                max_restarts=ro.max_restarts,
+                max_task_retries=ro.max_restarts,
+                runtime_env=rollout_runtime_env(cfg),
+            )
+            .remote(
+                model_path,
+                ro.backend,
+                ro.torch_threads,
+                ro.batch_size,
+                vllm_engine_options(cfg) if ro.backend == "vllm" else None,
+            )
+            for i in range(ro.num_actors)
         ]
         reward_cfg = {k: getattr(rw, k) for k in ("top_k", "neg_temperature", "format_weight", "length_weight", "length_target")}
         threads = max(1, int(rw.cpus_per_actor))  # the CPUs Ray reserved for the actor; a fraction gets one thread
         self.reward = [
-            ray.remote(AnchorRewardService).options(
-                num_cpus=rw.cpus_per_actor, num_gpus=rw.gpus_per_actor, scheduling_strategy=strategy(ro.num_workers + i),
-                max_restarts=rw.max_restarts, max_task_retries=rw.max_restarts,
+            ray.remote(AnchorRewardService)
+            .options(
+                num_cpus=rw.cpus_per_actor,
+                num_gpus=rw.gpus_per_actor,
+                scheduling_strategy=strategy(ro.num_actors + i),
+                max_restarts=rw.max_restarts,
+                max_task_retries=rw.max_restarts,
                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}},
-            ).remote(model_path, self.candidates_ref, reward_cfg, rw.query_encoder, torch_threads=threads)
+            )
+            .remote(model_path, self.candidates_ref, reward_cfg, rw.query_encoder, torch_threads=threads)
             for i in range(rw.num_actors)
         ]
         ray.get([a.info.remote() for a in self.rollout] + [a.cache_info.remote() for a in self.reward])

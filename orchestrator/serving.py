@@ -30,8 +30,9 @@ def load_serve_config(path: str | Path) -> dict:
     return cfg
 
 
-def run_server(model: str | None, config: str, host: str | None, port: int | None, replicas: int | None,
-               block: bool = True) -> str:
+def run_server(
+    model: str | None, config: str, host: str | None, port: int | None, replicas: int | None, block: bool = True
+) -> str:
     """Start Serve with the config's application; returns the base URL."""
     import ray
     from ray import serve

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
 NO_TRACKING = frozenset({"none", "off", "false", "0"})
 
 
@@ -27,7 +26,7 @@ def sqlite_artifact_root(uri: str) -> Path | None:
     MLflow's server uses). None for any other store: a server or database decides for itself."""
     if not uri.startswith("sqlite:///"):
         return None
-    return Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
+    return Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts"
 
 
 def use_experiment(uri: str, name: str) -> None:

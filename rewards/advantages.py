@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 
-def group_advantages(rewards: torch.Tensor, group_ids: list, response_lengths: list[int], estimator: str = "grpo",
-                     **kwargs) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_ids: list, response_lengths: list[int], estimator: str = "grpo", **kwargs
+) -> torch.Tensor:
     """Per-rewrite advantages [N] from scalar rewards [N], rewrites of one query sharing a group id."""
     from verl.trainer.ppo.core_algos import get_adv_estimator_fn
 
@@ -49,8 +50,10 @@ def check_estimator(estimator: str) -> None:
     try:
         adv = group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.2]), [0, 0, 1, 1], [2, 3, 1, 2], estimator)
     except Exception as e:  # noqa: BLE001 - verl raises TypeError/AssertionError for inputs it needs
-        raise ValueError(f"refine_rl.estimator: {estimator!r} cannot run on rime's one-reward-per-rewrite groups "
-                         f"({type(e).__name__}: {str(e)[:120]}); use grpo, rloo, opo, gpg, reinforce_plus_plus, "
-                         "reinforce_plus_plus_baseline, grpo_passk or gdpo") from e
+        raise ValueError(
+            f"refine_rl.estimator: {estimator!r} cannot run on rime's one-reward-per-rewrite groups "
+            f"({type(e).__name__}: {str(e)[:120]}); use grpo, rloo, opo, gpg, reinforce_plus_plus, "
+            "reinforce_plus_plus_baseline, grpo_passk or gdpo"
+        ) from e
     if not bool(torch.isfinite(adv).all()):
         raise ValueError(f"refine_rl.estimator: {estimator!r} gave non-finite advantages on a hand-made batch")

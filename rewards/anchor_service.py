@@ -21,16 +21,24 @@ from typing import Any
 
 import torch
 
-from .functions import RewardConfig, total_reward
+from actors.batches import RewardRequest, RewardResult
+from rime_model.choices import QUERY_ENCODERS
 
-QUERY_ENCODERS = ("frozen", "policy")
+from .functions import RewardConfig, total_reward
 
 
 class AnchorRewardService:
     """Scores (query, sampled rewrites) groups against frozen disc anchors of the query's candidates."""
 
-    def __init__(self, model_path: str, candidates: list[dict], reward_cfg: dict, query_encoder: str = "frozen",
-                 torch_threads: int = 1, batch_size: int = 32):
+    def __init__(
+        self,
+        model_path: str,
+        candidates: list[dict],
+        reward_cfg: dict,
+        query_encoder: str = "frozen",
+        torch_threads: int = 1,
+        batch_size: int = 32,
+    ):
         from rime_model import Embedder
 
         if query_encoder not in QUERY_ENCODERS:
@@ -62,48 +70,49 @@ class AnchorRewardService:
         if missing:
             t = time.perf_counter()
             rows = [self.cands[c] for c in missing]
-            items = [{"text": r.get("cand_text"), "image": r.get("cand_image"), "instruction": r.get("cand_inst") or None}
-                     for r in rows]
+            items = [
+                {"text": r.get("cand_text"), "image": r.get("cand_image"), "instruction": r.get("cand_inst") or None}
+                for r in rows
+            ]
             vecs = self.anchor_emb.embed(items, mode="disc", batch_size=self.batch_size).vectors
             for cid, v in zip(missing, vecs):
                 self.cache[cid] = torch.from_numpy(v)
             self.stats["anchor_s"] += time.perf_counter() - t
         return torch.stack([self.cache[c] for c in cand_ids])
 
-    def pool(self, request: dict) -> tuple[list[str], str]:
+    def pool(self, request: RewardRequest) -> tuple[list[str], str]:
         """The query's ranking pool and its positive: its own candidate list, else (or when that list holds
         no negative: the acc@k gate and the hard-negative term would vanish) the task corpus."""
-        pos = request["positive_ids"][0]
-        positives = set(request["positive_ids"])
-        pool = [c for c in (request.get("cand_ids") or []) if c in self.cands]
+        pos = request.positive_ids[0]
+        positives = set(request.positive_ids)
+        pool = [c for c in (request.cand_ids or []) if c in self.cands]
         if not set(pool) - positives:
-            if request.get("cand_ids"):
+            if request.cand_ids:
                 self.stats["own_list_without_negatives"] += 1
-            pool = [c for c in self.by_task.get(request["task"], []) if c in self.cands]
+            pool = [c for c in self.by_task.get(request.task, []) if c in self.cands]
         if pos not in self.cands:
-            raise KeyError(f"positive_ids[0]: candidate {pos!r} of query {request.get('query_id')!r} is not in the split")
+            raise KeyError(f"positive_ids[0]: candidate {pos!r} of query {request.query_id!r} is not in the split")
         if pos not in pool:
             pool.append(pos)
         return pool, pos
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
-    def score(self, requests: list[dict]) -> dict:
-        """Reward terms per request (one query and its sampled rewrites).
-
-        request: {"query": item, "completions": [ids…], "well_formed": [bool…], "positive_ids", "cand_ids",
-        "task", "query_id"}. Returns {"results": [{"terms": {name: [float]*n}, "anchor": [D]}], "time_s"}.
-        """
-        t = time.perf_counter()
+    def score(self, requests: list[RewardRequest]) -> list[RewardResult]:
+        """Reward terms per request (one query and its sampled rewrites), and the positive's frozen anchor."""
         items, comps, owner = [], [], []
         for i, r in enumerate(requests):
-            item = self.query_emb.prepare([r["query"]])[0]
-            items += [item] * len(r["completions"])
-            comps += r["completions"]
-            owner += [i] * len(r["completions"])
+            item = self.query_emb.prepare([r.query])[0]
+            items += [item] * len(r.completions)
+            comps += r.completions
+            owner += [i] * len(r.completions)
         g = []
         for s in range(0, len(items), self.batch_size):
-            g.append(self.query_emb.encode(self.query_emb.build_rollout_batch(items[s : s + self.batch_size], comps[s : s + self.batch_size])))
+            g.append(
+                self.query_emb.encode(
+                    self.query_emb.enc.rollout_batch(items[s : s + self.batch_size], comps[s : s + self.batch_size])
+                )
+            )
         g_all = torch.cat(g).cpu() if g else torch.zeros(0, self.query_emb.dim)
         results = []
         for i, r in enumerate(requests):
@@ -111,14 +120,15 @@ class AnchorRewardService:
             pool, pos = self.pool(r)
             anchors = self._anchors(pool)
             pos_vec = anchors[pool.index(pos)]
-            positives = set(r["positive_ids"])
+            positives = set(r.positive_ids)
             neg = anchors[[k for k, c in enumerate(pool) if c not in positives]]
-            terms = total_reward(g_all[rows], pos_vec, neg, torch.tensor(r["well_formed"]),
-                                 torch.tensor([len(c) for c in r["completions"]]), self.cfg)
+            terms = total_reward(
+                g_all[rows], pos_vec, neg, torch.tensor(r.well_formed), torch.tensor([len(c) for c in r.completions]), self.cfg
+            )
             # logged as reward/no_negatives_mean: the share of rewrites scored without any negative (acc ≡ 1)
             terms["no_negatives"] = torch.full((len(rows),), float(neg.shape[0] == 0))
-            results.append({"terms": {k: v.tolist() for k, v in terms.items()}, "anchor": pos_vec.tolist()})
-        return {"results": results, "time_s": time.perf_counter() - t}
+            results.append(RewardResult({k: v.tolist() for k, v in terms.items()}, pos_vec.tolist()))
+        return results
 
     # ------------------------------------------------------------------ policy-side query encoder
     def update_weights(self, version: int, weights: Any) -> int:

@@ -25,8 +25,9 @@ class RewardConfig:
     length_target: int = 24  # tokens; only the excess is penalised
 
 
-def anchor_outcome_reward(g: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
-                          top_k: int = 1, neg_temperature: float = 0.05) -> dict[str, torch.Tensor]:
+def anchor_outcome_reward(
+    g: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, top_k: int = 1, neg_temperature: float = 0.05
+) -> dict[str, torch.Tensor]:
     """Per-rewrite outcome reward terms.
 
     g: [N, D] L2-normalised gen embeddings (N rewrites of one query); positive: [D] the positive's
@@ -61,8 +62,14 @@ def length_penalty(num_tokens: torch.Tensor, weight: float, target: int) -> torc
     return -weight * excess
 
 
-def total_reward(g: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, well_formed: torch.Tensor,
-                 num_tokens: torch.Tensor, cfg: RewardConfig) -> dict[str, torch.Tensor]:
+def total_reward(
+    g: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor,
+    well_formed: torch.Tensor,
+    num_tokens: torch.Tensor,
+    cfg: RewardConfig,
+) -> dict[str, torch.Tensor]:
     """All terms plus ``reward`` = outcome + format + length, per rewrite."""
     terms = anchor_outcome_reward(g, positive, negatives, cfg.top_k, cfg.neg_temperature)
     terms["outcome"] = terms.pop("reward")

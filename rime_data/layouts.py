@@ -54,8 +54,9 @@ def grid(n: int, rng: random.Random, scale: Scale) -> list[Box]:
     cols, rows = rng.randint(max(GRID, n), max(GRID + 1, n)), rng.randint(2, GRID)
     cw, ch = (1 - 2 * MARGIN) / cols, (1 - 2 * MARGIN) / rows
     side = min(rng.uniform(*scale) * (min(cw, ch) - GAP), MAX_SIDE)
-    return [_box(MARGIN + (c + 0.5) * cw, MARGIN + (rng.randrange(rows) + 0.5) * ch, side)
-            for c in sorted(rng.sample(range(cols), n))]
+    return [
+        _box(MARGIN + (c + 0.5) * cw, MARGIN + (rng.randrange(rows) + 0.5) * ch, side) for c in sorted(rng.sample(range(cols), n))
+    ]
 
 
 def row(n: int, rng: random.Random, scale: Scale) -> list[Box]:
@@ -85,23 +86,36 @@ def diagonal(n: int, rng: random.Random, scale: Scale) -> list[Box]:
 def arc(n: int, rng: random.Random, scale: Scale) -> list[Box]:
     slots, up = _slots(n, rng, even=True), rng.random() < 0.5
     side = _side(slots[0], scale, rng)
-    return [_box((a + b) / 2, 0.5 + (-1 if up else 1) * 0.3 * math.sin(math.pi * (i + 0.5) / n), side)
-            for i, (a, b) in enumerate(slots)]
+    return [
+        _box((a + b) / 2, 0.5 + (-1 if up else 1) * 0.3 * math.sin(math.pi * (i + 0.5) / n), side)
+        for i, (a, b) in enumerate(slots)
+    ]
 
 
 LAYOUTS: dict[str, Callable[[int, random.Random, Scale], list[Box]]] = {
-    "grid": grid, "row": row, "free": free, "diagonal": diagonal, "arc": arc,
+    "grid": grid,
+    "row": row,
+    "free": free,
+    "diagonal": diagonal,
+    "arc": arc,
 }
 
 
-def styled_scene(rng: random.Random, layouts: tuple[str, ...], counts: tuple[int, ...], scale: Scale,
-                 n_objects: int | None = None, kinds: list[tuple[str, str]] | None = None) -> Scene:
+def styled_scene(
+    rng: random.Random,
+    layouts: tuple[str, ...],
+    counts: tuple[int, ...],
+    scale: Scale,
+    n_objects: int | None = None,
+    kinds: list[tuple[str, str]] | None = None,
+) -> Scene:
     """Objects with distinct (shape, colour) pairs placed by a layout drawn from ``layouts``;
     ``kinds`` fixes the objects (left to right), else ``n_objects`` or a count from ``counts``."""
     if kinds is None:
         kinds = rng.sample([(s, c) for s in SHAPES for c in COLORS], n_objects or rng.choice(counts))
     layout = rng.choice(layouts)
     boxes = tuple(LAYOUTS[layout](len(kinds), rng, scale))
-    objs = tuple(SceneObject(s, c, i, min(GRID - 1, int((b[1] + b[3]) / 2 * GRID)))
-                 for i, ((s, c), b) in enumerate(zip(kinds, boxes)))
+    objs = tuple(
+        SceneObject(s, c, i, min(GRID - 1, int((b[1] + b[3]) / 2 * GRID))) for i, ((s, c), b) in enumerate(zip(kinds, boxes))
+    )
     return Scene(objs, boxes=boxes, layout=layout)

@@ -62,8 +62,11 @@ def draw_look(rng: np.random.Generator, ranges: StyleRanges, scene: Scene) -> Lo
         fills=tuple(str(ranges.fills[rng.integers(len(ranges.fills))]) for _ in scene.objects),
         line=int(rng.integers(1, 4)),
         degrade=degrade,
-        strength=float(rng.uniform(*ranges.blur_radius)) if degrade == "blur"
-        else float(rng.integers(ranges.jpeg_quality[0], ranges.jpeg_quality[1] + 1)) if degrade == "jpeg" else 0.0,
+        strength=float(rng.uniform(*ranges.blur_radius))
+        if degrade == "blur"
+        else float(rng.integers(ranges.jpeg_quality[0], ranges.jpeg_quality[1] + 1))
+        if degrade == "jpeg"
+        else 0.0,
         seed=int(rng.integers(2**63)),
     )
 
@@ -95,8 +98,20 @@ def _shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float
         pts = {
             "triangle": [(cx, y0), (x1, y1), (x0, y1)],
             "diamond": [(cx, y0), (x1, cy), (cx, y1), (x0, cy)],
-            "cross": [(x0 + w, y0), (x1 - w, y0), (x1 - w, y0 + w), (x1, y0 + w), (x1, y1 - w), (x1 - w, y1 - w),
-                      (x1 - w, y1), (x0 + w, y1), (x0 + w, y1 - w), (x0, y1 - w), (x0, y0 + w), (x0 + w, y0 + w)],
+            "cross": [
+                (x0 + w, y0),
+                (x1 - w, y0),
+                (x1 - w, y0 + w),
+                (x1, y0 + w),
+                (x1, y1 - w),
+                (x1 - w, y1 - w),
+                (x1 - w, y1),
+                (x0 + w, y1),
+                (x0 + w, y1 - w),
+                (x0, y1 - w),
+                (x0, y0 + w),
+                (x0 + w, y0 + w),
+            ],
         }[shape]
         draw.polygon(pts, fill=fill, outline=outline, width=width)
 

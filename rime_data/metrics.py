@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -43,6 +43,7 @@ def query_metrics(scores: Sequence[float], relevance: Sequence[float]) -> dict[s
 
 def ndcg_at_k(ranked_rel: np.ndarray, ideal_rel: np.ndarray, k: int) -> float:
     """DCG with gain (2^rel - 1) and log2 discount, normalised by the ideal order; k may exceed the list."""
+
     def dcg(r: np.ndarray) -> float:
         r = r[:k]
         return float(np.sum((np.power(2.0, r) - 1.0) / np.log2(np.arange(2, len(r) + 2))))

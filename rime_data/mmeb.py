@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -88,8 +89,10 @@ def import_mmeb(files: list[str | Path], image_root: str | Path, out: str | Path
             try:
                 q, row_cands = _convert(row, file, n, root)
                 if q["query_id"] in seen:
-                    raise ValueError(f"query_id: {q['query_id']!r} again (first from {seen[q['query_id']]}); two files "
-                                     "give the same task and name: rename one or set a task column")
+                    raise ValueError(
+                        f"query_id: {q['query_id']!r} again (first from {seen[q['query_id']]}); two files "
+                        "give the same task and name: rename one or set a task column"
+                    )
             except ValueError as e:
                 errors.append({"file": str(file), "row": n, "error": str(e)})
                 continue
@@ -137,7 +140,12 @@ def _convert(row: dict, file: Path, n: int, root: Path) -> tuple[dict, list[dict
         raise ValueError("qry_text/qry_img_path: both empty")
     ids = list(dict.fromkeys(c["cand_id"] for c in row_cands))  # keep order, drop in-row duplicates
     query = dict(
-        query_id=f"{task}/{file.stem}/{n}", task=task, qry_inst=_clean(row.get("qry_inst"), "qry_inst"), qry_text=qry_text or None,
-        qry_image=qry_img, positive_ids=[ids[0]], cand_ids=ids,
+        query_id=f"{task}/{file.stem}/{n}",
+        task=task,
+        qry_inst=_clean(row.get("qry_inst"), "qry_inst"),
+        qry_text=qry_text or None,
+        qry_image=qry_img,
+        positive_ids=[ids[0]],
+        cand_ids=ids,
     )
     return query, row_cands

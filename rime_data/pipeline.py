@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from rime_model.inputs import InputError, open_image, reserved_in
 
@@ -134,8 +134,11 @@ def query_dataset(paths: str | Path | list, cfg: PipelineConfig | None = None):
     # (orchestrator.placement.DATA_TASK_CPUS), or the stream never starts.
     ds = ray.data.read_parquet(paths, num_cpus=cfg.task_cpus)
     return ds.map_batches(
-        validate_and_normalise, fn_kwargs={"cfg": cfg}, batch_format="pandas",
-        batch_size=cfg.map_batch_size, num_cpus=cfg.task_cpus,
+        validate_and_normalise,
+        fn_kwargs={"cfg": cfg},
+        batch_format="pandas",
+        batch_size=cfg.map_batch_size,
+        num_cpus=cfg.task_cpus,
     )
 
 
@@ -178,4 +181,8 @@ class CleanBatches:
             append_errors(self.errors_file, bad, self.id_column)
 
     def summary(self) -> dict:
-        return {"good_rows": self.n_good, "bad_rows": self.n_bad, "errors_file": str(self.errors_file) if self.errors_file else None}
+        return {
+            "good_rows": self.n_good,
+            "bad_rows": self.n_bad,
+            "errors_file": str(self.errors_file) if self.errors_file else None,
+        }

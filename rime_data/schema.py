@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 import numbers
-
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq

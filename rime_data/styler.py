@@ -29,8 +29,10 @@ class Styler:
         self.style, self.rng = check_style(style), rng
         self.ranges = STYLE_RANGES.get(style)
         if self.ranges is not None and image_size is not None:
-            raise ValueError(f"image_size: only the classic style takes one; {style!r} draws sizes from "
-                             f"{self.ranges.sizes[0]}-{self.ranges.sizes[1]} px (rime_data/styles.py)")
+            raise ValueError(
+                f"image_size: only the classic style takes one; {style!r} draws sizes from "
+                f"{self.ranges.sizes[0]}-{self.ranges.sizes[1]} px (rime_data/styles.py)"
+            )
         self.image_size = image_size or CLASSIC_SIZE
         self.provenance: list[dict] = []
 
@@ -62,8 +64,16 @@ class Styler:
             return png_bytes(render(scene, self.image_size))
         look = draw_look(np.random.default_rng(self.rng.getrandbits(63)), self.ranges, scene)
         data = png_bytes(render_look(scene, look))
-        self.provenance.append(dict(image=hashlib.sha1(data).hexdigest()[:16], size=look.size, layout=scene.layout,
-                                    texture=look.texture, fills=list(look.fills), degrade=look.degrade))
+        self.provenance.append(
+            dict(
+                image=hashlib.sha1(data).hexdigest()[:16],
+                size=look.size,
+                layout=scene.layout,
+                texture=look.texture,
+                fills=list(look.fills),
+                degrade=look.degrade,
+            )
+        )
         return data
 
     def say(self, form: str, **fields: str) -> str:

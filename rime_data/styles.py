@@ -57,16 +57,38 @@ class StyleRanges:
 _BACKGROUNDS = ((245, 245, 245), (225, 225, 215), (200, 210, 225))  # classic's three, jittered below
 
 RANDOMISED = StyleRanges(
-    name="randomised", sizes=(96, 144), n_objects=(1, 2, 3, 4, 5), layouts=TRAIN_LAYOUTS,
-    object_scale=(0.65, 0.95), colour_jitter=20, backgrounds=_BACKGROUNDS, background_jitter=12,
-    textures=("flat", "noise"), texture_amp=(0, 12), fills=("solid", "outlined", "hollow"),
-    degrades=("none", "blur", "jpeg"), blur_radius=(0.3, 0.9), jpeg_quality=(55, 90), templates="train",
+    name="randomised",
+    sizes=(96, 144),
+    n_objects=(1, 2, 3, 4, 5),
+    layouts=TRAIN_LAYOUTS,
+    object_scale=(0.65, 0.95),
+    colour_jitter=20,
+    backgrounds=_BACKGROUNDS,
+    background_jitter=12,
+    textures=("flat", "noise"),
+    texture_amp=(0, 12),
+    fills=("solid", "outlined", "hollow"),
+    degrades=("none", "blur", "jpeg"),
+    blur_radius=(0.3, 0.9),
+    jpeg_quality=(55, 90),
+    templates="train",
 )
 TRANSFER = StyleRanges(
-    name="transfer", sizes=(160, 208), n_objects=(1, 2, 3, 4, 5), layouts=TRANSFER_LAYOUTS,
-    object_scale=(0.65, 0.95), colour_jitter=20, backgrounds=_BACKGROUNDS, background_jitter=12,
-    textures=("stripes", "checker"), texture_amp=(4, 12), fills=("solid", "outlined", "hollow"),
-    degrades=("none", "blur", "jpeg"), blur_radius=(0.3, 0.9), jpeg_quality=(55, 90), templates="transfer",
+    name="transfer",
+    sizes=(160, 208),
+    n_objects=(1, 2, 3, 4, 5),
+    layouts=TRANSFER_LAYOUTS,
+    object_scale=(0.65, 0.95),
+    colour_jitter=20,
+    backgrounds=_BACKGROUNDS,
+    background_jitter=12,
+    textures=("stripes", "checker"),
+    texture_amp=(4, 12),
+    fills=("solid", "outlined", "hollow"),
+    degrades=("none", "blur", "jpeg"),
+    blur_radius=(0.3, 0.9),
+    jpeg_quality=(55, 90),
+    templates="transfer",
 )
 STYLE_RANGES = {"randomised": RANDOMISED, "transfer": TRANSFER}
 

@@ -11,8 +11,9 @@ Pure functions: the driver and the learners both use them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: config validation imports this module and must stay torch-free
     from .prompts import PromptTemplate
@@ -54,14 +55,20 @@ class CurriculumSchedule:
         if not 0 <= self.first_stage <= self.segments:
             raise ValueError(f"plume.first_stage: must be in 0..plume.segments ({self.segments}), got {self.first_stage}")
         if not (self.last_stage == -1 or self.first_stage <= self.last_stage <= self.segments):
-            raise ValueError(f"plume.last_stage: must be -1 (to the end) or in plume.first_stage..plume.segments "
-                             f"({self.first_stage}..{self.segments}), got {self.last_stage}")
+            raise ValueError(
+                f"plume.last_stage: must be -1 (to the end) or in plume.first_stage..plume.segments "
+                f"({self.first_stage}..{self.segments}), got {self.last_stage}"
+            )
         if not self.curriculum and self.end_stage < self.segments:
-            raise ValueError(f"plume.last_stage: {self.last_stage} ends before the fully latent stage, which is all the "
-                             "no-curriculum ablation (plume.curriculum: false) runs; set it to -1")
+            raise ValueError(
+                f"plume.last_stage: {self.last_stage} ends before the fully latent stage, which is all the "
+                "no-curriculum ablation (plume.curriculum: false) runs; set it to -1"
+            )
         if self.latent_steps < self.segments or self.latent_steps % self.segments:
-            raise ValueError(f"plume.latent_steps: {self.latent_steps} must be a positive multiple of plume.segments "
-                             f"({self.segments}): each replaced segment becomes latent_steps/segments latent steps")
+            raise ValueError(
+                f"plume.latent_steps: {self.latent_steps} must be a positive multiple of plume.segments "
+                f"({self.segments}): each replaced segment becomes latent_steps/segments latent steps"
+            )
 
     @property
     def per_segment(self) -> int:
@@ -111,8 +118,7 @@ def split_segments(reasoning: Sequence[str] | None, n: int) -> tuple[list[str], 
     return segs + [""] * (n - len(segs)), False
 
 
-def continuation_text(template: PromptTemplate, tok: SpecialTokens, segments: Sequence[str], phase: Phase,
-                      answer: str) -> str:
+def continuation_text(template: PromptTemplate, tok: SpecialTokens, segments: Sequence[str], phase: Phase, answer: str) -> str:
     """Teacher-forced text after the latent block: ``<eot>`` + remaining segments + ``</think>\\n``
     + answer (if kept) + ``<gen_emb>``."""
     reasoning = " ".join(s for s in segments[phase.replaced :] if s)

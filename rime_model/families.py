@@ -7,9 +7,9 @@ CPU torchvision build here, and Qwen2-VL's stock processor insists on a video pr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import AutoTokenizer, PreTrainedModel

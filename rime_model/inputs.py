@@ -10,13 +10,14 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-ImageLike = Union[Image.Image, bytes, bytearray, str, Path]
+ImageLike = Image.Image | bytes | bytearray | str | Path
 # Decoded-size limit, checked from the header before decoding: Qwen2-VL resizes to at most ~12.8M
 # pixels, so a larger image only costs memory (PIL's own bomb check allows ~179M, ~0.5 GB as RGB).
 MAX_IMAGE_PIXELS = 40_000_000
@@ -75,8 +76,12 @@ def open_image(data: bytes, index: int | None = None) -> Image.Image:
         raise InputError(index, "image", f"cannot decode image bytes ({e}); send PNG/JPEG/WebP bytes") from e
     w, h = img.size
     if w * h > MAX_IMAGE_PIXELS:
-        raise InputError(index, "image", f"{w}x{h} is {w * h / 1e6:.0f}M pixels, over the {MAX_IMAGE_PIXELS / 1e6:.0f}M "
-                         "limit (a few KB of PNG can decode to GBs); downscale it, the model resizes to far less anyway")
+        raise InputError(
+            index,
+            "image",
+            f"{w}x{h} is {w * h / 1e6:.0f}M pixels, over the {MAX_IMAGE_PIXELS / 1e6:.0f}M "
+            "limit (a few KB of PNG can decode to GBs); downscale it, the model resizes to far less anyway",
+        )
     try:
         img.load()
     except (UnidentifiedImageError, OSError, ValueError) as e:

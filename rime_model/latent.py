@@ -14,20 +14,25 @@ row's next text position), so a batch gives the same vectors as one item at a ti
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .choices import ANCHORS
+from .vision_step import vision_in_step
+
 if TYPE_CHECKING:  # pragma: no cover
-    from .embedder import Embedder, Item
+    from transformers import PreTrainedModel
+
+    from .encoding import Item, PromptEncoder
 
 ADAPTER_ATTR = "rime_latent_adapter"  # submodule name on the HF model (so DeepSpeed trains and checkpoints it)
 ADAPTER_DIR = "latent_adapter"  # sub-folder of a saved embedder (kept out of the model's *.safetensors)
-ANCHORS = ("disc", "none")
 
 
 def is_adapter_key(name: str) -> bool:
@@ -53,9 +58,12 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "hidden_size": self.hidden_size >= 1, "num_experts": self.num_experts >= 0,
-            "expert_mult": self.expert_mult >= 1, "step_embed_dim": self.step_embed_dim >= 0,
-            "max_steps": self.max_steps >= 1, "default_steps": 0 <= self.default_steps <= self.max_steps,
+            "hidden_size": self.hidden_size >= 1,
+            "num_experts": self.num_experts >= 0,
+            "expert_mult": self.expert_mult >= 1,
+            "step_embed_dim": self.step_embed_dim >= 0,
+            "max_steps": self.max_steps >= 1,
+            "default_steps": 0 <= self.default_steps <= self.max_steps,
             "top_k": (1 <= self.top_k <= self.num_experts) if self.num_experts else True,
         }
         for key, ok in checks.items():
@@ -68,7 +76,7 @@ class AdapterConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AdapterConfig":
+    def from_dict(cls, d: dict) -> AdapterConfig:
         return cls(**d)
 
 
@@ -109,12 +117,13 @@ class TransitionAdapter(nn.Module):
         k = torch.full((z.shape[0],), step, dtype=torch.long, device=z.device)
         return torch.softmax(self.router(torch.cat([guide, self.step_embed(k).to(z.dtype)], dim=-1)), dim=-1)
 
-    def forward(self, z: torch.Tensor, step: int, anchor: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, z: torch.Tensor, step: int, anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(next input embedding [B, D], router probabilities [B, M] or None without experts)."""
         if not 0 <= step < self.cfg.max_steps:
-            raise ValueError(f"latent step {step}: the adapter has step embeddings for 0..{self.cfg.max_steps - 1} "
-                             "(raise plume.max_latent_steps)")
+            raise ValueError(
+                f"latent step {step}: the adapter has step embeddings for 0..{self.cfg.max_steps - 1} "
+                "(raise plume.max_latent_steps)"
+            )
         x = self.norm(z)
         out = z if self.shared is None else z + self.shared(x)
         if not self.experts:
@@ -158,8 +167,10 @@ def save_adapter(adapter: TransitionAdapter, path: Path) -> None:
     from safetensors.torch import save_file
 
     (path / ADAPTER_DIR).mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()},
-              str(path / ADAPTER_DIR / "adapter.safetensors"))
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()},
+        str(path / ADAPTER_DIR / "adapter.safetensors"),
+    )
 
 
 def load_adapter(model: nn.Module, cfg: AdapterConfig, path: Path) -> TransitionAdapter:
@@ -193,17 +204,22 @@ class LatentOutput:
         return F.normalize(self.anchor.float(), dim=-1)
 
 
-def _next_positions(emb: "Embedder", enc: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _next_positions(model: PreTrainedModel, enc: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(prefix position ids, each row's next free position [B]). Qwen2-VL: 3-D multimodal rotary
     positions from the model's own ``get_rope_index``; other families: 1-D positions over the mask."""
     mask = enc["attention_mask"]
-    inner = emb.model.model
+    inner = model.model
     if hasattr(inner, "get_rope_index"):
         mm = enc.get("mm_token_type_ids")
         if mm is None:
             mm = torch.zeros_like(enc["input_ids"])
-        pos, _ = inner.get_rope_index(enc["input_ids"], mm, image_grid_thw=enc.get("image_grid_thw"),
-                                      video_grid_thw=enc.get("video_grid_thw"), attention_mask=mask)
+        pos, _ = inner.get_rope_index(
+            enc["input_ids"],
+            mm,
+            image_grid_thw=enc.get("image_grid_thw"),
+            video_grid_thw=enc.get("video_grid_thw"),
+            attention_mask=mask,
+        )
         return pos, pos.amax(dim=(0, 2)) + 1
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
     return pos, pos.amax(dim=-1) + 1
@@ -214,55 +230,76 @@ def _positions(start: torch.Tensor, length: int, mrope: bool) -> torch.Tensor:
     return pos.unsqueeze(0).expand(3, -1, -1) if mrope else pos
 
 
-def latent_pass(emb: "Embedder", items: Sequence["Item"], steps: int,
-                continuations: Sequence[Sequence[int]] | None = None) -> LatentOutput:
-    """Prefix → ``steps`` latent steps → continuation tokens, batched, differentiable.
+def latent_pass(
+    model: PreTrainedModel,
+    enc: PromptEncoder,
+    items: Sequence[Item],
+    steps: int,
+    continuations: Sequence[Sequence[int]] | None = None,
+) -> LatentOutput:
+    """Prefix → ``steps`` latent steps → continuation tokens, batched, differentiable, on the embedder's
+    HF ``model`` (with its adapter, if any) and prompt encoder ``enc``.
 
     ``continuations`` are token ids per row, each starting at ``<eot>`` and ending at (or after)
     ``<gen_emb>``; None = the forced suffix (inference). Rows of different lengths are right-padded
     there; the embedding is read at each row's last ``<gen_emb>``."""
-    adapter: TransitionAdapter | None = getattr(emb.model, ADAPTER_ATTR, None)
+    adapter: TransitionAdapter | None = getattr(model, ADAPTER_ATTR, None)
     if steps < 0:
         raise ValueError(f"latent steps: must be >= 0, got {steps}")
     if adapter is not None and steps > adapter.cfg.max_steps:
         raise ValueError(f"latent steps: {steps} > the adapter's max_steps {adapter.cfg.max_steps}")
-    texts = [emb.template.latent_prompt(emb._media(im), ins, txt, emb.tokens) for txt, im, ins in items]
-    enc = emb._encode_texts(texts, [im for _, im, _ in items])
-    pos, nxt = _next_positions(emb, enc)
+    prefix = enc.latent_prompt_batch(items)
+    pos, nxt = _next_positions(model, prefix)
     mrope = pos.dim() == 3
-    with emb.vision_in_step(enc):  # a text-only batch still runs the vision tower in training (see there)
-        out = emb.model.model(**enc, position_ids=pos, use_cache=True)
+    with vision_in_step(model, enc, prefix):  # a text-only batch still runs the vision tower in training (see there)
+        out = model.model(**prefix, position_ids=pos, use_cache=True)
     cache, h = out.past_key_values, out.last_hidden_state
     rows = torch.arange(h.shape[0], device=h.device)
-    anchor = h[rows, emb._read_positions(enc["input_ids"], "disc_emb")]
+    anchor = h[rows, enc.read_positions(prefix["input_ids"], "disc_emb")]
     z = h[:, -1]  # <bot>: the prefix is left-padded, so it is every row's last column
-    mask = enc["attention_mask"]
+    mask = prefix["attention_mask"]
     latents, probs = [], []
     for k in range(steps):
         x, p = (z, None) if adapter is None else adapter(z, k, anchor)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        o = emb.model.model(inputs_embeds=x.unsqueeze(1), attention_mask=mask, position_ids=_positions(nxt + k, 1, mrope),
-                            past_key_values=cache, use_cache=True)
+        o = model.model(
+            inputs_embeds=x.unsqueeze(1),
+            attention_mask=mask,
+            position_ids=_positions(nxt + k, 1, mrope),
+            past_key_values=cache,
+            use_cache=True,
+        )
         cache, z = o.past_key_values, o.last_hidden_state[:, -1]
         latents.append(z)
         if p is not None:
             probs.append(p)
     if continuations is None:
-        suffix = emb.token_ids(emb.template.latent_suffix(emb.tokens))
+        suffix = enc.token_ids(enc.template.latent_suffix(enc.tokens))
         continuations = [suffix] * len(items)
     width = max(len(c) for c in continuations)
-    pad = emb.tokenizer.pad_token_id
+    pad = enc.tokenizer.pad_token_id
     ids = torch.full((len(items), width), pad, dtype=torch.long, device=mask.device)
     cmask = torch.zeros_like(ids)
     for b, c in enumerate(continuations):
         ids[b, : len(c)] = torch.tensor(list(c), dtype=torch.long)
         cmask[b, : len(c)] = 1
-    gen_id = emb.token_id["gen_emb"]
+    gen_id = enc.token_id["gen_emb"]
     hits = ids == gen_id
     if not bool(hits.any(dim=1).all()):
         raise ValueError("continuations: every row must contain <gen_emb> (the embedding is read there)")
     read = torch.where(hits, torch.arange(width, device=ids.device).expand_as(ids), -1).max(dim=1).values
-    o = emb.model.model(inputs_embeds=emb.model.get_input_embeddings()(ids), attention_mask=torch.cat([mask, cmask], dim=1),
-                        position_ids=_positions(nxt + steps, width, mrope), past_key_values=cache, use_cache=True)
-    return LatentOutput(anchor=anchor, latents=latents, router_probs=probs, hidden=o.last_hidden_state, read_pos=read,
-                        labels=ids.masked_fill(cmask == 0, -100))
+    o = model.model(
+        inputs_embeds=model.get_input_embeddings()(ids),
+        attention_mask=torch.cat([mask, cmask], dim=1),
+        position_ids=_positions(nxt + steps, width, mrope),
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return LatentOutput(
+        anchor=anchor,
+        latents=latents,
+        router_probs=probs,
+        hidden=o.last_hidden_state,
+        read_pos=read,
+        labels=ids.masked_fill(cmask == 0, -100),
+    )

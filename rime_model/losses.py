@@ -7,7 +7,7 @@ data-parallel gradient average reassembles the exact full-batch gradient (see ``
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist

@@ -27,13 +27,17 @@ def download_embedder(uri: str) -> Path:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri.rstrip("/")))
     except (MlflowException, OSError) as e:
-        raise ValueError(f"model: cannot download {uri!r} from the MLflow tracking server "
-                         f"({str(e).splitlines()[0][:200]}); check MLFLOW_TRACKING_URI and the id "
-                         "(models:/<model id> as training prints it, or runs:/<run id>/embedder)") from e
+        raise ValueError(
+            f"model: cannot download {uri!r} from the MLflow tracking server "
+            f"({str(e).splitlines()[0][:200]}); check MLFLOW_TRACKING_URI and the id "
+            "(models:/<model id> as training prints it, or runs:/<run id>/embedder)"
+        ) from e
     mlmodel = local / "MLmodel"
     if not mlmodel.is_file():
-        raise ValueError(f"model: {uri!r} is not an MLflow model (no MLmodel file in it); give the logged model's URI, "
-                         "models:/<model id> or runs:/<run id>/embedder")
+        raise ValueError(
+            f"model: {uri!r} is not an MLflow model (no MLmodel file in it); give the logged model's URI, "
+            "models:/<model id> or runs:/<run id>/embedder"
+        )
     flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
     artifact = (flavor.get("artifacts") or {}).get("embedder") or {}
     if not artifact.get("path"):

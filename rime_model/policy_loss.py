@@ -30,26 +30,49 @@ class PolicyLossConfig:
 def _verl_actor_config(cfg: PolicyLossConfig):
     from verl.workers.config.actor import ActorConfig
 
-    return ActorConfig(strategy="fsdp", clip_ratio=cfg.clip_ratio_low, clip_ratio_low=cfg.clip_ratio_low,
-                       clip_ratio_high=cfg.clip_ratio_high, loss_agg_mode=cfg.loss_agg_mode, ppo_mini_batch_size=1,
-                       ppo_micro_batch_size_per_gpu=1, rollout_n=1, loss_scale_factor=cfg.loss_scale_factor,
-                       global_batch_info={"loss_scale_factor": cfg.loss_scale_factor})
+    return ActorConfig(
+        strategy="fsdp",
+        clip_ratio=cfg.clip_ratio_low,
+        clip_ratio_low=cfg.clip_ratio_low,
+        clip_ratio_high=cfg.clip_ratio_high,
+        loss_agg_mode=cfg.loss_agg_mode,
+        ppo_mini_batch_size=1,
+        ppo_micro_batch_size_per_gpu=1,
+        rollout_n=1,
+        loss_scale_factor=cfg.loss_scale_factor,
+        global_batch_info={"loss_scale_factor": cfg.loss_scale_factor},
+    )
 
 
-def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, ref_log_prob: torch.Tensor | None,
-                advantages: torch.Tensor, response_mask: torch.Tensor, cfg: PolicyLossConfig) -> tuple[torch.Tensor, dict]:
+def policy_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    ref_log_prob: torch.Tensor | None,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    cfg: PolicyLossConfig,
+) -> tuple[torch.Tensor, dict]:
     """Loss and metrics for rewrites [N, T] with one advantage per rewrite [N] (broadcast over its tokens)."""
     from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
 
     adv = advantages.unsqueeze(1).expand_as(log_prob) * response_mask
     pg, metrics = get_policy_loss_fn(cfg.policy_loss)(
-        old_log_prob=old_log_prob, log_prob=log_prob, advantages=adv, response_mask=response_mask,
-        loss_agg_mode=cfg.loss_agg_mode, config=_verl_actor_config(cfg))
+        old_log_prob=old_log_prob,
+        log_prob=log_prob,
+        advantages=adv,
+        response_mask=response_mask,
+        loss_agg_mode=cfg.loss_agg_mode,
+        config=_verl_actor_config(cfg),
+    )
     metrics = {k: float(v) for k, v in metrics.items()}
     loss = pg
     if ref_log_prob is not None and cfg.kl_coef > 0:
-        kl = agg_loss(kl_penalty(log_prob, ref_log_prob, cfg.kl_type), response_mask, cfg.loss_agg_mode,
-                      loss_scale_factor=cfg.loss_scale_factor)
+        kl = agg_loss(
+            kl_penalty(log_prob, ref_log_prob, cfg.kl_type),
+            response_mask,
+            cfg.loss_agg_mode,
+            loss_scale_factor=cfg.loss_scale_factor,
+        )
         loss = loss + cfg.kl_coef * kl
         metrics["actor/kl"] = float(kl)
     metrics["actor/pg_loss"] = float(pg)

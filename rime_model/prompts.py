@@ -35,10 +35,7 @@ class PromptTemplate:
     def gen_prompt(self, media: str, instruction: str, text: str, tok: SpecialTokens) -> str:
         """Generation prompt; the model continues after ``<rewrite>`` with the rewrite text."""
         content = self.user_content(media, instruction, text)
-        return (
-            f"{self.user_start}{content}\n{self.rewrite_prompt}{self.turn_end}"
-            f"{self.assistant_start}{tok.rewrite_start}"
-        )
+        return f"{self.user_start}{content}\n{self.rewrite_prompt}{self.turn_end}{self.assistant_start}{tok.rewrite_start}"
 
     def gen_completion(self, rewrite: str, tok: SpecialTokens) -> str:
         """Teacher-forced completion; the embedding is read AT ``<gen_emb>``."""
@@ -48,8 +45,7 @@ class PromptTemplate:
         """PLUME prefix: the disc anchor, then the latent block opens at ``<bot>``."""
         content = self.user_content(media, instruction, text)
         return (
-            f"{self.user_start}{content}\n{tok.disc_emb}{self.turn_end}"
-            f"{self.assistant_start}{tok.think_start}{tok.latent_start}"
+            f"{self.user_start}{content}\n{tok.disc_emb}{self.turn_end}{self.assistant_start}{tok.think_start}{tok.latent_start}"
         )
 
     def latent_suffix(self, tok: SpecialTokens) -> str:
@@ -65,5 +61,5 @@ class PromptTemplate:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PromptTemplate":
+    def from_dict(cls, d: dict) -> PromptTemplate:
         return cls(**d)

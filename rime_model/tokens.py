@@ -68,13 +68,11 @@ class SpecialTokens:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SpecialTokens":
+    def from_dict(cls, d: dict) -> SpecialTokens:
         return cls(**d)
 
 
-def add_special_tokens(
-    tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, tokens: SpecialTokens
-) -> list[int]:
+def add_special_tokens(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, tokens: SpecialTokens) -> list[int]:
     """Add ``tokens`` to the tokenizer, grow the embedding if needed and initialise the new rows.
 
     Returns the ids of the added tokens. Idempotent: tokens already present are left untouched.

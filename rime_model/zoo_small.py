@@ -89,9 +89,7 @@ def load_smollm2_tokenizer(gguf: Path) -> PreTrainedTokenizerFast:
 
 def make_image_processor() -> CLIPImageProcessorPil:
     """PIL-only CLIP preprocessing (no torchvision here), resized and cropped to the tower's input."""
-    return CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
+    return CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
 
 
 def build_small_model(
@@ -110,8 +108,13 @@ def build_small_model(
     text_config.eos_token_id = text_config.pad_token_id = tok.eos_token_id
 
     vision_config = CLIPVisionConfig(
-        hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-        image_size=IMAGE_SIZE, patch_size=LLAVA_PATCH_SIZE, projection_dim=128,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=LLAVA_PATCH_SIZE,
+        projection_dim=128,
     )
     config = LlavaConfig(
         vision_config=vision_config,

@@ -7,4 +7,4 @@ bash scripts/setup.sh
 # Optional: if it cannot be installed here, those tests skip and say why; everything else still runs.
 bash scripts/setup_vllm.sh || echo "[test] .venv-vllm could not be set up: the vLLM backend tests will skip (see above)"
 export RAY_AUTH_MODE=disabled
-exec .venv/bin/python -m pytest -ra "$@"
+exec .venv/bin/python -m pytest -ra --durations=15 "$@"

@@ -48,7 +48,9 @@ def session_ray_stays_up(request):
         import ray
 
         if not ray.is_initialized():
-            pytest.fail(f"{request.node.nodeid} shut down the session's Ray cluster: use the ray_local fixture and leave it running")
+            pytest.fail(
+                f"{request.node.nodeid} shut down the session's Ray cluster: use the ray_local fixture and leave it running"
+            )
 
 
 @pytest.fixture(scope="session")
@@ -74,3 +76,18 @@ def tiny_latent(tiny_latent_dir):
     from rime_model import Embedder
 
     return Embedder.load(tiny_latent_dir)
+
+
+@pytest.fixture(autouse=True)
+def no_console_handlers_left():
+    """``orchestrator.cli.main`` run in-process adds ``[rime]`` console handlers bound to that test's
+    captured stdout: remove them after the test, so a later test's log records never reach a closed stream."""
+    yield
+    import logging
+
+    from orchestrator.logs import PACKAGES
+
+    for name in PACKAGES:
+        logger = logging.getLogger(name)
+        for h in [h for h in logger.handlers if h.get_name() == "rime-console"]:
+            logger.removeHandler(h)

@@ -6,7 +6,6 @@ launcher's node types can host the largest profile). Profiles name only keys of 
 from __future__ import annotations
 
 import ast
-import dataclasses
 import re
 import shlex
 from pathlib import Path
@@ -15,8 +14,16 @@ import pytest
 import yaml
 
 from orchestrator.config import Config, ConfigError, load_config
-from orchestrator.submit import (
-    DATA_TASK_CPUS, ROLE_KEYS, NodeGroup, ProfileError, Role, check_fits, load_profile, pack, profile_overrides,
+from orchestrator.profiles import (
+    DATA_TASK_CPUS,
+    ROLE_KEYS,
+    NodeGroup,
+    ProfileError,
+    Role,
+    check_fits,
+    load_profile,
+    pack,
+    profile_overrides,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +45,7 @@ def _k8s_quantity(q) -> float:
 
 
 def _config_keys() -> set[str]:
-    return {f"{f.name}.{g.name}" for f in dataclasses.fields(Config) for g in dataclasses.fields(f.default_factory())}
+    return {f"{s}.{k}" for s, section in Config().to_dict().items() for k in section}
 
 
 def _sets(entrypoint: str) -> tuple[str, list[str]]:
@@ -87,11 +94,14 @@ def test_profile_maps_roles_onto_config_keys_and_fits_its_nodes(path):
     # every role of a run (CMA learners; Refine-RL rollout workers and reward actors) is sized by the profile
     assert set(prof.roles) == set(ROLE_KEYS), path.name
     lr, ro, rw = prof.roles["learners"], prof.roles["rollout_workers"], prof.roles["reward_actors"]
-    assert (cfg.learners.num_learners, cfg.learners.cpus_per_learner, cfg.learners.gpus_per_learner) == (lr.count, lr.cpus, lr.gpus)
-    assert (cfg.rollout.num_workers, cfg.rollout.cpus_per_worker, cfg.rollout.gpus_per_worker) == (ro.count, ro.cpus, ro.gpus)
+    assert (cfg.learners.num_actors, cfg.learners.cpus_per_actor, cfg.learners.gpus_per_actor) == (lr.count, lr.cpus, lr.gpus)
+    assert (cfg.rollout.num_actors, cfg.rollout.cpus_per_actor, cfg.rollout.gpus_per_actor) == (ro.count, ro.cpus, ro.gpus)
     assert (cfg.reward.num_actors, cfg.reward.cpus_per_actor, cfg.reward.gpus_per_actor) == (rw.count, rw.cpus, rw.gpus)
     assert (cfg.learners.node_resource, cfg.rollout.node_resource, cfg.reward.node_resource) == (
-        lr.node_resource, ro.node_resource, rw.node_resource)
+        lr.node_resource,
+        ro.node_resource,
+        rw.node_resource,
+    )
     assert cfg.rollout.backend == ro.extra["backend"] == ("vllm" if prof.total["GPU"] else "hf"), path.name
     assert cfg.cluster.address == "auto"
     # resource arithmetic: totals (every role + the head's reserve) within the cluster ...
@@ -122,43 +132,110 @@ def test_profile_maps_roles_onto_config_keys_and_fits_its_nodes(path):
 def test_profiles_reserve_what_the_trainer_keeps_free_for_ray_data():
     from orchestrator.learner_group import DATA_TASK_CPUS as trainer_reserve
 
-    assert DATA_TASK_CPUS == trainer_reserve  # submit.py mirrors it to stay torch-free
+    assert trainer_reserve == DATA_TASK_CPUS  # submit.py mirrors it to stay torch-free
     for p in PROFILES:
         assert load_profile(p).driver_cpus >= trainer_reserve, p.name
 
 
 def test_profile_keys_unknown_to_the_config_fail_loudly(tmp_path):
     p = tmp_path / "bad.yaml"
-    p.write_text(yaml.safe_dump({"name": "bad", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 4}],
-                                 "roles": {"learners": {"count": 1, "cpus": 1}}, "overrides": {"learners.zero_stag": 1}}))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "name": "bad",
+                "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 4}],
+                "roles": {"learners": {"count": 1, "cpus": 1}},
+                "overrides": {"learners.zero_stag": 1},
+            }
+        )
+    )
     with pytest.raises(ConfigError, match=r"learners\.zero_stag: unknown key"):
         load_config(BASE_CONFIG, profile_overrides(load_profile(p)))
 
 
-@pytest.mark.parametrize("raw, match", [
-    ({"name": "x", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}],
-      "roles": {"learners": {"count": 2, "cpus": 1}}}, r"roles\.learners: actor 1 \(1 CPU, 0 GPU\) fits on no node; free after the larger actors: h\[0\]: 0 CPU"),
-    ({"name": "x", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}], "driver": {"cpus": 0.5},
-      "roles": {"learners": {"count": 1, "cpus": 1}}}, r"driver\.cpus: 0.5 is less than the 1 CPU a run keeps free for Ray Data"),
-    ({"name": "x", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}],
-      "roles": {"learners": {"count": 1, "cpus": 0.5}, "rollout_workers": {"count": 2, "cpus": 0.3, "backend": "hf"}}},
-     r"roles\.rollout_workers: actor 1 \(0.3 CPU, 0 GPU\) fits on no node; free after the larger actors: h\[0\]: 0.2 CPU"),
-    ({"name": "x", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}],
-      "roles": {"learners": {"count": 1, "cpus": 1}, "critics": {"count": 1, "cpus": 1}}}, r"roles\.critics: unknown role"),
-    ({"name": "x", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}],
-      "roles": {"learners": {"count": 1, "cpu": 1}}}, r"roles\.learners\.cpu: unknown key"),
-    ({"name": "x", "nodes": [{"name": "h", "count": 1, "cpus": 2}], "roles": {"learners": {"count": 1, "cpus": 1}}},
-     r"exactly one node group with head: true"),
-    ({"name": "x", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}],
-      "roles": {"learners": {"count": 1, "cpus": 1}}, "overrides": {"learners.num_learners": 4}},
-     r"overrides\.learners\.num_learners: set by roles"),
-    ({"name": "x", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}],
-      "roles": {"learners": {"count": 1, "cpus": "two"}}}, r"roles\.learners\.cpus: expected a number"),
-    ({"name": "x", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2, "resources": {"GPU": 1}}],
-      "roles": {"learners": {"count": 1, "cpus": 1}}}, r"nodes\[0\]\.resources: custom resources only"),
-    ({"name": "x", "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2, "resources": {"pool": "many"}}],
-      "roles": {"learners": {"count": 1, "cpus": 1}}}, r"nodes\[0\]\.resources\.pool: expected a number"),
-])
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        (
+            {
+                "name": "x",
+                "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}],
+                "roles": {"learners": {"count": 2, "cpus": 1}},
+            },
+            r"roles\.learners: actor 1 \(1 CPU, 0 GPU\) fits on no node; free after the larger actors: h\[0\]: 0 CPU",
+        ),
+        (
+            {
+                "name": "x",
+                "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}],
+                "driver": {"cpus": 0.5},
+                "roles": {"learners": {"count": 1, "cpus": 1}},
+            },
+            r"driver\.cpus: 0.5 is less than the 1 CPU a run keeps free for Ray Data",
+        ),
+        (
+            {
+                "name": "x",
+                "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}],
+                "roles": {"learners": {"count": 1, "cpus": 0.5}, "rollout_workers": {"count": 2, "cpus": 0.3, "backend": "hf"}},
+            },
+            r"roles\.rollout_workers: actor 1 \(0.3 CPU, 0 GPU\) fits on no node; free after the larger actors: h\[0\]: 0.2 CPU",
+        ),
+        (
+            {
+                "name": "x",
+                "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}],
+                "roles": {"learners": {"count": 1, "cpus": 1}, "critics": {"count": 1, "cpus": 1}},
+            },
+            r"roles\.critics: unknown role",
+        ),
+        (
+            {
+                "name": "x",
+                "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}],
+                "roles": {"learners": {"count": 1, "cpu": 1}},
+            },
+            r"roles\.learners\.cpu: unknown key",
+        ),
+        (
+            {"name": "x", "nodes": [{"name": "h", "count": 1, "cpus": 2}], "roles": {"learners": {"count": 1, "cpus": 1}}},
+            r"exactly one node group with head: true",
+        ),
+        (
+            {
+                "name": "x",
+                "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}],
+                "roles": {"learners": {"count": 1, "cpus": 1}},
+                "overrides": {"learners.num_actors": 4},
+            },
+            r"overrides\.learners\.num_actors: set by roles",
+        ),
+        (
+            {
+                "name": "x",
+                "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2}],
+                "roles": {"learners": {"count": 1, "cpus": "two"}},
+            },
+            r"roles\.learners\.cpus: expected a number",
+        ),
+        (
+            {
+                "name": "x",
+                "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2, "resources": {"GPU": 1}}],
+                "roles": {"learners": {"count": 1, "cpus": 1}},
+            },
+            r"nodes\[0\]\.resources: custom resources only",
+        ),
+        (
+            {
+                "name": "x",
+                "nodes": [{"name": "h", "head": True, "count": 1, "cpus": 2, "resources": {"pool": "many"}}],
+                "roles": {"learners": {"count": 1, "cpus": 1}},
+            },
+            r"nodes\[0\]\.resources\.pool: expected a number",
+        ),
+    ],
+)
 def test_bad_profiles_are_rejected_naming_the_key(tmp_path, raw, match):
     p = tmp_path / "p.yaml"
     p.write_text(yaml.safe_dump(raw))
@@ -176,16 +253,28 @@ def test_packing_is_per_node_not_just_totals():
 
 
 def test_packing_puts_a_pinned_role_only_on_the_nodes_of_its_pool():
-    nodes = [NodeGroup("learn", 1, cpus=32, gpus=8, resources={"learner_pool": 8}),
-             NodeGroup("roll", 1, cpus=32, gpus=4, resources={"rollout_pool": 4})]
+    nodes = [
+        NodeGroup("learn", 1, cpus=32, gpus=8, resources={"learner_pool": 8}),
+        NodeGroup("roll", 1, cpus=32, gpus=4, resources={"rollout_pool": 4}),
+    ]
     # unpinned, first fit puts all 6 one-GPU rollouts on the 8-GPU node; pinned, 4 fit (its GPUs) and the 5th nowhere
-    assert pack([Role("rollout_workers", 6, 1, 1)], nodes) == {"learn[0]": [f"rollout_workers[{i}]" for i in range(6)],
-                                                                "roll[0]": []}
-    placed = pack([Role("learners", 2, 1, 1, {"node_resource": "learner_pool"}),
-                   Role("rollout_workers", 4, 1, 1, {"node_resource": "rollout_pool"})], nodes)
+    assert pack([Role("rollout_workers", 6, 1, 1)], nodes) == {
+        "learn[0]": [f"rollout_workers[{i}]" for i in range(6)],
+        "roll[0]": [],
+    }
+    placed = pack(
+        [
+            Role("learners", 2, 1, 1, {"node_resource": "learner_pool"}),
+            Role("rollout_workers", 4, 1, 1, {"node_resource": "rollout_pool"}),
+        ],
+        nodes,
+    )
     assert placed == {"learn[0]": ["learners[0]", "learners[1]"], "roll[0]": [f"rollout_workers[{i}]" for i in range(4)]}
-    with pytest.raises(ProfileError, match=r"roles\.rollout_workers: actor 4 \(1 CPU, 1 GPU, on rollout_pool\) fits on no "
-                                           r"node; free on the nodes with 'rollout_pool' after the larger actors: roll\[0\]: 28 CPU 0 GPU"):
+    with pytest.raises(
+        ProfileError,
+        match=r"roles\.rollout_workers: actor 4 \(1 CPU, 1 GPU, on rollout_pool\) fits on no "
+        r"node; free on the nodes with 'rollout_pool' after the larger actors: roll\[0\]: 28 CPU 0 GPU",
+    ):
         pack([Role("rollout_workers", 5, 1, 1, {"node_resource": "rollout_pool"})], nodes)
     with pytest.raises(ProfileError, match=r"on critic_pool\) fits on no node; .*: none has it"):
         pack([Role("learners", 1, 1, 0, {"node_resource": "critic_pool"})], nodes)
@@ -307,7 +396,10 @@ def test_ray_cluster_yaml_passes_rays_launcher_schema():
 
     cfg = _launcher()
     validate_config(prepare_config(cfg))
-    bad = dict(cfg, available_node_types={**cfg["available_node_types"], "head": {**cfg["available_node_types"]["head"], "min_workerz": 0}})
+    bad = dict(
+        cfg,
+        available_node_types={**cfg["available_node_types"], "head": {**cfg["available_node_types"]["head"], "min_workerz": 0}},
+    )
     with pytest.raises(Exception, match="min_workerz"):
         validate_config(prepare_config(bad))
 
@@ -325,8 +417,11 @@ def test_ray_cluster_yaml_bounds_setup_and_mlflow_on_the_head():
     # nodes, the one the GPU profiles' rollout.vllm_python names (and clusters/Dockerfile builds)
     assert any("-c constraints.txt -e ." in c for c in cfg["setup_commands"])
     vllm_cmds = [c for t in types.values() for c in t.get("worker_setup_commands", []) if "vllm" in c.split("#")[0]]
-    pythons = {load_profile(p).overrides.get("rollout.vllm_python") for p in PROFILES
-               if any(r.extra.get("backend") == "vllm" for r in load_profile(p).roles.values())}
+    pythons = {
+        load_profile(p).overrides.get("rollout.vllm_python")
+        for p in PROFILES
+        if any(r.extra.get("backend") == "vllm" for r in load_profile(p).roles.values())
+    }
     assert len(pythons) == 1 and None not in pythons
     venv = next(iter(pythons)).removesuffix("/bin/python")
     assert vllm_cmds and all(f"{venv}/bin/pip install" in c for c in vllm_cmds)
@@ -340,7 +435,7 @@ def test_ray_cluster_yaml_bounds_setup_and_mlflow_on_the_head():
     from orchestrator.cli import build_parser
 
     argv = shlex.split(head_cmds[mlflow_i].split("&&")[-1].split(">")[0])
-    args = build_parser().parse_args(argv[argv.index("mlflow-server"):])
+    args = build_parser().parse_args(argv[argv.index("mlflow-server") :])
     assert args.host == "0.0.0.0" and f":{args.port}" in head_cmds[ray_i]
     for excluded in (".venv", "runs", "data"):
         assert excluded in cfg["rsync_exclude"]
@@ -349,10 +444,18 @@ def test_ray_cluster_yaml_bounds_setup_and_mlflow_on_the_head():
 def _launcher_nodes(cfg: dict) -> list[NodeGroup]:
     """The launcher's node types at max_workers, as profile node groups (custom resources included)."""
     types = cfg["available_node_types"]
-    return [NodeGroup(n, 1 if n == cfg["head_node_type"] else t["max_workers"], t["resources"]["CPU"],
-                      t["resources"].get("GPU", 0), head=n == cfg["head_node_type"],
-                      resources={k: v for k, v in t["resources"].items() if k not in ("CPU", "GPU")})
-            for n, t in types.items() if n == cfg["head_node_type"] or t["max_workers"]]
+    return [
+        NodeGroup(
+            n,
+            1 if n == cfg["head_node_type"] else t["max_workers"],
+            t["resources"]["CPU"],
+            t["resources"].get("GPU", 0),
+            head=n == cfg["head_node_type"],
+            resources={k: v for k, v in t["resources"].items() if k not in ("CPU", "GPU")},
+        )
+        for n, t in types.items()
+        if n == cfg["head_node_type"] or t["max_workers"]
+    ]
 
 
 def test_aws_profile_is_ray_cluster_yaml_and_pins_vllm_to_the_nodes_that_install_it():
@@ -376,8 +479,11 @@ def test_aws_profile_is_ray_cluster_yaml_and_pins_vllm_to_the_nodes_that_install
     def builds_vllm(t: dict) -> bool:
         return any(f"{venv}/bin/pip install" in c and "vllm" in c for c in t.get("worker_setup_commands", []))
 
-    pools = {"learners": run.learners.node_resource, "rollout_workers": run.rollout.node_resource,
-             "reward_actors": run.reward.node_resource}
+    pools = {
+        "learners": run.learners.node_resource,
+        "rollout_workers": run.rollout.node_resource,
+        "reward_actors": run.reward.node_resource,
+    }
     assert all(pools.values()) and pools["learners"] != pools["rollout_workers"]
     for role, pool in pools.items():
         hosts = [n for n, t in types.items() if t["resources"].get(pool)]
@@ -398,8 +504,10 @@ def test_ray_cluster_yaml_hosts_the_largest_profile_at_max_workers():
     pack(list(biggest.roles.values()), nodes, biggest.driver_cpus)
     # and each of the profile's GPU node groups has a launcher node type at least as large
     for g in (n for n in biggest.nodes if n.gpus):
-        assert any(t["resources"]["GPU"] >= g.gpus and t["resources"]["CPU"] >= g.cpus and t["max_workers"] >= g.count
-                   for t in types.values()), g
+        assert any(
+            t["resources"]["GPU"] >= g.gpus and t["resources"]["CPU"] >= g.cpus and t["max_workers"] >= g.count
+            for t in types.values()
+        ), g
 
 
 def test_vllm_engine_follows_the_learners_precision_and_the_workers_gpu_share():
@@ -409,12 +517,30 @@ def test_vllm_engine_follows_the_learners_precision_and_the_workers_gpu_share():
     from orchestrator.rl_actors import vllm_engine_options
 
     cfg = load_config(BASE_CONFIG, profile_overrides(load_profile(ROOT / "clusters" / "profiles" / "1gpu.yaml")))
-    assert vllm_engine_options(cfg) == {"max_model_len": 1024, "dtype": "bfloat16", "enforce_eager": True,
-                                        "gpu_memory_utilization": 0.27}
-    own = parse_config({"rollout": {"backend": "vllm", "gpus_per_worker": 1, "vllm_gpu_memory_utilization": 0.5,
-                                    "vllm_dtype": "float16", "vllm_max_model_len": 4096, "vllm_enforce_eager": False}})
-    assert vllm_engine_options(own) == {"max_model_len": 4096, "dtype": "float16", "enforce_eager": False,
-                                        "gpu_memory_utilization": 0.5}
+    assert vllm_engine_options(cfg) == {
+        "max_model_len": 1024,
+        "dtype": "bfloat16",
+        "enforce_eager": True,
+        "gpu_memory_utilization": 0.27,
+    }
+    own = parse_config(
+        {
+            "rollout": {
+                "backend": "vllm",
+                "gpus_per_actor": 1,
+                "vllm_gpu_memory_utilization": 0.5,
+                "vllm_dtype": "float16",
+                "vllm_max_model_len": 4096,
+                "vllm_enforce_eager": False,
+            }
+        }
+    )
+    assert vllm_engine_options(own) == {
+        "max_model_len": 4096,
+        "dtype": "float16",
+        "enforce_eager": False,
+        "gpu_memory_utilization": 0.5,
+    }
     assert "gpu_memory_utilization" not in vllm_engine_options(parse_config({"rollout": {"backend": "vllm"}}))  # CPU
     with pytest.raises(ConfigError, match=r"rollout\.vllm_gpu_memory_utilization: must be in \[0, 1\]"):
         parse_config({"rollout": {"vllm_gpu_memory_utilization": 1.5}})

@@ -16,9 +16,9 @@ def _report(hits: dict[str, float], pair: str = "latent->latent") -> dict:
 
 
 def test_mcnemar_exact_matches_the_binomial_tail():
-    assert mcnemar_exact(1, 9) == pytest.approx(2 * (1 + 10) / 2 ** 10)
+    assert mcnemar_exact(1, 9) == pytest.approx(2 * (1 + 10) / 2**10)
     assert mcnemar_exact(5, 5) == 1.0 and mcnemar_exact(0, 0) == 1.0
-    assert mcnemar_exact(0, 12) == pytest.approx(2 / 2 ** 12) and mcnemar_exact(12, 0) == mcnemar_exact(0, 12)
+    assert mcnemar_exact(0, 12) == pytest.approx(2 / 2**12) and mcnemar_exact(12, 0) == mcnemar_exact(0, 12)
 
 
 def test_paired_comparison_counts_discordant_queries_and_leaves_out_unshared_ones():
@@ -29,7 +29,7 @@ def test_paired_comparison_counts_discordant_queries_and_leaves_out_unshared_one
     assert c.n == 40 and c.not_shared == 1
     assert (c.mean_a, c.mean_b) == (pytest.approx(12 / 40), pytest.approx(22 / 40))
     assert c.diff == pytest.approx(10 / 40) and (c.only_a, c.only_b) == (2, 12)
-    assert c.p_mcnemar == pytest.approx(2 * sum(math.comb(14, i) for i in range(3)) / 2 ** 14)
+    assert c.p_mcnemar == pytest.approx(2 * sum(math.comb(14, i) for i in range(3)) / 2**14)
     assert c.ci_low < c.diff < c.ci_high and c.ci_low > 0  # a clear win: the interval excludes 0
     same = compare_reports(_report(a), _report(a))
     assert same.diff == 0 and same.ci_low == same.ci_high == 0 and same.p_mcnemar == 1.0
@@ -73,7 +73,7 @@ def test_across_seeds_summary_treats_the_run_as_the_unit(tmp_path, capsys):
     flat = summarize_runs([comps[1], comps[1]])  # no spread: no t statistic; two equal wins are a sign test's p 0.5
     assert flat.ci_low == flat.ci_high == pytest.approx(0.05) and flat.test == "sign" and flat.p_t == pytest.approx(0.5)
     assert "no spread, so no t interval; exact sign test p = 0.5000" in format_runs_summary(flat)
-    assert summarize_runs([comps[1]] * 5).p_t == pytest.approx(2 / 2 ** 5)
+    assert summarize_runs([comps[1]] * 5).p_t == pytest.approx(2 / 2**5)
     with pytest.raises(CompareError, match="different query files"):
         compare_reports({**_report(pairs[0][0]), "queries_sha1": "aa"}, {**_report(pairs[0][1]), "queries_sha1": "bb"})
     assert compare_reports({**_report(pairs[0][0]), "queries_sha1": "aa"}, {**_report(pairs[0][1]), "queries_sha1": "aa"}).n == 20

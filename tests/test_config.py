@@ -9,7 +9,7 @@ from orchestrator.config import ConfigError, load_config, parse_config
 
 def test_shipped_config_parses():
     cfg = load_config("configs/tiny-cpu.yaml")
-    assert cfg.learners.num_learners == 2 and cfg.learners.cpus_per_learner == 0.4
+    assert cfg.learners.num_actors == 2 and cfg.learners.cpus_per_actor == 0.4
     assert cfg.run.stages == ("cma", "refine-rl") and cfg.model.spec == "tiny"
     assert cfg.flat()["learners.zero_stage"] == 1
 
@@ -24,12 +24,14 @@ def test_shipped_plume_recipes_parse(name):
 @pytest.mark.parametrize(
     "raw, match",
     [
-        ({"learners": {"num_learner": 2}}, r"learners\.num_learner: unknown key; valid keys in 'learners'"),
+        ({"learners": {"num_actor": 2}}, r"learners\.num_actor: unknown key; valid keys in 'learners'"),
+        ({"learners": {"num_learners": 2}}, r"learners\.num_learners: renamed to learners\.num_actors"),
+        ({"rollout": {"cpus_per_worker": 0.1}}, r"rollout\.cpus_per_worker: renamed to rollout\.cpus_per_actor"),
         ({"learnerz": {}}, r"learnerz: unknown section"),
-        ({"learners": {"num_learners": "two"}}, r"learners\.num_learners: expected an integer, got str"),
+        ({"learners": {"num_actors": "two"}}, r"learners\.num_actors: expected an integer, got str"),
         ({"learners": {"lr": True}}, r"learners\.lr: expected a number"),
         ({"learners": {"zero_stage": 4}}, r"learners\.zero_stage: 4 is not one of"),
-        ({"learners": {"num_learners": 0}}, r"learners\.num_learners: must be >= 1"),
+        ({"learners": {"num_actors": 0}}, r"learners\.num_actors: must be >= 1"),
         ({"run": {"stages": ["cma", "sft"]}}, r"run\.stages: unknown stage 'sft'"),
         ({"cma": {"temperature": 0}}, r"cma\.temperature: must be > 0"),
         ({"checkpoint": {"every_steps": 0}}, r"checkpoint\.every_steps: must be >= 1"),
@@ -42,9 +44,15 @@ def test_shipped_plume_recipes_parse(name):
         ({"run": {"stages": ["cma", "cma"]}}, r"run\.stages: \['cma', 'cma'\]: list each stage to run once"),
         ({"data": {"synth_tasks": ["t2i", "nosuchtask"]}}, r"data\.synth_tasks: \['nosuchtask'\] not generated tasks"),
         ({"reward": {"cpus_per_actor": -1}}, r"reward\.cpus_per_actor: must be >= 0"),
-        ({"learners": {"gpus_per_learner": 1.5}}, r"learners\.gpus_per_learner: 1.5 GPUs: Ray schedules a fraction"),
-        ({"run": {"stages": ["refine-rl"]}, "learners": {"gpus_per_learner": 0.5},
-          "rollout": {"gpus_per_worker": 0.3, "weight_sync": "collective"}}, r"rollout\.weight_sync: collective .* NCCL"),
+        ({"learners": {"gpus_per_actor": 1.5}}, r"learners\.gpus_per_actor: 1.5 GPUs: Ray schedules a fraction"),
+        (
+            {
+                "run": {"stages": ["refine-rl"]},
+                "learners": {"gpus_per_actor": 0.5},
+                "rollout": {"gpus_per_actor": 0.3, "weight_sync": "collective"},
+            },
+            r"rollout\.weight_sync: collective .* NCCL",
+        ),
         ({"model": {"freeze_vision": "yes"}}, r"model\.freeze_vision: expected true or false"),
         ({"learners": {"offload_optimizer": True, "zero_stage": 0}}, r"learners\.offload_optimizer: needs"),
         ({"eval": 3}, r"eval: expected a mapping"),
@@ -53,7 +61,10 @@ def test_shipped_plume_recipes_parse(name):
         ({"run": {"stages": ["plume"]}, "plume": {"top_k": 5}}, r"plume\.top_k: must be in 1\.\.plume\.experts"),
         ({"run": {"stages": ["plume"]}, "plume": {"latent_steps": 32}}, r"plume\.latent_steps: 32 > plume\.max_latent_steps"),
         ({"run": {"stages": ["plume"]}, "plume": {"final_stage_steps": 1}}, r"plume\.final_stage_steps: must be 0"),
-        ({"run": {"stages": ["plume"]}, "plume": {"first_stage": 5}}, r"plume\.first_stage: must be in 0\.\.plume\.segments \(4\)"),
+        (
+            {"run": {"stages": ["plume"]}, "plume": {"first_stage": 5}},
+            r"plume\.first_stage: must be in 0\.\.plume\.segments \(4\)",
+        ),
         ({"run": {"stages": ["plume"]}, "plume": {"last_stage": 0, "curriculum": False}}, r"plume\.last_stage: 0 ends before"),
         ({"plume": {"target_layout": "both"}}, r"plume\.target_layout: 'both' is not one of"),
         ({"rollout": {"weight_sync": "nccl"}}, r"rollout\.weight_sync: 'nccl' is not one of"),
@@ -87,8 +98,40 @@ def test_validation_stays_torch_free():
     import subprocess
     import sys
 
-    code = ("import sys; from orchestrator.config import load_config; "
-            "load_config('configs/plume-tiny.yaml'); "
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys; from orchestrator.config import load_config; "
+        "load_config('configs/plume-tiny.yaml'); "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_defaults_yaml_is_the_resolved_default_config():
+    """configs/defaults.yaml lists every key with its default; regenerate it with
+    `rime config show > configs/defaults.yaml` when a default or key changes."""
+    import contextlib
+    import io
+    from pathlib import Path
+
+    from orchestrator.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["config", "show"]) == 0
+    assert Path("configs/defaults.yaml").read_text() == out.getvalue(), (
+        "configs/defaults.yaml is stale: run `rime config show > configs/defaults.yaml`"
+    )
+    assert load_config("configs/defaults.yaml") == parse_config({})  # and it loads back to the same config
+
+
+def test_config_show_resolves_overrides_and_names_bad_keys(capsys):
+    from orchestrator.cli import main
+
+    assert main(["config", "show", "configs/tiny-cpu.yaml", "--set", "cma.steps=3"]) == 0
+    shown = capsys.readouterr().out
+    import yaml
+
+    assert yaml.safe_load(shown)["cma"]["steps"] == 3 and yaml.safe_load(shown)["rollout"]["sync_timeout_s"] == 120.0
+    assert main(["config", "show", "--set", "learners.num_learners=3"]) == 2
+    assert "learners.num_learners: renamed to learners.num_actors" in capsys.readouterr().err

@@ -42,8 +42,9 @@ def test_longer_final_stage_keeps_the_budget_equal_between_the_arms():
 
 def test_first_stage_skips_the_early_stages_and_their_budget():
     cur = CurriculumSchedule(steps_per_stage=10, segments=4, latent_steps=8, final_stage_steps=20, first_stage=1)
-    flat = CurriculumSchedule(steps_per_stage=10, segments=4, latent_steps=8, curriculum=False, final_stage_steps=20,
-                              first_stage=1)
+    flat = CurriculumSchedule(
+        steps_per_stage=10, segments=4, latent_steps=8, curriculum=False, final_stage_steps=20, first_stage=1
+    )
     assert cur.total_steps == flat.total_steps == 3 * 10 + 20
     assert cur.at(0) == Phase(1, 2, 1, True) and cur.at(9).stage == 1 and cur.at(10) == Phase(2, 4, 2, True)
     assert cur.at(30) == Phase(4, 8, 4, True) and cur.at(39).keep_answer and not cur.at(40).keep_answer
@@ -90,8 +91,10 @@ def test_split_segments_merges_pads_and_reports():
 def test_continuation_text_per_phase():
     t, tok = PromptTemplate(), SpecialTokens()
     segs = ["S1.", "S2.", "S3.", "S4."]
-    assert continuation_text(t, tok, segs, Phase(0, 0, 0, True), "a red circle") == \
-        "<eot>S1. S2. S3. S4.</think>\na red circle<gen_emb>"
+    assert (
+        continuation_text(t, tok, segs, Phase(0, 0, 0, True), "a red circle")
+        == "<eot>S1. S2. S3. S4.</think>\na red circle<gen_emb>"
+    )
     assert continuation_text(t, tok, segs, Phase(3, 6, 3, True), "a red circle") == "<eot>S4.</think>\na red circle<gen_emb>"
     final = continuation_text(t, tok, segs, Phase(4, 8, 4, False), "a red circle")
     assert final == "<eot></think>\n<gen_emb>" == t.latent_suffix(tok)  # the last phase is exactly inference's layout
@@ -101,8 +104,12 @@ def test_explicit_reasoning_score_on_hand_made_outputs():
     from rime_model.curriculum import score_explicit_reasoning
 
     segs = ["The image shows a red circle.", "The anchor is the red circle.", "", "So the answer is a red circle."]
-    s = score_explicit_reasoning("The image  shows a red circle. The anchor is the blue square. So the answer is a red circle.",
-                                 " a red circle", segs, "a red circle")
+    s = score_explicit_reasoning(
+        "The image  shows a red circle. The anchor is the blue square. So the answer is a red circle.",
+        " a red circle",
+        segs,
+        "a red circle",
+    )
     assert s.answer_correct and s.segments_exact == (True, False, False, True)  # an empty segment never counts
     s = score_explicit_reasoning("", "a blue square", segs, "a red circle")
     assert not s.answer_correct and s.segments_exact == (False,) * 4
@@ -123,6 +130,7 @@ def test_probe_counts_rows_without_reasoning(tmp_path, tiny):
     write_table(rows, QUERY_SCHEMA, path)
     res = explicit_reasoning_probe(tiny, tmp_path, "test", queries_per_task=3, segments=4, max_new_tokens=8)
     assert (res["n"], res["skipped"], res["no_reasoning"]) == (2, 0, 1)
-    assert set(res["metrics"]) == ({"plume/explicit_answer_acc", "plume/explicit_latent_hit1"}
-                                   | {f"plume/explicit_segment{i}_exact" for i in range(4)})
+    assert set(res["metrics"]) == (
+        {"plume/explicit_answer_acc", "plume/explicit_latent_hit1"} | {f"plume/explicit_segment{i}_exact" for i in range(4)}
+    )
     assert res["metrics"]["plume/explicit_latent_hit1"] in (0.0, 0.5, 1.0)  # Hit@1 over the 2 probed queries

@@ -44,6 +44,7 @@ def _rel(path: Path, root: Path) -> str:
 
 # ---------------------------------------------------------------- fenced blocks -> commands
 
+
 @dataclass
 class Command:
     where: str  # file:line of the command's first line
@@ -151,6 +152,7 @@ def _is_placeholder(word: str) -> bool:
 
 # ---------------------------------------------------------------- rime's parser
 
+
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     if parser._subparsers is None:
         return {}
@@ -205,14 +207,16 @@ def check_rime(words: list[str], parser: argparse.ArgumentParser, prog: str = "r
 
 # ---------------------------------------------------------------- bench scripts
 
+
 def bench_options(script: Path) -> set[str] | None:
     """Option strings of a bench script's argparse, read statically; None if it declares none."""
     tree = ast.parse(script.read_text(encoding="utf-8"))
     opts = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
-            opts |= {a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
-                     and a.value.startswith("-")}
+            opts |= {
+                a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str) and a.value.startswith("-")
+            }
     return (opts | {"-h", "--help"}) if opts else None
 
 
@@ -227,9 +231,12 @@ def check_script(words: list[str], root: Path) -> list[str]:
     if target.startswith("bench/") and target.endswith(".py"):
         opts = bench_options(script)
         if opts is not None:
-            args = words[words.index(target) + 1:]
-            return [f"{target} has no option {a.split('=', 1)[0]}" for a in (x.strip("[]") for x in args)
-                    if _looks_like_option(a) and a.split("=", 1)[0] not in opts]
+            args = words[words.index(target) + 1 :]
+            return [
+                f"{target} has no option {a.split('=', 1)[0]}"
+                for a in (x.strip("[]") for x in args)
+                if _looks_like_option(a) and a.split("=", 1)[0] not in opts
+            ]
     return []
 
 
@@ -244,9 +251,8 @@ def check_command(cmd: Command, parser: argparse.ArgumentParser, root: Path = RO
             problems += check_rime(words[1:], parser)
         elif _is_python(head) and words[1:3] == ["-m", "orchestrator.cli"]:
             problems += check_rime(words[3:], parser, prog="python -m orchestrator.cli")
-        elif head in {"bash", "sh"} or _is_python(head):
-            if not (len(words) > 1 and words[1] == "-m"):
-                problems += check_script(words, root)
+        elif (head in {"bash", "sh"} or _is_python(head)) and not (len(words) > 1 and words[1] == "-m"):
+            problems += check_script(words, root)
     return [f"{cmd.where}: {p}\n    {cmd.text}" for p in problems]
 
 
@@ -312,6 +318,7 @@ def link_problems(files: list[Path], root: Path = ROOT) -> list[str]:
 
 
 # ---------------------------------------------------------------- tests
+
 
 @pytest.fixture(scope="module")
 def parser() -> argparse.ArgumentParser:

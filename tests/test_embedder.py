@@ -42,7 +42,7 @@ def test_shapes_and_normalisation(tiny, mode):
 def test_disc_reads_hidden_state_at_the_special_token(tiny):
     """Fails on UME-R1's off-by-one: the vector must be h[<disc_emb>], not h[<disc_emb> + 1]."""
     items = tiny.prepare([{"text": "a red circle"}])
-    batch = tiny.build_disc_batch(items)
+    batch = tiny.enc.disc_batch(items)
     ids = batch.inputs["input_ids"][0]
     pos = int((ids == tiny.token_id["disc_emb"]).nonzero()[-1])
     assert int(batch.read_pos[0]) == pos
@@ -63,7 +63,7 @@ def test_disc_reads_hidden_state_at_the_special_token(tiny):
 
 def test_gen_reads_at_gen_emb_and_labels_cover_completion(tiny):
     items = tiny.prepare(["a blue square"])
-    batch = tiny.build_gen_batch(items, ["blue square"])
+    batch = tiny.enc.gen_batch(items, ["blue square"])
     ids = batch.inputs["input_ids"][0]
     assert int(ids[batch.read_pos[0]]) == tiny.token_id["gen_emb"]
     labelled = ids[batch.labels[0] != -100].tolist()
@@ -109,31 +109,32 @@ def test_sampling_is_seeded(tiny):
 def test_parse_rewrite_format_flag(tiny):
     t = tiny.token_id
     words = tiny.tokenizer("a red circle", add_special_tokens=False).input_ids
-    good = tiny.parse_rewrite(words + [t["rewrite_end"], t["gen_emb"], 11, 12])
+    good = tiny.enc.parse_rewrite(words + [t["rewrite_end"], t["gen_emb"], 11, 12])
     assert good.well_formed and good.text == "a red circle" and good.num_tokens == len(words) + 2
-    no_end = tiny.parse_rewrite(words + [t["gen_emb"]])
+    no_end = tiny.enc.parse_rewrite(words + [t["gen_emb"]])
     assert not no_end.well_formed and no_end.text == "a red circle"
-    truncated = tiny.parse_rewrite(words)
+    truncated = tiny.enc.parse_rewrite(words)
     assert not truncated.well_formed and truncated.num_tokens == len(words)
 
 
 def test_generate_reasoning_writes_what_stage_0_taught(zoo_cache):
     """Stage-0 layout end to end: after fitting one record's explicit reasoning (teacher-forced, as
-    curriculum stage 0 does), greedy ``generate_reasoning`` returns that reasoning and answer, split at
+    curriculum stage 0 does), greedy ``reasoning.generate_reasoning`` returns that reasoning and answer, split at
     ``</think>``, and the probe's score is perfect; the untrained model's is not."""
     import torch
 
     from rime_model import load_embedder
     from rime_model.curriculum import Phase, continuation_text, score_explicit_reasoning
+    from rime_model.reasoning import generate_reasoning
 
     emb = load_embedder("tiny")
     segs = ["The anchor is the red circle.", "Left of it is the blue square.", "Nothing else.", "So the answer is a blue square."]
     answer, item = "a blue square", {"text": "the object left of the red circle"}
-    before = emb.generate_reasoning([item], max_new_tokens=40)[0]
+    before = generate_reasoning(emb, [item], max_new_tokens=40)[0]
     assert not score_explicit_reasoning(*before, segs, answer).answer_correct
-    (txt, _, ins), = emb.prepare([item])
+    ((txt, _, ins),) = emb.prepare([item])
     prompt = emb.template.latent_prompt("", ins, txt, emb.tokens) + emb.tokens.latent_end
-    cont = continuation_text(emb.template, emb.tokens, segs, Phase(0, 0, 0, True), answer)[len(emb.tokens.latent_end):]
+    cont = continuation_text(emb.template, emb.tokens, segs, Phase(0, 0, 0, True), answer)[len(emb.tokens.latent_end) :]
     p_ids = emb.tokenizer(prompt, add_special_tokens=False).input_ids
     c_ids = emb.tokenizer(cont, add_special_tokens=False).input_ids
     ids = torch.tensor([p_ids + c_ids])
@@ -146,7 +147,7 @@ def test_generate_reasoning_writes_what_stage_0_taught(zoo_cache):
         emb.model(input_ids=ids, labels=labels).loss.backward()
         opt.step()
     emb.model.eval()
-    reasoning, got = emb.generate_reasoning([item, item], max_new_tokens=60, batch_size=2)[1]
+    reasoning, got = generate_reasoning(emb, [item, item], max_new_tokens=60, batch_size=2)[1]
     assert reasoning == " ".join(segs) and got == answer
     s = score_explicit_reasoning(reasoning, got, segs, answer)
     assert s.answer_correct and all(s.segments_exact)
@@ -158,6 +159,7 @@ def test_generation_ignores_the_checkpoints_generation_defaults(tiny, tmp_path):
     import json
 
     from rime_model import Embedder
+    from rime_model.rollout_ops import sample_rollouts
 
     folder = tiny.save(tmp_path / "emb")
     cfg = json.loads((folder / "generation_config.json").read_text())
@@ -168,7 +170,7 @@ def test_generation_ignores_the_checkpoints_generation_defaults(tiny, tmp_path):
     gen = GenerationConfig(max_new_tokens=12)
     assert loaded.embed(items, mode="gen", generation=gen).rewrites == tiny.embed(items, mode="gen", generation=gen).rewrites
     sample = GenerationConfig(max_new_tokens=12, do_sample=True, seed=3)
-    want, got = tiny.sample_rollouts(tiny.prepare(items), 2, sample), loaded.sample_rollouts(loaded.prepare(items), 2, sample)
+    want, got = sample_rollouts(tiny, tiny.prepare(items), 2, sample), sample_rollouts(loaded, loaded.prepare(items), 2, sample)
     assert [ids for ids, _ in got] == [ids for ids, _ in want]
     for (_, lp), (_, lp2) in zip(want, got):
         assert np.allclose(lp, lp2, atol=1e-5)
@@ -180,7 +182,7 @@ def test_a_text_only_training_forward_runs_the_vision_tower_with_zero_effect(tin
     hidden states are those of the plain forward; inference (no grad) skips it."""
     import torch
 
-    batch = tiny.build_disc_batch(tiny.prepare([{"text": "a red cube left of a blue ball"}]))
+    batch = tiny.enc.disc_batch(tiny.prepare([{"text": "a red cube left of a blue ball"}]))
     assert not any(k.startswith("pixel_values") for k in batch.inputs)
     with torch.no_grad():
         ref = tiny.hidden_states(batch)

@@ -88,7 +88,7 @@ def test_one_embedder_serves_threads_at_once(tiny):
         return tiny.embed(texts, batch_size=2).vectors
 
     def count(_):
-        return sum(len(tiny.token_ids(t * 3)) for t in texts)
+        return sum(len(tiny.enc.token_ids(t * 3)) for t in texts)
 
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(disc if i % 2 else count, i) for i in range(400)]

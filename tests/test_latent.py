@@ -16,12 +16,16 @@ import torch.nn.functional as F
 
 from rime_data.scenes import png_bytes, random_scene, render
 from rime_model.latent import ADAPTER_ATTR, AdapterConfig, TransitionAdapter, balance_loss, latent_pass
+from rime_model.reasoning import embed_with_reasoning
 
 
 def _hand_adapter(anchor: str = "disc", renormalize: bool = False) -> tuple[TransitionAdapter, torch.Tensor]:
     """4 experts whose outputs are constant vectors b_m, a router whose logits are (z + c) itself."""
-    a = TransitionAdapter(AdapterConfig(hidden_size=4, num_experts=4, top_k=2, shared_expert=False, step_embed_dim=2,
-                                        anchor=anchor, renormalize=renormalize))
+    a = TransitionAdapter(
+        AdapterConfig(
+            hidden_size=4, num_experts=4, top_k=2, shared_expert=False, step_embed_dim=2, anchor=anchor, renormalize=renormalize
+        )
+    )
     b = torch.tensor([[1.0, 0, 0, 0], [0, 10.0, 0, 0], [0, 0, 100.0, 0], [0, 0, 0, 1000.0]])
     with torch.no_grad():
         for m, e in enumerate(a.experts):
@@ -93,8 +97,12 @@ def test_fresh_adapter_is_the_identity_and_single_mlp_variant():
 def _items():
     rng = random.Random(5)
     s1, s2 = random_scene(rng), random_scene(rng)
-    return [{"text": "a red circle"}, {"image": render(s1), "text": "which shape is left of the blue one? " * 2},
-            {"image": png_bytes(render(s2))}, {"text": "a much longer caption " * 6, "instruction": "Represent it."}]
+    return [
+        {"text": "a red circle"},
+        {"image": render(s1), "text": "which shape is left of the blue one? " * 2},
+        {"image": png_bytes(render(s2))},
+        {"text": "a much longer caption " * 6, "instruction": "Represent it."},
+    ]
 
 
 def test_batched_latent_equals_one_at_a_time(tiny_latent):
@@ -114,20 +122,23 @@ def test_explicit_embedding_is_read_where_stage_0_trains_it(tiny_latent):
     from rime_model.curriculum import Phase, continuation_text
 
     emb, items = tiny_latent, _items()[:3]
-    written = [("The anchor is the red circle.", "a red circle"),
-               ("Left of it is the blue square. So the answer is the blue square.", "a blue square"), ("", "")]
-    got = emb.embed_with_reasoning(items, written, batch_size=2).vectors
-    single = np.stack([emb.embed_with_reasoning([it], [w]).vectors[0] for it, w in zip(items, written)])
+    written = [
+        ("The anchor is the red circle.", "a red circle"),
+        ("Left of it is the blue square. So the answer is the blue square.", "a blue square"),
+        ("", ""),
+    ]
+    got = embed_with_reasoning(emb, items, written, batch_size=2).vectors
+    single = np.stack([embed_with_reasoning(emb, [it], [w]).vectors[0] for it, w in zip(items, written)])
     np.testing.assert_allclose(got, single, atol=2e-5)
-    conts = [emb.token_ids(continuation_text(emb.template, emb.tokens, [r], Phase(0, 0, 0, True), a)) for r, a in written]
+    conts = [emb.enc.token_ids(continuation_text(emb.template, emb.tokens, [r], Phase(0, 0, 0, True), a)) for r, a in written]
     with torch.no_grad():
-        stage0 = latent_pass(emb, emb.prepare(items), 0, conts).gen_embedding().numpy()
+        stage0 = latent_pass(emb.model, emb.enc, emb.prepare(items), 0, conts).gen_embedding().numpy()
     np.testing.assert_allclose(got, stage0, atol=2e-5)
     np.testing.assert_allclose(got[2], emb.embed(items[2:], mode="latent", steps=0).vectors[0], atol=2e-5)
-    other = emb.embed_with_reasoning(items[:1], [(written[0][0], "a green cross")]).vectors[0]
+    other = embed_with_reasoning(emb, items[:1], [(written[0][0], "a green cross")]).vectors[0]
     assert float(other @ got[0]) < 0.999
     with pytest.raises(ValueError, match="written: got 2"):
-        emb.embed_with_reasoning(items, written[:2])
+        embed_with_reasoning(emb, items, written[:2])
 
 
 def test_kv_cached_steps_equal_a_cache_free_recomputation(tiny_latent):
@@ -135,12 +146,12 @@ def test_kv_cached_steps_equal_a_cache_free_recomputation(tiny_latent):
     items = emb.prepare([{"text": "a red circle left of a blue square"}])
     steps = 3
     with torch.no_grad():
-        got = latent_pass(emb, items, steps).gen_embedding()[0]
-        enc = emb._encode_texts([emb.template.latent_prompt("", items[0][2], items[0][0], emb.tokens)], [None])
+        got = latent_pass(emb.model, emb.enc, items, steps).gen_embedding()[0]
+        enc = emb.enc.encode_texts([emb.template.latent_prompt("", items[0][2], items[0][0], emb.tokens)], [None])
         embed = emb.model.get_input_embeddings()
         seq = embed(enc["input_ids"])
         h = emb.model.model(inputs_embeds=seq).last_hidden_state
-        anchor = h[:, emb._read_positions(enc["input_ids"], "disc_emb")[0]]
+        anchor = h[:, emb.enc.read_positions(enc["input_ids"], "disc_emb")[0]]
         z = h[:, -1]
         for k in range(steps):
             x, _ = emb.latent_adapter(z, k, anchor)
@@ -155,7 +166,7 @@ def test_kv_cached_steps_equal_a_cache_free_recomputation(tiny_latent):
 def test_anchor_is_the_disc_embedding_and_steps_matter(tiny_latent):
     items = _items()
     with torch.no_grad():
-        out = latent_pass(tiny_latent, tiny_latent.prepare(items), 2)
+        out = latent_pass(tiny_latent.model, tiny_latent.enc, tiny_latent.prepare(items), 2)
     np.testing.assert_allclose(out.disc_embedding().numpy(), tiny_latent.embed(items, mode="disc").vectors, atol=1e-5)
     assert len(out.latents) == 2 and len(out.router_probs) == 2
     k2 = tiny_latent.embed(items, mode="latent", steps=2).vectors
@@ -173,13 +184,14 @@ def test_save_load_keeps_the_adapter_out_of_the_model_checkpoint(tiny_latent, ti
 
     folder = Path(tiny_latent_dir)
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-        assert not [k for k in f.keys() if k.startswith(ADAPTER_ATTR)]
+        assert not [k for k in f.keys() if k.startswith(ADAPTER_ATTR)]  # noqa: SIM118 - a safetensors handle
     meta = json.loads((folder / "rime_embedder.json").read_text())
     assert meta["latent_adapter"]["num_experts"] == 4 and (folder / "latent_adapter" / "adapter.safetensors").is_file()
     again = Embedder.load(tiny_latent.save(tmp_path / "again"))
     items = _items()[:2]
-    np.testing.assert_allclose(again.embed(items, mode="latent").vectors, tiny_latent.embed(items, mode="latent").vectors,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        again.embed(items, mode="latent").vectors, tiny_latent.embed(items, mode="latent").vectors, atol=1e-6
+    )
 
 
 def test_no_adapter_means_identity_transition(tiny, tiny_latent):
@@ -197,7 +209,7 @@ def test_gradients_flow_through_the_latent_steps(tiny_latent_dir):
     emb = Embedder.load(tiny_latent_dir)
     emb.model.train()
     items = emb.prepare(_items()[:2])
-    out = latent_pass(emb, items, 3)
+    out = latent_pass(emb.model, emb.enc, items, 3)
     (out.gen_embedding().sum() + balance_loss(out.router_probs)).backward()
     a = emb.latent_adapter
     assert a.router.weight.grad.abs().sum() > 0 and a.step_embed.weight.grad[:3].abs().sum() > 0
@@ -254,8 +266,10 @@ def test_a_broadcast_export_loads_bucket_by_bucket_and_a_mismatch_fails_before_a
         load_exported_buckets(plain.model, meta + [("not.a.weight", (1,), "torch.float32")], buckets())
     i = next(i for i, m in enumerate(meta) if "layers.1.mlp.down_proj" in m[0])
     name, shape, dtype = meta[i]
-    with pytest.raises(WeightMismatchError, match=rf"1 exported tensors do not match .*{re.escape(name)}: sent \({shape[0] + 1},"):
-        load_exported_buckets(plain.model, meta[:i] + [(name, (shape[0] + 1, *shape[1:]), dtype)] + meta[i + 1:], buckets())
+    with pytest.raises(
+        WeightMismatchError, match=rf"1 exported tensors do not match .*{re.escape(name)}: sent \({shape[0] + 1},"
+    ):
+        load_exported_buckets(plain.model, meta[:i] + [(name, (shape[0] + 1, *shape[1:]), dtype)] + meta[i + 1 :], buckets())
     assert fetched == [] and all(torch.equal(v, before[k]) for k, v in plain.model.state_dict().items())
     nbytes = load_exported_buckets(plain.model, meta, buckets())
     assert fetched == [len(idx) for idx in plan] and nbytes == sum(v.numel() * v.element_size() for v in export.values())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from orchestrator.config import parse_config
@@ -20,8 +22,9 @@ def test_two_learners_stay_in_sync_and_learn(ray_local, zoo_cache, zero_stage):
     from orchestrator.learner_group import LearnerGroup
     from rime_model.zoo import ensure_zoo_model
 
-    cfg = parse_config({"learners": {"num_learners": 2, "micro_batch_size": 4, "zero_stage": zero_stage, "lr": 1e-3,
-                                     "warmup_steps": 1}})
+    cfg = parse_config(
+        {"learners": {"num_actors": 2, "micro_batch_size": 4, "zero_stage": zero_stage, "lr": 1e-3, "warmup_steps": 1}}
+    )
     group = LearnerGroup(cfg, str(ensure_zoo_model("tiny")), {"lambda_cma": 1.0, "temperature": 0.05, "ce_weight": 1.0})
     try:
         pairs = _pairs(8)
@@ -52,14 +55,21 @@ def test_a_text_only_micro_batch_on_one_rank_keeps_the_ranks_in_step(ray_local, 
     from orchestrator.learner_group import LearnerGroup
     from rime_model.zoo import ensure_zoo_model
 
-    cfg = parse_config({"learners": {"num_learners": 2, "micro_batch_size": 4, "zero_stage": zero_stage, "lr": 1e-3,
-                                     "warmup_steps": 1}})
+    cfg = parse_config(
+        {"learners": {"num_actors": 2, "micro_batch_size": 4, "zero_stage": zero_stage, "lr": 1e-3, "warmup_steps": 1}}
+    )
     group = LearnerGroup(cfg, str(ensure_zoo_model("tiny")), {"lambda_cma": 1.0, "temperature": 0.05, "ce_weight": 1.0})
     try:
         pairs = _pairs(8)
-        text_only = [{**p, "q": {**p["q"], "image": None, "text": p["q"]["text"] or p["q_rewrite"]},
-                      "t": {**p["t"], "image": None, "text": p["t"]["text"] or p["t_rewrite"]}} for p in pairs[:4]]
-        assert any(p["q"]["image"] or p["t"]["image"] for p in pairs[4:])
+        text_only = [
+            replace(
+                p,
+                q={**p.q, "image": None, "text": p.q["text"] or p.q_rewrite},
+                t={**p.t, "image": None, "text": p.t["text"] or p.t_rewrite},
+            )
+            for p in pairs[:4]
+        ]
+        assert any(p.q["image"] or p.t["image"] for p in pairs[4:])
         before = group.call("param_checksum")[0]
         for _ in range(2):
             terms = group.call("train_step", per_rank=[([text_only],), ([pairs[4:]],)])
@@ -77,7 +87,7 @@ def test_embedding_lr_is_its_own_param_group(ray_local, zoo_cache):
     from orchestrator.learner_group import LearnerGroup
     from rime_model.zoo import ensure_zoo_model
 
-    cfg = parse_config({"learners": {"num_learners": 2, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 1}})
+    cfg = parse_config({"learners": {"num_actors": 2, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 1}})
     stage = {"lambda_cma": 1.0, "temperature": 0.05, "ce_weight": 1.0}
     group = LearnerGroup(cfg, str(ensure_zoo_model("tiny")), stage)
     try:
@@ -95,7 +105,7 @@ def test_embedding_lr_is_its_own_param_group(ray_local, zoo_cache):
 
 
 def test_impossible_placement_fails_fast():
-    with pytest.raises(PlacementError, match=r"need 16 CPU .*learner: 4 x 4.*has 2.*num_learners"):
+    with pytest.raises(PlacementError, match=r"need 16 CPU .*learner: 4 x 4.*has 2.*num_actors"):
         check_fits([RoleRequest("learner", 4, 4.0)], {"CPU": 2.0})
     with pytest.raises(PlacementError, match=r"need 2 GPU"):
         check_fits([RoleRequest("learner", 2, 0.5, 1.0)], {"CPU": 2.0})
@@ -138,8 +148,11 @@ def test_a_vllm_python_without_vllm_fails_on_the_rollout_node_naming_the_key(ray
     pg = placement_group([{"CPU": 0.01}])
     ray.get(pg.ready(), timeout=60)
     try:
-        with pytest.raises(RuntimeError, match=r"rollout\.vllm_python: .* cannot import vllm on the rollout node "
-                                               r"\(.*No module named 'vllm'.*\)"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"rollout\.vllm_python: .* cannot import vllm on the rollout node "
+            r"\(.*No module named 'vllm'.*\)",
+        ):
             check_vllm_python(cfg, pg, 0)
     finally:
         remove_placement_group(pg)
@@ -167,11 +180,18 @@ def test_node_resource_pins_each_bundle_to_the_nodes_that_advertise_it(ray_local
     from orchestrator.placement import reserve
     from orchestrator.rl_actors import rl_requests
 
-    cfg = parse_config({"learners": {"node_resource": "learner_pool"}, "rollout": {"node_resource": "rollout_pool"},
-                        "reward": {"node_resource": "rollout_pool"}})
+    cfg = parse_config(
+        {
+            "learners": {"node_resource": "learner_pool"},
+            "rollout": {"node_resource": "rollout_pool"},
+            "reward": {"node_resource": "rollout_pool"},
+        }
+    )
     assert learner_request(cfg).bundle() == {"CPU": 0.5, "learner_pool": 0.001}
     assert [(r.section, r.bundle()) for r in rl_requests(cfg)] == [
-        ("rollout", {"CPU": 0.1, "rollout_pool": 0.001}), ("reward", {"CPU": 0.1, "rollout_pool": 0.001})]
+        ("rollout", {"CPU": 0.1, "rollout_pool": 0.001}),
+        ("reward", {"CPU": 0.1, "rollout_pool": 0.001}),
+    ]
     head = "node:__internal_head__"
     pg = reserve([RoleRequest("learner", 2, 0.01, node_resource=head, section="learners")], timeout_s=60)
     try:
@@ -181,8 +201,11 @@ def test_node_resource_pins_each_bundle_to_the_nodes_that_advertise_it(ray_local
         assert set(table["bundles_to_node_id"].values()) == {head_id}
     finally:
         remove_placement_group(pg)
-    with pytest.raises(PlacementError, match=r"learners\.node_resource=learner_pool pins the learner role to nodes that "
-                                             r"advertise the resource 'learner_pool', and no node of the cluster does"):
+    with pytest.raises(
+        PlacementError,
+        match=r"learners\.node_resource=learner_pool pins the learner role to nodes that "
+        r"advertise the resource 'learner_pool', and no node of the cluster does",
+    ):
         reserve([learner_request(cfg)], timeout_s=60)
     # autoscaling: no check against the nodes present, the placement group's own timeout bounds the wait
     with pytest.raises(PlacementError, match=r"'learner_pool': 0.001\}\] not ready after 2s"):
@@ -196,7 +219,11 @@ def test_a_node_resource_that_is_not_a_custom_resource_name_is_refused_at_load()
         parse_config({"reward": {"node_resource": "GPU"}})
     with pytest.raises(ConfigError, match=r"learners\.node_resource: 'learner pool' is not"):
         parse_config({"learners": {"node_resource": "learner pool"}})
-    with pytest.raises(PlacementError, match=r"rollout\.node_resource=rollout_pool .* \(its custom resources: \['learner_pool'\]"):
-        check_fits([RoleRequest("rollout", 1, 0.1, node_resource="rollout_pool", section="rollout")],
-                   {"CPU": 2.0, "GPU": 0.0, "memory": 1e9, "node:10.0.0.1": 1.0, "learner_pool": 8.0})
+    with pytest.raises(
+        PlacementError, match=r"rollout\.node_resource=rollout_pool .* \(its custom resources: \['learner_pool'\]"
+    ):
+        check_fits(
+            [RoleRequest("rollout", 1, 0.1, node_resource="rollout_pool", section="rollout")],
+            {"CPU": 2.0, "GPU": 0.0, "memory": 1e9, "node:10.0.0.1": 1.0, "learner_pool": 8.0},
+        )
     check_fits([RoleRequest("rollout", 4, 0.1, node_resource="rollout_pool")], {"CPU": 2.0, "rollout_pool": 1.0})

@@ -21,8 +21,9 @@ def test_info_nce_hand_computed():
     tau = 0.5
     s = 1 / math.sqrt(2)
     # q->t: row0 logits [1, s]/tau target 0; row1 logits [0, s]/tau target 1
-    l_qt = (-(1 / tau) + math.log(math.exp(1 / tau) + math.exp(s / tau))
-            - (s / tau) + math.log(math.exp(0) + math.exp(s / tau))) / 2
+    l_qt = (
+        -(1 / tau) + math.log(math.exp(1 / tau) + math.exp(s / tau)) - (s / tau) + math.log(math.exp(0) + math.exp(s / tau))
+    ) / 2
     # t->q: t0 vs q: [1, 0] target 0; t1 vs q: [s, s] target 1
     l_tq = (-(1 / tau) + math.log(math.exp(1 / tau) + 1) + math.log(2)) / 2
     assert info_nce(q, t, tau).item() == pytest.approx(0.5 * (l_qt + l_tq), rel=1e-5)
@@ -80,7 +81,7 @@ def _worker(rank: int, world: int, port: int, x_all, p0, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     n = x_all.shape[1] // world
     proj = p0.clone().requires_grad_(True)  # one parameter replicated on every rank, as in data parallelism
-    q, t = (F.normalize(x[rank * n:(rank + 1) * n] @ proj, dim=-1) for x in x_all)
+    q, t = (F.normalize(x[rank * n : (rank + 1) * n] @ proj, dim=-1) for x in x_all)
     loss = info_nce(q, t, 0.1, target_ids=[0, 1, 2] if rank == 0 else [3, 3, 5])
     loss.backward()
     out[rank] = (loss.item(), proj.grad.clone())

@@ -42,7 +42,9 @@ def test_bad_shapes_and_no_positive():
 
 
 def test_mmeb_averaging_is_per_task_then_over_tasks():
-    rows = [("a", {"hit@1": 1, "hit@5": 1, "ndcg@5": 1, "mrr": 1})] * 3 + [("b", {"hit@1": 0, "hit@5": 0, "ndcg@5": 0, "mrr": 0.25})]
+    rows = [("a", {"hit@1": 1, "hit@5": 1, "ndcg@5": 1, "mrr": 1})] * 3 + [
+        ("b", {"hit@1": 0, "hit@5": 0, "ndcg@5": 0, "mrr": 0.25})
+    ]
     out = aggregate(rows, {"a": "image", "b": "video"})
     assert out["tasks"]["a"]["hit@1"] == 1.0 and out["tasks"]["a"]["n"] == 3
     assert out["all"]["hit@1"] == 0.5  # not 0.75: tasks weigh equally, not queries

@@ -52,7 +52,9 @@ def test_mlflow_model_uris_load_as_embedders_anywhere_a_model_is_taken(tiny, tmp
     reqs = open(f"{local}/requirements.txt").read().split()
     assert "rime" not in reqs and any(r.startswith("torch==") for r in reqs) and any(r.startswith("transformers==") for r in reqs)
     code = yaml.safe_load(open(f"{local}/MLmodel"))["flavors"]["python_function"]["code"]
-    assert os.path.isfile(f"{local}/{code}/rime_model/embedder.py") and os.path.isfile(f"{local}/{code}/orchestrator/mlflow_model.py")
+    assert os.path.isfile(f"{local}/{code}/rime_model/embedder.py") and os.path.isfile(
+        f"{local}/{code}/orchestrator/mlflow_model.py"
+    )
     with pytest.raises(ValueError, match="cannot download 'models:/m-nope'.*MLFLOW_TRACKING_URI"):
         load_embedder("models:/m-nope")
     with pytest.raises(ValueError, match="not an MLflow model"):

@@ -23,14 +23,27 @@ def mmeb_fixture(tmp_path):
     for name, rgb in colours.items():
         Image.new("RGB", (48, 48), rgb).save(root / "cls" / f"{name}.png")
     rows = [
-        {"qry_inst": "<|image_1|> Represent the given image for classification", "qry_text": "", "qry_img_path": f"cls/{c}.png",
-         "tgt_inst": "Represent the class label", "tgt_text": [c] + [o for o in colours if o != c], "tgt_img_path": ["", "", ""]}
+        {
+            "qry_inst": "<|image_1|> Represent the given image for classification",
+            "qry_text": "",
+            "qry_img_path": f"cls/{c}.png",
+            "tgt_inst": "Represent the class label",
+            "tgt_text": [c] + [o for o in colours if o != c],
+            "tgt_img_path": ["", "", ""],
+        }
         for c in colours
     ]
     rows.append({"qry_text": "x", "qry_img_path": "cls/missing.png", "tgt_text": ["red"], "tgt_img_path": [""]})
     (tmp_path / "ColourCls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
-    t2i = [{"qry_text": f"a {c} picture", "qry_img_path": "", "tgt_text": ["", ""],
-            "tgt_img_path": [f"cls/{c}.png", f"cls/{'red' if c != 'red' else 'blue'}.png"]} for c in colours]
+    t2i = [
+        {
+            "qry_text": f"a {c} picture",
+            "qry_img_path": "",
+            "tgt_text": ["", ""],
+            "tgt_img_path": [f"cls/{c}.png", f"cls/{'red' if c != 'red' else 'blue'}.png"],
+        }
+        for c in colours
+    ]
     (tmp_path / "ColourT2I.jsonl").write_text("".join(json.dumps(r) + "\n" for r in t2i))
     return tmp_path, root
 
@@ -54,16 +67,26 @@ def test_import_mmeb_rows_candidates_and_errors(mmeb_fixture, tmp_path):
 
 
 def _rime(*args):
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          env={**os.environ}, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True, env={**os.environ}, timeout=900
+    )
 
 
 def test_rime_eval_on_mmeb_fixture_all_pairs(zoo_cache, mmeb_fixture, tmp_path):
     src, root = mmeb_fixture
     import_mmeb([src / "ColourCls.jsonl", src / "ColourT2I.jsonl"], root, tmp_path / "ds")
     out = tmp_path / "report.json"
-    r = _rime("eval", "--data", str(tmp_path / "ds"), "--max-new-tokens", "4", "--out", str(out),
-              "--mlflow", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    r = _rime(
+        "eval",
+        "--data",
+        str(tmp_path / "ds"),
+        "--max-new-tokens",
+        "4",
+        "--out",
+        str(out),
+        "--mlflow",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(out.read_text())
     assert set(rep["pairs"]) == {"disc->disc", "disc->gen", "gen->disc", "gen->gen"}
@@ -78,8 +101,20 @@ def test_rime_eval_on_mmeb_fixture_all_pairs(zoo_cache, mmeb_fixture, tmp_path):
 
     # --per-query: every query's metrics, which average back to the report's, and feed `rime compare`
     out_pq = tmp_path / "report-pq.json"
-    r = _rime("eval", "--data", str(tmp_path / "ds"), "--query-mode", "disc", "--cand-mode", "disc", "--per-query",
-              "--out", str(out_pq), "--mlflow", "none")
+    r = _rime(
+        "eval",
+        "--data",
+        str(tmp_path / "ds"),
+        "--query-mode",
+        "disc",
+        "--cand-mode",
+        "disc",
+        "--per-query",
+        "--out",
+        str(out_pq),
+        "--mlflow",
+        "none",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     pq_rep = json.loads(out_pq.read_text())
     rows = pq_rep["per_query"]["disc->disc"]
@@ -101,9 +136,9 @@ def test_rime_eval_on_mmeb_fixture_all_pairs(zoo_cache, mmeb_fixture, tmp_path):
 
 def test_evaluate_counts_bad_rows_and_oracle_mode(tiny, tmp_path):
     """A corrupt image is skipped and reported, never fatal; oracle mode uses the ideal rewrites."""
+    from orchestrator.evaluate import evaluate, format_table
     from rime_data.schema import CANDIDATE_SCHEMA, QUERY_SCHEMA, write_table
     from rime_data.synth import synth_split
-    from orchestrator.evaluate import evaluate, format_table
 
     d = synth_split("test", 4, seed=0, tasks=("referring", "vqa"))
     d.queries[0]["qry_image"] = b"garbage"
@@ -128,15 +163,16 @@ def test_evaluate_skips_queries_it_cannot_rank_as_defined(tiny, tmp_path):
     """A query whose own candidate list names a missing candidate would be ranked against fewer negatives
     (an inflated Hit@1), and a repeated query id would overwrite a per-query row: both are skipped and
     reported once, and n_queries counts only what was scored."""
+    from orchestrator.evaluate import evaluate
     from rime_data.schema import CANDIDATE_SCHEMA, QUERY_SCHEMA, write_table
     from rime_data.synth import synth_split
-    from orchestrator.evaluate import evaluate
 
     d = synth_split("test", 4, seed=0, tasks=("referring",))
     task_cands = [c["cand_id"] for c in d.candidates if c["task"] == "referring"]
     short = d.queries[0]
     short["cand_ids"] = [short["positive_ids"][0], "referring/no-such-candidate"] + [
-        c for c in task_cands if c != short["positive_ids"][0]][:2]
+        c for c in task_cands if c != short["positive_ids"][0]
+    ][:2]
     d.queries.append(dict(d.queries[1]))  # same query_id twice
     write_table(d.queries, QUERY_SCHEMA, tmp_path / "test" / "queries.parquet")
     write_table(d.candidates, CANDIDATE_SCHEMA, tmp_path / "test" / "candidates.parquet")
@@ -148,22 +184,38 @@ def test_evaluate_skips_queries_it_cannot_rank_as_defined(tiny, tmp_path):
     assert set(res.per_query["disc->disc"]) == {q["query_id"] for q in d.queries[1:4]}
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"positive_grades": [-1.0]}, "positive_grades: [-1.0] has a grade that is not a finite number > 0"),
-    ({"positive_grades": [float("nan")]}, "not a finite number > 0"),
-    ({"positive_ids": ["a", "a"], "positive_grades": None}, "positive_ids: an id is listed twice"),
-    ({"cand_ids": ["a", "b", "b"]}, "cand_ids: an id is listed twice"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"positive_grades": [-1.0]}, "positive_grades: [-1.0] has a grade that is not a finite number > 0"),
+        ({"positive_grades": [float("nan")]}, "not a finite number > 0"),
+        ({"positive_ids": ["a", "a"], "positive_grades": None}, "positive_ids: an id is listed twice"),
+        ({"cand_ids": ["a", "b", "b"]}, "cand_ids: an id is listed twice"),
+    ],
+)
 def test_validate_query_refuses_grades_and_ids_that_would_break_metrics(change, words):
     import numpy as np
 
     from rime_data.schema import validate_query
 
-    row = {"query_id": "q", "task": "t", "qry_text": "x", "positive_ids": ["a"], "positive_grades": [1.0],
-           "cand_ids": ["a", "b"], **change}
+    row = {
+        "query_id": "q",
+        "task": "t",
+        "qry_text": "x",
+        "positive_ids": ["a"],
+        "positive_grades": [1.0],
+        "cand_ids": ["a", "b"],
+        **change,
+    }
     assert words in validate_query(row)
-    ok = {"query_id": "q", "task": "t", "qry_text": "x", "positive_ids": np.array(["a"]),
-          "positive_grades": np.array([0.5], dtype=np.float32), "cand_ids": None}
+    ok = {
+        "query_id": "q",
+        "task": "t",
+        "qry_text": "x",
+        "positive_ids": np.array(["a"]),
+        "positive_grades": np.array([0.5], dtype=np.float32),
+        "cand_ids": None,
+    }
     assert validate_query(ok) is None  # numpy cells, as Ray Data batches give them
 
 
@@ -172,15 +224,26 @@ def test_import_mmeb_malformed_rows_and_per_dataset_folders(tmp_path):
     and a row of the wrong shape or types is an error line, never a failed import."""
     for name in ("CatsCls", "DogsCls"):
         (tmp_path / name).mkdir()
-        rows = [{"qry_text": f"a {name} query", "qry_img_path": "", "tgt_text": ["yes", "no"]}, ["not", "a", "row"],
-                {"qry_text": "x", "tgt_text": [5, "cat"]}, {"qry_text": "x", "qry_img_path": ["p.png"], "tgt_text": ["a"]}]
+        rows = [
+            {"qry_text": f"a {name} query", "qry_img_path": "", "tgt_text": ["yes", "no"]},
+            ["not", "a", "row"],
+            {"qry_text": "x", "tgt_text": [5, "cat"]},
+            {"qry_text": "x", "qry_img_path": ["p.png"], "tgt_text": ["a"]},
+        ]
         (tmp_path / name / "test-00000-of-00001.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "again").mkdir()
-    (tmp_path / "again" / "CatsCls.jsonl").write_text(json.dumps(
-        {"task": "CatsCls", "qry_text": "q", "tgt_text": ["a"]}) + "\n")
+    (tmp_path / "again" / "CatsCls.jsonl").write_text(json.dumps({"task": "CatsCls", "qry_text": "q", "tgt_text": ["a"]}) + "\n")
     (tmp_path / "CatsCls.jsonl").write_text(json.dumps({"qry_text": "q2", "tgt_text": ["b"]}) + "\n")
-    summary = import_mmeb([tmp_path / "CatsCls" / "test-00000-of-00001.jsonl", tmp_path / "DogsCls" / "test-00000-of-00001.jsonl",
-                           tmp_path / "CatsCls.jsonl", tmp_path / "again" / "CatsCls.jsonl"], tmp_path, tmp_path / "out")
+    summary = import_mmeb(
+        [
+            tmp_path / "CatsCls" / "test-00000-of-00001.jsonl",
+            tmp_path / "DogsCls" / "test-00000-of-00001.jsonl",
+            tmp_path / "CatsCls.jsonl",
+            tmp_path / "again" / "CatsCls.jsonl",
+        ],
+        tmp_path,
+        tmp_path / "out",
+    )
     q = pq.read_table(tmp_path / "out" / "test" / "queries.parquet").to_pylist()
     assert summary["queries"] == 3 and summary["errors"] == 7
     assert sorted(r["task"] for r in q) == ["CatsCls", "CatsCls", "DogsCls"]

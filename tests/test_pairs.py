@@ -10,7 +10,7 @@ from rime_data.synth import write_synth
 
 
 def _ids(batches):
-    return [[p["query_id"] for p in b] for b in batches]
+    return [[p.query_id for p in b] for b in batches]
 
 
 def test_resume_position_across_epoch_boundary(ray_local, tmp_path):
@@ -19,7 +19,7 @@ def test_resume_position_across_epoch_boundary(ray_local, tmp_path):
     straight = make()
     ref = [straight.next_batch(3) for _ in range(17)]  # 12 batches per epoch: crosses into epoch 1
     straight.close()
-    assert all(len({p["task"] for p in b}) == 1 for b in ref)  # one task per batch
+    assert all(len({p.task for p in b}) == 1 for b in ref)  # one task per batch
     epoch0 = [q for b in ref[:12] for q in _ids([b])[0]]
     assert len(epoch0) == len(set(epoch0)) == 36  # every query exactly once per epoch
     assert _ids(ref[12:]) != _ids(ref[:5])  # the next epoch is reshuffled
@@ -59,9 +59,16 @@ def test_bad_candidates_and_control_tokens_are_counted_bad_rows_not_failed_steps
     pq.write_table(pq.read_table(q_path).from_pylist(queries, schema=pq.read_schema(q_path)), q_path)
     lost = {q["query_id"] for q in queries if q["positive_ids"][0] in (broken_image["cand_id"], token_text["cand_id"])}
 
-    stream = PairStream(tmp_path / "d", "train", seed=0, shuffle_buffer=4, errors_file=tmp_path / "err.jsonl",
-                        pipeline=PipelineConfig(reserved_tokens=("<gen_emb>", "<|im_end|>")), group_by_task=False)
-    seen = [p["query_id"] for _ in range(24 - len(lost) - 1) for p in stream.next_batch(1)]
+    stream = PairStream(
+        tmp_path / "d",
+        "train",
+        seed=0,
+        shuffle_buffer=4,
+        errors_file=tmp_path / "err.jsonl",
+        pipeline=PipelineConfig(reserved_tokens=("<gen_emb>", "<|im_end|>")),
+        group_by_task=False,
+    )
+    seen = [p.query_id for _ in range(24 - len(lost) - 1) for p in stream.next_batch(1)]
     stream.close()
     assert set(seen) == {q["query_id"] for q in queries} - lost - {token_rewrite["query_id"]}
     assert stream.bad_rows == 2 + len(lost) + 1

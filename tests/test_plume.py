@@ -19,12 +19,40 @@ STEPS = 5 * PER_STAGE  # 4 segments -> curriculum stages 0..4
 
 
 def _cmd(tmp: Path, name: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.cli", "train", "configs/plume-tiny.yaml",
-            "--set", f"run.name={name}", "--set", f"run.out_dir={tmp / 'runs'}", "--set", f"data.path={tmp / 'data'}",
-            "--set", "data.synth_train=20", "--set", "data.synth_test=4", "--set", "data.synth_val=0",
-            "--set", f"plume.steps_per_stage={PER_STAGE}", "--set", "checkpoint.every_steps=3",
-            "--set", "learners.micro_batch_size=4", "--set", "eval.max_queries_per_task=3", "--set", "plume.probe_queries_per_task=3",
-            "--set", "eval.before_training=false", "--set", "tracking.log_model=false", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "train",
+        "configs/plume-tiny.yaml",
+        "--set",
+        f"run.name={name}",
+        "--set",
+        f"run.out_dir={tmp / 'runs'}",
+        "--set",
+        f"data.path={tmp / 'data'}",
+        "--set",
+        "data.synth_train=20",
+        "--set",
+        "data.synth_test=4",
+        "--set",
+        "data.synth_val=0",
+        "--set",
+        f"plume.steps_per_stage={PER_STAGE}",
+        "--set",
+        "checkpoint.every_steps=3",
+        "--set",
+        "learners.micro_batch_size=4",
+        "--set",
+        "eval.max_queries_per_task=3",
+        "--set",
+        "plume.probe_queries_per_task=3",
+        "--set",
+        "eval.before_training=false",
+        "--set",
+        "tracking.log_model=false",
+        *extra,
+    ]
 
 
 def _env() -> dict:
@@ -53,8 +81,10 @@ def test_curriculum_phases_resets_and_latent_eval(plume_run):
 
     mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")
     client = mlflow.MlflowClient()
-    hist = {k: [m.value for m in client.get_metric_history(summary["mlflow_run_id"], k)]
-            for k in ("plume/stage", "plume/latent_steps", "plume/keep_answer", "train/ce", "train/balance", "train/router_p0")}
+    hist = {
+        k: [m.value for m in client.get_metric_history(summary["mlflow_run_id"], k)]
+        for k in ("plume/stage", "plume/latent_steps", "plume/keep_answer", "train/ce", "train/balance", "train/router_p0")
+    }
     assert hist["plume/stage"] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert hist["plume/latent_steps"] == [0, 0, 2, 2, 4, 4, 6, 6, 8, 8]
     assert hist["plume/keep_answer"] == [1] * 9 + [0]
@@ -65,11 +95,15 @@ def test_curriculum_phases_resets_and_latent_eval(plume_run):
     assert [m.step for m in probe] == [PER_STAGE] and 0.0 <= probe[0].value <= 1.0
     report = json.loads((run_dir / "eval" / "plume-explicit.json").read_text())
     assert report["n"] == 6 * 3 and report["skipped"] == report["no_reasoning"] == 0 and len(report["samples"]) == 4
-    assert set(report["metrics"]) == ({"plume/explicit_answer_acc", "plume/explicit_latent_hit1"}
-                                      | {f"plume/explicit_segment{i}_exact" for i in range(4)})
+    assert set(report["metrics"]) == (
+        {"plume/explicit_answer_acc", "plume/explicit_latent_hit1"} | {f"plume/explicit_segment{i}_exact" for i in range(4)}
+    )
     # Hit@1 over the 6 tasks' 3 probed queries each (MMEB mean over tasks): a multiple of 1/18
     assert 0.0 <= report["metrics"]["plume/explicit_latent_hit1"] <= 1.0
-    assert abs(report["metrics"]["plume/explicit_latent_hit1"] * 18 - round(report["metrics"]["plume/explicit_latent_hit1"] * 18)) < 1e-9
+    assert (
+        abs(report["metrics"]["plume/explicit_latent_hit1"] * 18 - round(report["metrics"]["plume/explicit_latent_hit1"] * 18))
+        < 1e-9
+    )
     assert stdout.count("explicit-reasoning probe after stage 0") == 1
 
     from rime_model import Embedder
@@ -92,8 +126,20 @@ def test_explicit_reasoning_run_then_first_stage_from_it(plume_run):
     assert cot["steps"] == PER_STAGE and r.stdout.count("explicit-reasoning probe after stage 0") == 1
     assert "optimizer state reset" not in r.stdout
 
-    r = _run(_cmd(tmp, "from-stage3", "--set", f"model.spec={tmp / 'runs' / 'cot' / 'final'}",
-                  "--set", "plume.first_stage=3", "--set", "eval.query_modes=[latent]", "--set", "eval.cand_modes=[latent]"))
+    r = _run(
+        _cmd(
+            tmp,
+            "from-stage3",
+            "--set",
+            f"model.spec={tmp / 'runs' / 'cot' / 'final'}",
+            "--set",
+            "plume.first_stage=3",
+            "--set",
+            "eval.query_modes=[latent]",
+            "--set",
+            "eval.cand_modes=[latent]",
+        )
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     run_dir = tmp / "runs" / "from-stage3"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -114,9 +160,24 @@ def test_explicit_reasoning_run_then_first_stage_from_it(plume_run):
     assert "transition adapter differs" not in r.stdout  # same plume.* as the CoT run: its adapter is kept
 
     # an ablation from the same CoT model (single MLP): the configured adapter replaces the saved one
-    r = _run(_cmd(tmp, "single-mlp", "--set", f"model.spec={tmp / 'runs' / 'cot' / 'final'}", "--set", "plume.first_stage=4",
-                  "--set", "plume.experts=0", "--set", "plume.probe_queries_per_task=0", "--set", "eval.query_modes=[latent]",
-                  "--set", "eval.cand_modes=[latent]"))
+    r = _run(
+        _cmd(
+            tmp,
+            "single-mlp",
+            "--set",
+            f"model.spec={tmp / 'runs' / 'cot' / 'final'}",
+            "--set",
+            "plume.first_stage=4",
+            "--set",
+            "plume.experts=0",
+            "--set",
+            "plume.probe_queries_per_task=0",
+            "--set",
+            "eval.query_modes=[latent]",
+            "--set",
+            "eval.cand_modes=[latent]",
+        )
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     assert "transition adapter differs from the config (num_experts: 4 -> 0" in r.stdout
     saved = json.loads((tmp / "runs" / "single-mlp" / "final" / "rime_embedder.json").read_text())["latent_adapter"]

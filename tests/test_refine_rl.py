@@ -13,9 +13,10 @@ import signal
 import pytest
 import torch
 
-from orchestrator.config import parse_config
+from orchestrator.config import parse_config, replace_config
 from rime_data.synth import write_synth
 from rime_model import GenerationConfig
+from rime_model.rollout_ops import action_logprobs, sample_rollouts
 
 
 def _items(tiny, n: int = 3):
@@ -23,18 +24,20 @@ def _items(tiny, n: int = 3):
 
     d = synth_split("train", 2, seed=0, tasks=("t2i", "i2t", "referring"))
     rows = d.queries[:n]
-    return tiny.prepare([{"text": r.get("qry_text"), "image": r.get("qry_image"), "instruction": r.get("qry_inst")} for r in rows])
+    return tiny.prepare(
+        [{"text": r.get("qry_text"), "image": r.get("qry_image"), "instruction": r.get("qry_inst")} for r in rows]
+    )
 
 
 def test_learner_recomputes_the_rollout_logprobs(tiny):
     items = _items(tiny)
-    rollouts = tiny.sample_rollouts(items, 3, GenerationConfig(max_new_tokens=8, do_sample=True, seed=1))
+    rollouts = sample_rollouts(tiny, items, 3, GenerationConfig(max_new_tokens=8, do_sample=True, seed=1))
     assert len(rollouts) == 9
     reps = [it for it in items for _ in range(3)]
-    batch = tiny.build_rollout_batch(reps, [ids for ids, _ in rollouts])
+    batch = tiny.enc.rollout_batch(reps, [ids for ids, _ in rollouts])
     assert (batch.inputs["input_ids"][:, -1] == tiny.token_id["gen_emb"]).all()  # forced suffix ends every row AT <gen_emb>
     with torch.no_grad():
-        logp, entropy, mask = tiny.action_logprobs(tiny.hidden_states(batch), batch.labels)
+        logp, entropy, mask = action_logprobs(tiny, tiny.hidden_states(batch), batch.labels)
     assert int(mask.sum()) == sum(len(ids) for ids, _ in rollouts)  # exactly the sampled tokens, no forced ones
     for b, (ids, lps) in enumerate(rollouts):
         got = logp[b][mask[b].bool()]
@@ -46,17 +49,16 @@ def test_learner_recomputes_the_rollout_logprobs(tiny):
 def test_forced_suffix_cases(tiny):
     t = tiny.token_id
     im_end = tiny.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert tiny.forced_suffix([5, t["rewrite_end"], t["gen_emb"]]) == []
-    assert tiny.forced_suffix([5, t["rewrite_end"]]) == [t["gen_emb"]]
-    assert tiny.forced_suffix([5, 6]) == [t["rewrite_end"], t["gen_emb"]]  # truncated at max_new_tokens
-    assert tiny.forced_suffix([5, im_end]) == [t["rewrite_end"], t["gen_emb"]]
+    assert tiny.enc.forced_suffix([5, t["rewrite_end"], t["gen_emb"]]) == []
+    assert tiny.enc.forced_suffix([5, t["rewrite_end"]]) == [t["gen_emb"]]
+    assert tiny.enc.forced_suffix([5, 6]) == [t["rewrite_end"], t["gen_emb"]]  # truncated at max_new_tokens
+    assert tiny.enc.forced_suffix([5, im_end]) == [t["rewrite_end"], t["gen_emb"]]
 
 
-@pytest.fixture(scope="module", params=["object_store", "collective"])
-def rl_setup(request, ray_local, zoo_cache, tmp_path_factory):
+@pytest.fixture(scope="module")
+def rl_actors(ray_local, zoo_cache, tmp_path_factory):
     """2 learners + 2 rollout workers + 1 reward actor on the tiny model and a small synthetic split,
-    once per weight-sync transport (collective = learner rank 0 broadcasting in a gloo group here,
-    the code path that uses NCCL on GPUs)."""
+    started once for the module: each weight-sync strategy below takes them over in turn."""
     from orchestrator.learner_group import DATA_TASK_CPUS, LearnerGroup
     from orchestrator.pairs import PairStream
     from orchestrator.refine_rl import RefineRL, stage_config
@@ -64,11 +66,22 @@ def rl_setup(request, ray_local, zoo_cache, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("rl")
     write_synth(tmp / "data", {"train": 6}, seed=0, tasks=("t2i", "i2t", "referring"))
-    cfg = parse_config({"run": {"stages": ["refine-rl"]},
-                        "learners": {"num_learners": 2, "micro_batch_size": 4, "cpus_per_learner": 0.4},
-                        "rollout": {"num_workers": 2, "group_size": 2, "max_new_tokens": 6, "cpus_per_worker": 0.05,
-                                    "weight_sync": request.param, "sync_bucket_mb": 16, "sync_timeout_s": 30},
-                        "reward": {"num_actors": 1}, "refine_rl": {"queries_per_step": 4, "lr": 1e-4}})
+    cfg = parse_config(
+        {
+            "run": {"stages": ["refine-rl"]},
+            "learners": {"num_actors": 2, "micro_batch_size": 4, "cpus_per_actor": 0.4},
+            "rollout": {
+                "num_actors": 2,
+                "group_size": 2,
+                "max_new_tokens": 6,
+                "cpus_per_actor": 0.05,
+                "sync_bucket_mb": 16,
+                "sync_timeout_s": 30,
+            },
+            "reward": {"num_actors": 1},
+            "refine_rl": {"queries_per_step": 4, "lr": 1e-4},
+        }
+    )
     model = str(ensure_zoo_model("tiny"))
     group = LearnerGroup(cfg, model, {"lambda_cma": 1.0, "temperature": 0.02, "ce_weight": 1.0})
     group.call("begin_stage", "refine-rl", stage_config(cfg), cfg.refine_rl.lr, 1, model)
@@ -78,6 +91,19 @@ def rl_setup(request, ray_local, zoo_cache, tmp_path_factory):
     rl.shutdown()
     stream.close()
     group.shutdown()
+
+
+@pytest.fixture(scope="module", params=["object_store", "collective"])
+def rl_setup(request, rl_actors):
+    """The module's actors under one weight-sync strategy (collective = learner rank 0 broadcasting in a
+    gloo group here, the code path that uses NCCL on GPUs); a fresh strategy starts at version 0, as at the
+    start of a stage."""
+    from orchestrator.sync import make_weight_sync
+
+    rl = rl_actors
+    rl.cfg = replace_config(rl.cfg, rollout={"weight_sync": request.param})
+    rl.sync = make_weight_sync(request.param, rl.cfg, rl.group, rl.actors.rollout, rl.actors.reward)
+    return rl
 
 
 def _rollout_state(rl):
@@ -101,9 +127,21 @@ def test_two_steps_sync_rollout_weights_to_learners(rl_setup):
         assert sums == pytest.approx([learner_sums[0]] * 2, rel=1e-12)
         assert m["sync/version"] == step + 1 and m["sync/bytes"] > 1e6
         if rl.cfg.rollout.weight_sync == "collective":
-            assert m["sync/group_rebuilds"] == 1.0 and rl.sync_epoch == 1  # built once, reused every step
-        for k in ("reward/reward_mean", "reward/acc_mean", "reward/format_mean", "train/pg_loss", "train/kl", "train/entropy",
-                  "train/pg_clipfrac", "train/nce", "rollout/tokens_per_s", "time/rollout_s", "time/reward_s", "time/learn_s"):
+            assert m["sync/group_rebuilds"] == 1.0 and rl.sync.epoch == 1  # built once, reused every step
+        for k in (
+            "reward/reward_mean",
+            "reward/acc_mean",
+            "reward/format_mean",
+            "train/pg_loss",
+            "train/kl",
+            "train/entropy",
+            "train/pg_clipfrac",
+            "train/nce",
+            "rollout/tokens_per_s",
+            "time/rollout_s",
+            "time/reward_s",
+            "time/learn_s",
+        ):
             assert k in m and m[k] == m[k], k  # present and not NaN
         assert m["train/logprob_mismatch"] < 1e-3  # on-policy: behaviour log-probs == learner's
         assert m["rollout/staleness_mean"] == 0.0
@@ -130,7 +168,7 @@ def test_killed_rollout_worker_is_restarted_and_the_step_completes(rl_setup):
         rl.on_rollouts_submitted = None
     assert killed == [pid]
     if rl.cfg.rollout.weight_sync == "collective":  # the restarted worker was not in the group: rebuilt
-        assert rl.sync_epoch >= 2 and ray.get(victim.sync_epoch.remote()) == rl.sync_epoch
+        assert rl.sync.epoch >= 2 and ray.get(victim.sync_epoch.remote()) == rl.sync.epoch
     info = ray.get(victim.info.remote())
     assert info["pid"] != pid and info["reconstructed"]
     assert info["version"] == rl.version  # the restarted worker caught up with the current weights
@@ -161,11 +199,9 @@ def test_killed_reward_actor_restarts_on_the_drivers_candidate_set(rl_setup):
 def test_one_step_stale_pipelining(rl_setup):
     """max_staleness 1: the next batch's rollouts are issued before the update, so they were sampled
     with the previous weights; the clipped ratio then corrects against their behaviour log-probs."""
-    from dataclasses import replace
-
     rl = rl_setup
     base = rl.cfg
-    rl.cfg = replace(base, refine_rl=replace(base.refine_rl, max_staleness=1))
+    rl.cfg = replace_config(base, refine_rl={"max_staleness": 1})
     try:
         first = rl.step(20)
         assert rl.pending is not None and rl.pending.version == rl.version - 1  # issued before the update
@@ -202,14 +238,14 @@ def test_an_export_the_rollout_workers_cannot_load_fails_the_sync_at_once(rl_set
             return out
 
         monkeypatch.setattr(rl.group, "call", call)
-        meta, epoch, rebuilds = rl.weight_meta, rl.sync_epoch, rl.sync_rebuilds
-        rl.weight_meta = None
+        meta, epoch, rebuilds = rl.sync.meta, rl.sync.epoch, rl.sync.rebuilds
+        rl.sync.meta = None
         try:
             with pytest.raises(ray.exceptions.RayTaskError) as e:
                 rl.sync_weights(rl.version + 1)
         finally:
-            rl.weight_meta = meta
-        assert (rl.sync_epoch, rl.sync_rebuilds) == (epoch, rebuilds)  # no group built, no broadcast
+            rl.sync.meta = meta
+        assert (rl.sync.epoch, rl.sync.rebuilds) == (epoch, rebuilds)  # no group built, no broadcast
     else:
         exports = [a.export_to_object_store.remote() for a in rl.group.actors]  # as a sync does (collective under ZeRO-3)
         sd = ray.get(exports[0]).state_dict()

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from actors.batches import RewardRequest
 from rewards.advantages import group_advantages
 from rewards.functions import RewardConfig, anchor_outcome_reward, length_penalty, total_reward
 
@@ -42,8 +43,9 @@ def test_top_k_and_no_negatives():
 def test_format_and_length_terms():
     cfg = RewardConfig(format_weight=0.2, length_weight=0.5, length_target=10)
     g = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
-    out = total_reward(g, torch.tensor([1.0, 0.0]), torch.tensor([[0.0, 1.0]]), torch.tensor([True, False]),
-                       torch.tensor([5, 30]), cfg)
+    out = total_reward(
+        g, torch.tensor([1.0, 0.0]), torch.tensor([[0.0, 1.0]]), torch.tensor([True, False]), torch.tensor([5, 30]), cfg
+    )
     assert out["format"].tolist() == pytest.approx([0.2, 0.0])
     assert out["length"].tolist() == pytest.approx([0.0, -0.5 * 20 / 10])
     assert out["reward"].tolist() == pytest.approx((out["outcome"] + out["format"] + out["length"]).tolist())
@@ -84,7 +86,7 @@ def test_estimators_that_read_verls_algo_config_run_and_the_rest_fail_before_act
     """reinforce_plus_plus and grpo_passk read verl's AlgoConfig (gamma, std norm), which rime supplies; a
     name verl lists but rime cannot feed (gae needs values) fails in the pre-flight check with its key."""
     from orchestrator.config import ConfigError, load_config
-    from orchestrator.train import check_rl_objective
+    from orchestrator.stages.refine_rl import check_rl_objective
 
     r, groups = torch.tensor([1.0, 0.0, 0.5, 0.2]), [0, 0, 1, 1]
     rpp = group_advantages(r, groups, [2, 3, 1, 2], "reinforce_plus_plus")
@@ -135,17 +137,24 @@ def test_reward_pool_keeps_negatives_when_a_querys_own_list_has_none(tiny, tmp_p
     pq.write_table(pq.read_table(c_path).from_pylist(cands, schema=pq.read_schema(c_path)), c_path)
     stream = PairStream(tmp_path / "d", "train", 0, 8, tmp_path / "errors.jsonl")
     assert stream.bad_candidates == 1 and bad["cand_id"] not in stream.cands
-    svc = AnchorRewardService(str(tiny.save(tmp_path / "m")), list(stream.cands.values()),
-                              {"top_k": 1, "neg_temperature": 0.05, "format_weight": 0.1, "length_weight": 0.0, "length_target": 24})
-    q = next(r for r in pq.read_table(tmp_path / "d/train/queries.parquet").to_pylist()
-             if r["task"] == "referring" and r["positive_ids"][0] != bad["cand_id"])
+    svc = AnchorRewardService(
+        str(tiny.save(tmp_path / "m")),
+        list(stream.cands.values()),
+        {"top_k": 1, "neg_temperature": 0.05, "format_weight": 0.1, "length_weight": 0.0, "length_target": 24},
+    )
+    q = next(
+        r
+        for r in pq.read_table(tmp_path / "d/train/queries.parquet").to_pylist()
+        if r["task"] == "referring" and r["positive_ids"][0] != bad["cand_id"]
+    )
     pos = q["positive_ids"][0]
     corpus = {c["cand_id"] for c in cands if c["task"] == "referring"} - {bad["cand_id"]}
-    pool, p = svc.pool({**q, "cand_ids": [pos]})
-    assert p == pos and set(pool) == corpus and svc.cache_info()["own_list_without_negatives"] == 1
     item = {"text": q["qry_text"], "image": q["qry_image"], "instruction": q["qry_inst"] or None}
-    out = svc.score([{**q, "query": item, "cand_ids": [pos], "completions": [[1, 2, 3]], "well_formed": [False]}])
-    assert out["results"][0]["terms"]["no_negatives"] == [0.0]
+    request = RewardRequest(item, [[1, 2, 3]], [False], q["positive_ids"], [pos], q["task"], q["query_id"])
+    pool, p = svc.pool(request)
+    assert p == pos and set(pool) == corpus and svc.cache_info()["own_list_without_negatives"] == 1
+    out = svc.score([request])
+    assert out[0].terms["no_negatives"] == [0.0]
 
 
 def test_policy_query_encoder_follows_the_synced_weights_while_the_anchors_stay_frozen(tiny, tmp_path, ray_local):
@@ -162,8 +171,18 @@ def test_policy_query_encoder_follows_the_synced_weights_while_the_anchors_stay_
     write_synth(tmp_path / "d", {"train": 3}, seed=0, tasks=("t2i", "referring"))
     cands = pq.read_table(tmp_path / "d/train/candidates.parquet").to_pylist()
     queries = pq.read_table(tmp_path / "d/train/queries.parquet").to_pylist()[:3]
-    requests = [{**q, "query": {"text": q["qry_text"], "image": q["qry_image"], "instruction": q["qry_inst"] or None},
-                 "completions": [[11, 12, 13], [14, 15]], "well_formed": [True, False]} for q in queries]
+    requests = [
+        RewardRequest(
+            {"text": q["qry_text"], "image": q["qry_image"], "instruction": q["qry_inst"] or None},
+            [[11, 12, 13], [14, 15]],
+            [True, False],
+            q["positive_ids"],
+            q["cand_ids"],
+            q["task"],
+            q["query_id"],
+        )
+        for q in queries
+    ]
     rcfg = {"top_k": 1, "neg_temperature": 0.05, "format_weight": 0.1, "length_weight": 0.0, "length_target": 24}
     path = str(tiny.save(tmp_path / "m"))
     g = torch.Generator().manual_seed(0)
@@ -175,7 +194,7 @@ def test_policy_query_encoder_follows_the_synced_weights_while_the_anchors_stay_
     ref = ray.put(ObjectStoreWeights(export))
 
     def terms(out):
-        return [r["terms"]["pos_sim"] for r in out["results"]], [r["anchor"] for r in out["results"]]
+        return [r.terms["pos_sim"] for r in out], [r.anchor for r in out]
 
     for encoder in ("policy", "frozen"):
         svc = AnchorRewardService(path, cands, rcfg, query_encoder=encoder)

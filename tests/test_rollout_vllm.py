@@ -1,7 +1,7 @@
 """The vLLM rollout backend (actors/rollout_vllm.py) against rime's HF path, on a REAL vLLM engine.
 
 vLLM lives in ``.venv-vllm`` (``bash scripts/setup_vllm.sh``; docs/decisions.md §1), the tests run in
-``.venv``, so the vLLM side runs in a subprocess (``python -m actors.rollout_vllm --selftest``,
+``.venv``, so the vLLM side runs in a subprocess (``python -m actors.rollout_vllm_selftest --selftest``,
 JSON in and out) or in a Ray actor with ``runtime_env={"py_executable": ...}``. Without a working
 ``.venv-vllm`` every test here skips, saying how to create it.
 
@@ -14,7 +14,6 @@ One engine serves all jobs of a test (engine start is 25-60 s here); never two e
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import subprocess
@@ -37,7 +36,6 @@ MAX_NEW = 16
 LOGPROB_ATOL = 1e-4
 
 
-
 def _vllm_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
@@ -51,8 +49,12 @@ def vllm_python() -> str:
         print(reason)
         pytest.skip(reason)
     r = subprocess.run(
-        [str(VLLM_PY), "-c", "import vllm, actors.rollout_vllm"], cwd=REPO, env=_vllm_env(),
-        capture_output=True, text=True, timeout=600,
+        [str(VLLM_PY), "-c", "import vllm, actors.rollout_vllm"],
+        cwd=REPO,
+        env=_vllm_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if r.returncode != 0:
         tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["?"]
@@ -111,7 +113,7 @@ def train_tiny(synth_items: list[dict], out: Path) -> Path:
     rewrites = [it["rewrite"] for it in synth_items]
     opt = torch.optim.Adam(emb.model.parameters(), lr=5e-3)
     emb.model.train()
-    batch = emb.build_gen_batch(items, rewrites)
+    batch = emb.enc.gen_batch(items, rewrites)
     for _ in range(24):  # ~30 s on 2 idle cores; leaves a mix of stopped and truncated rewrites
         loss = completion_ce(emb.hidden_states(batch), batch.labels, emb.model.lm_head)
         opt.zero_grad()
@@ -140,19 +142,24 @@ def _perturbed_state_dict(path: Path, scale: float = 0.05, seed: int = 1) -> dic
 def _hf_greedy(emb, items) -> list[list[int]]:
     from rime_model import GenerationConfig
 
-    return [r.token_ids for r in emb.generate_rewrites(emb.prepare(_inputs(items)), generation=GenerationConfig(max_new_tokens=MAX_NEW))]
+    return [
+        r.token_ids
+        for r in emb.generate_rewrites(emb.prepare(_inputs(items)), generation=GenerationConfig(max_new_tokens=MAX_NEW))
+    ]
 
 
 @torch.no_grad()
 def _hf_logprobs(emb, item, completion: list[int]) -> list[float]:
     """Teacher-forced temperature-1 logprob of each completion token under the HF model (batch 1)."""
-    enc = emb.build_gen_prompt_batch(emb.prepare(_inputs([item])))
+    enc = emb.enc.gen_prompt_batch(emb.prepare(_inputs([item])))
     prompt_len = enc["input_ids"].shape[1]
     comp = torch.tensor([completion])
     inputs = dict(enc)
     for key, t in enc.items():  # per-token tensors (input_ids, attention_mask, mm_token_type_ids)
         if t.dim() == 2 and t.shape == enc["input_ids"].shape:
-            inputs[key] = torch.cat([t, comp if key == "input_ids" else torch.full_like(comp, 1 if key == "attention_mask" else 0)], dim=1)
+            inputs[key] = torch.cat(
+                [t, comp if key == "input_ids" else torch.full_like(comp, 1 if key == "attention_mask" else 0)], dim=1
+            )
     logits = emb.model(**inputs, use_cache=False).logits[0, prompt_len - 1 : -1].float()
     lp = torch.log_softmax(logits, dim=-1)
     return lp.gather(1, torch.tensor(completion)[:, None])[:, 0].tolist()
@@ -161,15 +168,18 @@ def _hf_logprobs(emb, item, completion: list[int]) -> list[float]:
 def _hf_prompt_ids(emb, items) -> list[list[int]]:
     out = []
     for it in items:
-        enc = emb.build_gen_prompt_batch(emb.prepare(_inputs([it])))
+        enc = emb.enc.gen_prompt_batch(emb.prepare(_inputs([it])))
         out.append(enc["input_ids"][0].tolist())
     return out
 
 
 def _wire(items) -> list[dict]:
     return [
-        {"text": it["text"], "instruction": it["instruction"],
-         "image_b64": base64.b64encode(it["image"]).decode() if it["image"] else None}
+        {
+            "text": it["text"],
+            "instruction": it["instruction"],
+            "image_b64": base64.b64encode(it["image"]).decode() if it["image"] else None,
+        }
         for it in items
     ]
 
@@ -178,8 +188,12 @@ def _run_vllm(python: str, spec: dict, tmp_path: Path) -> dict:
     spec_file, out_file = tmp_path / "spec.json", tmp_path / "out.json"
     spec_file.write_text(json.dumps(spec))
     r = subprocess.run(
-        [python, "-m", "actors.rollout_vllm", "--selftest", str(spec_file), str(out_file)],
-        cwd=REPO, env=_vllm_env(), capture_output=True, text=True, timeout=900,
+        [python, "-m", "actors.rollout_vllm_selftest", "--selftest", str(spec_file), str(out_file)],
+        cwd=REPO,
+        env=_vllm_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     if r.returncode != 0:
         sys.stderr.write(r.stderr[-6000:])
@@ -209,7 +223,7 @@ def test_weight_meta_covers_the_checkpoint_and_a_wrong_shape_is_refused_up_front
     with pytest.raises(WeightMismatchError, match="lacks"):
         backend.check_weight_meta([m for m in meta if "layers.1." not in m[0]])
     i = next(i for i, m in enumerate(meta) if "layers.1.mlp.down_proj" in m[0])
-    wrong = meta[:i] + [(meta[i][0], (meta[i][1][0] + 1, *meta[i][1][1:]), meta[i][2])] + meta[i + 1:]
+    wrong = meta[:i] + [(meta[i][0], (meta[i][1][0] + 1, *meta[i][1][1:]), meta[i][2])] + meta[i + 1 :]
     with pytest.raises(WeightMismatchError, match=r"1 tensors do not match.*layers\.1\.mlp\.down_proj.*sent \(\d+, \d+\)"):
         backend.check_weight_meta(wrong)
 
@@ -231,7 +245,7 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
     from rime_model import Embedder
 
     emb = Embedder.load(trained_path)
-    stop = list(emb.stop_ids)
+    stop = list(emb.enc.stop_ids)
     perturbed = _perturbed_state_dict(trained_path)
     sd_file = tmp_path / "perturbed.safetensors"
     save_file(perturbed, str(sd_file))
@@ -251,22 +265,44 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
             dict(gen, name="greedy_perturbed", n=1, temperature=0.0),
             dict(gen, name="sample_perturbed", n=2, temperature=1.0, seed=3),
             {"kind": "load_weight_stream", "name": "stream_partial", "safetensors": str(original_file), "leave_out": "layers.1."},
-            {"kind": "load_weight_stream", "name": "stream_bad_meta", "safetensors": str(original_file), "bad_meta": "layers.1.mlp.down_proj"},
+            {
+                "kind": "load_weight_stream",
+                "name": "stream_bad_meta",
+                "safetensors": str(original_file),
+                "bad_meta": "layers.1.mlp.down_proj",
+            },
             dict(gen, name="greedy_after_refused", n=1, temperature=0.0),
-            {"kind": "load_weight_stream", "name": "stream_bad_shape", "safetensors": str(original_file), "bad_shape": "layers.1.mlp.down_proj"},
+            {
+                "kind": "load_weight_stream",
+                "name": "stream_bad_shape",
+                "safetensors": str(original_file),
+                "bad_shape": "layers.1.mlp.down_proj",
+            },
             dict(gen, name="greedy_after_bad_shape", n=1, temperature=0.0),
-            {"kind": "load_weight_stream", "name": "stream_source_died", "safetensors": str(original_file), "fail_at": len(perturbed) // 2},
+            {
+                "kind": "load_weight_stream",
+                "name": "stream_source_died",
+                "safetensors": str(original_file),
+                "fail_at": len(perturbed) // 2,
+            },
             dict(gen, name="greedy_after_source_died", n=1, temperature=0.0),
             {"kind": "load_weight_stream", "name": "stream_full", "safetensors": str(original_file)},
             dict(gen, name="greedy_restored", n=1, temperature=0.0),
-            {"kind": "load_weight_stream", "name": "stream_rollback_fails", "safetensors": str(original_file),
-             "fail_at": len(perturbed) // 2, "break_rollback": True},  # last: it leaves the engine unusable
+            {
+                "kind": "load_weight_stream",
+                "name": "stream_rollback_fails",
+                "safetensors": str(original_file),
+                "fail_at": len(perturbed) // 2,
+                "break_rollback": True,
+            },  # last: it leaves the engine unusable
         ],
     }
     res = _run_vllm(vllm_python, spec, tmp_path)
     jobs = {j.get("name") or j["kind"]: j for j in res["jobs"]}
-    print(f"vLLM {res['versions']}, engine init {res['timings']['engine_init_s']:.1f} s, "
-          f"load_weights {jobs['load_weights']['seconds']:.2f} s")
+    print(
+        f"vLLM {res['versions']}, engine init {res['timings']['engine_init_s']:.1f} s, "
+        f"load_weights {jobs['load_weights']['seconds']:.2f} s"
+    )
 
     # prompts: vLLM runs exactly the ids of rime's HF processor (image pads expanded the same way)
     assert jobs["prompt_ids"]["prompt_ids"] == _hf_prompt_ids(emb, synth_items)
@@ -309,7 +345,10 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
     # (d) streamed load: checked before anything moves, consumed lazily, exact
     partial, full = jobs["stream_partial"], jobs["stream_full"]
     assert "lacks" in partial["error"] and partial["pulled"] == 0
-    assert "WeightMismatchError" in jobs["stream_bad_meta"]["error"] and "do not match the checkpoint's shapes" in jobs["stream_bad_meta"]["error"]
+    assert (
+        "WeightMismatchError" in jobs["stream_bad_meta"]["error"]
+        and "do not match the checkpoint's shapes" in jobs["stream_bad_meta"]["error"]
+    )
     assert jobs["stream_bad_meta"]["pulled"] == 0
     assert [per[0]["ids"] for per in jobs["greedy_after_refused"]["samples"]] == vl_p
     # (e) loads that fail part-way: they raise, and the engine, rolled back to a mix of old and new
@@ -357,16 +396,18 @@ def test_vllm_rollout_worker_in_ray_actor_from_base_venv(vllm_python, trained_pa
         remove_placement_group(pg)
         for backend in ("vllm", "hf"):
             env = rollout_runtime_env(parse_config({"rollout": {"backend": backend}}))
-            workers[backend] = ray.remote(RolloutWorker).options(num_cpus=0.25, runtime_env=env).remote(str(trained_path), backend)
+            workers[backend] = (
+                ray.remote(RolloutWorker).options(num_cpus=0.25, runtime_env=env).remote(str(trained_path), backend)
+            )
         exe = ray.get(workers["vllm"].__ray_call__.remote(lambda self: sys.executable), timeout=600)
         assert exe.startswith(str(REPO / ".venv-vllm")), exe
 
         def ids(out):
-            return [s["token_ids"] for s in out["samples"]]
+            return out.token_ids
 
         outs = {b: ray.get(w.generate.remote(queries, 1, greedy), timeout=600) for b, w in workers.items()}
         assert ids(outs["vllm"]) == ids(outs["hf"])
-        assert [s["text"] for s in outs["vllm"]["samples"]] == [s["text"] for s in outs["hf"]["samples"]]
+        assert outs["vllm"].text == outs["hf"].text
         # a versioned update through the object store, as the Refine-RL driver sends it
         from actors.weight_sync import ObjectStoreWeights
 
@@ -375,7 +416,7 @@ def test_vllm_rollout_worker_in_ray_actor_from_base_venv(vllm_python, trained_pa
             assert ray.get(w.update_weights.remote(1, [ref]), timeout=600)["version"] == 1
         outs_p = {b: ray.get(w.generate.remote(queries, 1, greedy), timeout=600) for b, w in workers.items()}
         assert ids(outs_p["vllm"]) == ids(outs_p["hf"]) != ids(outs["hf"])
-        assert outs_p["vllm"]["version"] == outs_p["hf"]["version"] == 1
+        assert outs_p["vllm"].version == outs_p["hf"].version == [1] * len(queries)
         # a collective update: this process is rank 0 of a gloo broadcast group with both workers
         from actors.weight_sync import BroadcastGroup, tensor_meta
 

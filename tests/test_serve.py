@@ -34,8 +34,9 @@ def server(ray_local, tiny_latent_dir):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = EmbedderServer.options(num_replicas=1).bind(model=tiny_latent_dir, model_name="rime-tiny",
-                                                      max_new_tokens=5, limits={"max_items": 4, "max_body_bytes": 200_000})
+    app = EmbedderServer.options(num_replicas=1).bind(
+        model=tiny_latent_dir, model_name="rime-tiny", max_new_tokens=5, limits={"max_items": 4, "max_body_bytes": 200_000}
+    )
     serve.run(app, name="rime-test", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -50,7 +51,11 @@ def test_http_vectors_equal_in_process(server, tiny_latent, mode):
     import random
 
     img = render(random_scene(random.Random(1)))
-    items = [{"text": "a red circle"}, {"image": _b64(img)}, {"text": "what is this?", "image": "data:image/png;base64," + _b64(img)}]
+    items = [
+        {"text": "a red circle"},
+        {"image": _b64(img)},
+        {"text": "what is this?", "image": "data:image/png;base64," + _b64(img)},
+    ]
     status, body = _post(server, {"input": items, "mode": mode, "return_rewrite": True})
     assert status == 200, body
     got = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)

@@ -4,6 +4,7 @@ afterwards) the tiny config trains as a Ray job and its metrics land in an `mlfl
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -47,15 +48,16 @@ def _env(**extra: str) -> dict:
 # --------------------------------------------------------------------------- before submission
 def test_job_spec_joins_the_cluster_uploads_the_checkout_and_forwards_tracking(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
-    spec = build_job(CONFIG, ["cma.steps=7", "learners.zero_stage=2"], profile=PROFILE, working_dir=str(ROOT),
-                     env=["RIME_CACHE=/shared/cache"])
+    spec = build_job(
+        CONFIG, ["cma.steps=7", "learners.zero_stage=2"], profile=PROFILE, working_dir=str(ROOT), env=["RIME_CACHE=/shared/cache"]
+    )
     argv = spec.entrypoint.split()
     assert argv[:5] == ["python", "-m", "orchestrator.cli", "train", CONFIG]
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     assert sets.count("cluster.address=auto") == 1
     # profile first, the user's --set after it (so they win), both applied
     assert sets.index("learners.zero_stage=1") < sets.index("learners.zero_stage=2")
-    assert "cma.steps=7" in sets and "learners.num_learners=2" in sets
+    assert "cma.steps=7" in sets and "learners.num_actors=2" in sets
     assert spec.runtime_env["working_dir"] == str(ROOT)
     assert spec.runtime_env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow.example:5000", "RIME_CACHE": "/shared/cache"}
     assert spec.metadata["rime_profile"] == "cpu-2.yaml" and spec.submission_id.startswith("rime-tiny-cpu-")
@@ -68,7 +70,7 @@ def test_a_start_model_on_local_disk_is_flagged_before_submission():
     from orchestrator.submit import ZOO_NAMES
     from rime_model.zoo import BUILDERS
 
-    assert ZOO_NAMES == tuple(BUILDERS)
+    assert tuple(BUILDERS) == ZOO_NAMES
 
     def model_warnings(model):
         spec = build_job(CONFIG, [f"model.spec={model}"], working_dir=str(ROOT))
@@ -86,9 +88,21 @@ def test_a_start_model_on_local_disk_is_flagged_before_submission():
 def test_excludes_keep_environments_runs_and_data_out_of_the_upload(tmp_path):
     from ray._private.runtime_env.packaging import _zip_files
 
-    files = [".venv/lib/x.py", ".venv-vllm/bin/python", "runs/tiny/ckpt.pt", "data/synth/train/q.parquet", "mlruns/0/m",
-             "x/mlflow.db", "orchestrator/__pycache__/cli.cpython-311.pyc", ".git/HEAD", "orchestrator/cli.py",
-             ".ruff_cache/0/x", "configs/tiny-cpu.yaml", "rime_data/pipeline.py", "rime_data/fixtures/data/keep.txt"]
+    files = [
+        ".venv/lib/x.py",
+        ".venv-vllm/bin/python",
+        "runs/tiny/ckpt.pt",
+        "data/synth/train/q.parquet",
+        "mlruns/0/m",
+        "x/mlflow.db",
+        "orchestrator/__pycache__/cli.cpython-311.pyc",
+        ".git/HEAD",
+        "orchestrator/cli.py",
+        ".ruff_cache/0/x",
+        "configs/tiny-cpu.yaml",
+        "rime_data/pipeline.py",
+        "rime_data/fixtures/data/keep.txt",
+    ]
     for f in files:
         (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / f).write_text("x")
@@ -137,7 +151,9 @@ def test_addresses_are_normalised_and_ray_client_addresses_refused(monkeypatch):
 def test_unreachable_address_fails_in_seconds_saying_so():
     port = _free_port()  # nothing listens there
     t = time.monotonic()
-    with pytest.raises(SubmitError, match=rf"--address http://127.0.0.1:{port}: cannot connect to a Ray dashboard .*ray start --head"):
+    with pytest.raises(
+        SubmitError, match=rf"--address http://127.0.0.1:{port}: cannot connect to a Ray dashboard .*ray start --head"
+    ):
         check_address(f"http://127.0.0.1:{port}", timeout_s=3)
     assert time.monotonic() - t < 5
 
@@ -179,7 +195,9 @@ def test_cli_reports_wrong_address_and_bad_config_with_exit_2():
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env(), cwd=ROOT)
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"rime submit: error: --address http://127.0.0.1:{port}: cannot connect to a Ray dashboard" in r.stderr
-    r2 = subprocess.run(cmd + ["--set", "learners.zero_stag=1"], capture_output=True, text=True, timeout=120, env=_env(), cwd=ROOT)
+    r2 = subprocess.run(
+        cmd + ["--set", "learners.zero_stag=1"], capture_output=True, text=True, timeout=120, env=_env(), cwd=ROOT
+    )
     assert r2.returncode == 2 and "rime submit: error: learners.zero_stag: unknown key" in r2.stderr, r2.stderr[-2000:]
     assert time.monotonic() - t < 90
 
@@ -187,17 +205,49 @@ def test_cli_reports_wrong_address_and_bad_config_with_exit_2():
 def test_profile_command_prints_overrides_that_validate():
     from orchestrator.cli import main
 
-    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "profile", "clusters/profiles/8gpu.yaml", "--sets",
-                        "--check-config", CONFIG], capture_output=True, text=True, timeout=120, env=_env(), cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "profile", "clusters/profiles/8gpu.yaml", "--sets", "--check-config", CONFIG],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == ["--set", "cluster.address=auto", "--set", "learners.num_learners=4", "--set",
-                                "learners.cpus_per_learner=10", "--set", "learners.gpus_per_learner=1", "--set",
-                                "rollout.num_workers=3", "--set", "rollout.cpus_per_worker=8", "--set", "rollout.gpus_per_worker=1",
-                                "--set", "rollout.backend=vllm", "--set", "reward.num_actors=1", "--set", "reward.cpus_per_actor=4",
-                                "--set", "reward.gpus_per_actor=1",
-                                "--set", "learners.precision=bf16", "--set", "rollout.vllm_python=/opt/rime-vllm/bin/python",
-                                "--set", "rollout.weight_sync=collective",
-                                "--set", "learners.zero_stage=2", "--set", "cluster.placement_timeout_s=600"]
+    assert r.stdout.split() == [
+        "--set",
+        "cluster.address=auto",
+        "--set",
+        "learners.num_actors=4",
+        "--set",
+        "learners.cpus_per_actor=10",
+        "--set",
+        "learners.gpus_per_actor=1",
+        "--set",
+        "rollout.num_actors=3",
+        "--set",
+        "rollout.cpus_per_actor=8",
+        "--set",
+        "rollout.gpus_per_actor=1",
+        "--set",
+        "rollout.backend=vllm",
+        "--set",
+        "reward.num_actors=1",
+        "--set",
+        "reward.cpus_per_actor=4",
+        "--set",
+        "reward.gpus_per_actor=1",
+        "--set",
+        "learners.precision=bf16",
+        "--set",
+        "rollout.vllm_python=/opt/rime-vllm/bin/python",
+        "--set",
+        "rollout.weight_sync=collective",
+        "--set",
+        "learners.zero_stage=2",
+        "--set",
+        "cluster.placement_timeout_s=600",
+    ]
     assert main(["profile", "clusters/profiles/nope.yaml"]) == 2
 
 
@@ -207,9 +257,20 @@ def test_mlflow_server_command_line(tmp_path, capsys):
 
     assert main(["mlflow-server", "--dir", str(tmp_path / "m"), "--port", "5123", "--dry-run"]) == 0
     out = capsys.readouterr().out.split()
-    assert out[1:] == ["server", "--host", "127.0.0.1", "--port", "5123", "--backend-store-uri",
-                       f"sqlite:///{tmp_path / 'm' / 'mlflow.db'}", "--serve-artifacts", "--artifacts-destination",
-                       str(tmp_path / "m" / "artifacts"), "--workers", "2"]
+    assert out[1:] == [
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "5123",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'm' / 'mlflow.db'}",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(tmp_path / "m" / "artifacts"),
+        "--workers",
+        "2",
+    ]
     assert Path(out[0]).name == "mlflow"
     with pytest.raises(MlflowServerError, match="expected sqlite:///PATH or postgresql"):
         server_command(backend="file:///tmp/mlruns")
@@ -248,10 +309,8 @@ def _stop_sessions(sids: list[int], grace_s: float = 5) -> None:
     `ray stop` would also stop any other Ray on the machine."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in (p for sid in sids for p in _session_pids(sid)):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + grace_s
         while any(_session_pids(sid) for sid in sids) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -264,20 +323,50 @@ def head_and_mlflow(tmp_path_factory):
     m_port, dash = _free_port(), _free_port()
     sessions, procs = [], []
     try:
-        mlflow = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "mlflow-server", "--port", str(m_port), "--dir",
-                                   str(tmp / "mlflow")], stdout=open(tmp / "mlflow.log", "w"), stderr=subprocess.STDOUT,
-                                  env=_env(), cwd=ROOT, start_new_session=True)
+        mlflow = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "mlflow-server", "--port", str(m_port), "--dir", str(tmp / "mlflow")],
+            stdout=open(tmp / "mlflow.log", "w"),
+            stderr=subprocess.STDOUT,
+            env=_env(),
+            cwd=ROOT,
+            start_new_session=True,
+        )
         sessions.append(mlflow.pid)
         procs.append(mlflow)
-        ports = {k: _free_port() for k in ("port", "ray-client-server-port", "dashboard-agent-listen-port",
-                                           "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
-                                           "node-manager-port", "object-manager-port")}
-        start = subprocess.Popen([str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-                                  f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={ray_tmp}",
-                                  "--object-store-memory=500000000", "--disable-usage-stats",
-                                  *[f"--{k}={v}" for k, v in ports.items()]],
-                                 stdout=open(tmp / "ray_start.log", "w"), stderr=subprocess.STDOUT, env=_env(), cwd=ROOT,
-                                 start_new_session=True)
+        ports = {
+            k: _free_port()
+            for k in (
+                "port",
+                "ray-client-server-port",
+                "dashboard-agent-listen-port",
+                "dashboard-agent-grpc-port",
+                "metrics-export-port",
+                "runtime-env-agent-port",
+                "node-manager-port",
+                "object-manager-port",
+            )
+        }
+        start = subprocess.Popen(
+            [
+                str(VENV_BIN / "ray"),
+                "start",
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash}",
+                "--num-cpus=2",
+                "--include-dashboard=true",
+                f"--temp-dir={ray_tmp}",
+                "--object-store-memory=500000000",
+                "--disable-usage-stats",
+                *[f"--{k}={v}" for k, v in ports.items()],
+            ],
+            stdout=open(tmp / "ray_start.log", "w"),
+            stderr=subprocess.STDOUT,
+            env=_env(),
+            cwd=ROOT,
+            start_new_session=True,
+        )
         sessions.append(start.pid)
         procs.append(start)
         assert start.wait(timeout=120) == 0, (tmp / "ray_start.log").read_text()[-3000:]
@@ -305,10 +394,24 @@ def head_and_mlflow(tmp_path_factory):
 
 
 def _tiny_sets(tmp: Path, name: str, steps: int) -> list[str]:
-    sets = {"run.name": name, "run.stages": "cma", "run.out_dir": tmp / "runs", "data.path": tmp / "data", "data.synth_train": 8,
-            "data.synth_val": 0, "data.synth_test": 4, "cma.steps": steps, "checkpoint.every_steps": 100,
-            "learners.micro_batch_size": 4, "eval.before_training": "false", "eval.max_queries_per_task": 2,
-            "eval.query_modes": "disc", "eval.cand_modes": "disc", "eval.max_new_tokens": 4, "tracking.log_model": "false"}
+    sets = {
+        "run.name": name,
+        "run.stages": "cma",
+        "run.out_dir": tmp / "runs",
+        "data.path": tmp / "data",
+        "data.synth_train": 8,
+        "data.synth_val": 0,
+        "data.synth_test": 4,
+        "cma.steps": steps,
+        "checkpoint.every_steps": 100,
+        "learners.micro_batch_size": 4,
+        "eval.before_training": "false",
+        "eval.max_queries_per_task": 2,
+        "eval.query_modes": "disc",
+        "eval.cand_modes": "disc",
+        "eval.max_new_tokens": 4,
+        "tracking.log_model": "false",
+    }
     return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
 
 
@@ -316,8 +419,21 @@ def _tiny_sets(tmp: Path, name: str, steps: int) -> list[str]:
 @pytest.mark.timeout(480)
 def test_submit_trains_on_a_real_head_and_logs_to_the_mlflow_server(head_and_mlflow, zoo_cache, capsys):
     c = head_and_mlflow
-    cmd = [sys.executable, "-m", "orchestrator.cli", "submit", CONFIG, "--address", c["address"], "--profile", PROFILE,
-           "--follow", "--env", f"RIME_CACHE={zoo_cache}", *_tiny_sets(c["tmp"], "submitted", 3)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "submit",
+        CONFIG,
+        "--address",
+        c["address"],
+        "--profile",
+        PROFILE,
+        "--follow",
+        "--env",
+        f"RIME_CACHE={zoo_cache}",
+        *_tiny_sets(c["tmp"], "submitted", 3),
+    ]
     t = time.monotonic()
     # MLFLOW_TRACKING_URI comes from the submitting shell (forwarded by default), not from the head
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=_env(MLFLOW_TRACKING_URI=c["uri"]), cwd=ROOT)
@@ -333,7 +449,7 @@ def test_submit_trains_on_a_real_head_and_logs_to_the_mlflow_server(head_and_mlf
     client = MlflowClient(tracking_uri=c["uri"])
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["cluster.address"] == "auto" and run.data.params["learners.num_learners"] == "2"
+    assert run.data.params["cluster.address"] == "auto" and run.data.params["learners.num_actors"] == "2"
     hist = client.get_metric_history(run_id, "train/loss")
     assert [m.step for m in hist] == [1, 2, 3] and all(m.value > 0 for m in hist)
     assert "eval/disc_to_disc/hit_at_1" in run.data.metrics
@@ -365,8 +481,24 @@ def test_jobs_stop_ends_a_running_submission(head_and_mlflow, zoo_cache, capsys)
     c = head_and_mlflow
     sets = _tiny_sets(c["tmp"], "stopped", 10_000)[1::2]
     capsys.readouterr()
-    assert main(["submit", CONFIG, "--address", c["address"], "--profile", PROFILE, "--env", f"RIME_CACHE={zoo_cache}",
-                 "--env", f"MLFLOW_TRACKING_URI={c['uri']}", *[a for s in sets for a in ("--set", s)]]) == 0
+    assert (
+        main(
+            [
+                "submit",
+                CONFIG,
+                "--address",
+                c["address"],
+                "--profile",
+                PROFILE,
+                "--env",
+                f"RIME_CACHE={zoo_cache}",
+                "--env",
+                f"MLFLOW_TRACKING_URI={c['uri']}",
+                *[a for s in sets for a in ("--set", s)],
+            ]
+        )
+        == 0
+    )
     job_id = re.search(r"submitted job (\S+) to", capsys.readouterr().out).group(1)
     from ray.job_submission import JobSubmissionClient
 
@@ -382,39 +514,74 @@ def test_jobs_stop_ends_a_running_submission(head_and_mlflow, zoo_cache, capsys)
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_plume_ablation_trains_every_arm_as_a_ray_job(head_and_mlflow, zoo_cache, tiny):
-    """`SUBMIT=ADDRESS scripts/plume_ablation.sh`: each arm is a Ray job on the head (its driver joins the
-    cluster), starts from a local model folder given by a relative path and writes its run under RUNS_DIR
-    (both made absolute, since the job runs in an uploaded copy of the checkout, where a relative path
-    points nowhere), and logs to the forwarded MLflow server, from which the script's eval loads the
-    arm's model (no storage shared with the cluster needed)."""
-    from test_plume_ablation import TRAIN_ARGS  # tests/ is on sys.path (pytest prepend import mode)
+def test_rime_ablate_trains_every_run_as_a_ray_job(head_and_mlflow, zoo_cache, tiny):
+    """`rime ablate --submit ADDRESS`: each run is a Ray job on the head (its driver joins the cluster), starts
+    from a local model folder given by a relative path and writes its run under --runs-dir (both made
+    absolute, since the job runs in an uploaded copy of the checkout, where a relative path points
+    nowhere), and logs to the forwarded MLflow server, from which the eval loads the run's model (no
+    storage shared with the cluster needed). Seed 1's pair is the start model scored up front, so two
+    runs are submitted, not four."""
+    from test_plume_ablation import TRAIN_ARGS, prescore_seed  # tests/ is on sys.path (pytest prepend import mode)
 
     c = head_and_mlflow
     tmp = c["tmp"] / "ablation"
     start = tiny.save(tmp / "start")  # a saved embedder folder, as a finished run's `final/` is
-    env = _env(RIME=str(VENV_BIN / "rime"), RUNS_DIR=os.path.relpath(tmp / "runs", ROOT), OUT=str(tmp / "out"),
-               TEST_DATA=str(tmp / "test"), TEST_QUERIES="6", SUBMIT=c["address"], MLFLOW_TRACKING_URI=c["uri"])
-    r = subprocess.run(["bash", "scripts/plume_ablation.sh", "jobs", os.path.relpath(start, ROOT), "0,1", "--profile", PROFILE,
-                        "--env", f"RIME_CACHE={zoo_cache}", "--set", f"data.path={tmp / 'data'}", *TRAIN_ARGS,
-                        "--set", "tracking.log_model=true"],  # what the script's eval loads from the MLflow server
-                       capture_output=True, text=True, timeout=840, env=env, cwd=ROOT)
+    prescore_seed(tmp, tmp / "out", str(start))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "ablate",
+            "--name",
+            "jobs",
+            "--start",
+            os.path.relpath(start, ROOT),
+            "--seeds",
+            "0,1",
+            "--runs-dir",
+            os.path.relpath(tmp / "runs", ROOT),
+            "--out",
+            str(tmp / "out"),
+            "--test-data",
+            str(tmp / "test"),
+            "--test-queries",
+            "6",
+            "--submit",
+            c["address"],
+            "--set",
+            f"data.path={tmp / 'data'}",
+            "--",
+            "--profile",
+            PROFILE,
+            "--env",
+            f"RIME_CACHE={zoo_cache}",
+            *TRAIN_ARGS,
+            "--set",
+            "tracking.log_model=true",
+        ],  # what the eval loads from the MLflow server
+        capture_output=True,
+        text=True,
+        timeout=840,
+        env=_env(MLFLOW_TRACKING_URI=c["uri"]),
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
-    assert r.stderr.count("as a Ray job") == 4 and r.stderr.count("[ablation] scored") == 4
-    arms = {f"jobs-m0-seed{seed}-{arm}": (seed, arm == "cur") for seed in (0, 1) for arm in ("nocur", "cur")}
+    assert r.stderr.count("as a Ray job") == 2 and r.stderr.count("[ablate] scored") == 2
+    arms = {f"jobs-m0-seed0-{arm}": arm == "cur" for arm in ("nocur", "cur")}
     job_ids = {}
-    for run, (seed, curriculum) in arms.items():
+    for run, curriculum in arms.items():
         log = (tmp / "out" / "logs" / f"{run}.log").read_text()
         job_ids[run] = re.search(r"submitted job (\S+) to", log).group(1)
         assert f"job {job_ids[run]}: SUCCEEDED" in log
         cfg = yaml.safe_load((tmp / "runs" / run / "config.yaml").read_text())  # written by the job, read here
         assert cfg["cluster"]["address"] == "auto" and cfg["plume"]["curriculum"] is curriculum
-        assert cfg["run"]["seed"] == seed and cfg["run"]["out_dir"] == str(tmp / "runs")
+        assert cfg["run"]["seed"] == 0 and cfg["run"]["out_dir"] == str(tmp / "runs")
         assert cfg["model"]["spec"] == str(start.resolve())
-        report = json.loads((tmp / "out" / "reports" / f"m0-seed{seed}-{'cur' if curriculum else 'nocur'}.json").read_text())
+        report = json.loads((tmp / "out" / "reports" / f"m0-seed0-{'cur' if curriculum else 'nocur'}.json").read_text())
         assert report["model"].startswith("models:/") and report["model"] in log  # the model this job logged
         if curriculum:  # its zero-step control scores the same logged model
-            control = json.loads((tmp / "out" / "reports" / f"m0-seed{seed}-cur-k0.json").read_text())
+            control = json.loads((tmp / "out" / "reports" / "m0-seed0-cur-k0.json").read_text())
             assert control["model"] == report["model"] and control["latent_steps"] == 0
     from ray.job_submission import JobSubmissionClient
 
@@ -426,6 +593,9 @@ def test_plume_ablation_trains_every_arm_as_a_ray_job(head_and_mlflow, zoo_cache
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=c["uri"])
-    logged = {run.data.params.get("run.name") for e in client.search_experiments() for run in
-              client.search_runs([e.experiment_id], filter_string="attributes.status = 'FINISHED'")}
+    logged = {
+        run.data.params.get("run.name")
+        for e in client.search_experiments()
+        for run in client.search_runs([e.experiment_id], filter_string="attributes.status = 'FINISHED'")
+    }
     assert set(arms) <= logged

@@ -127,7 +127,7 @@ def test_referring_chain_answer_follows_three_facts_around_the_ring():
     import re
     from collections import Counter
 
-    from rime_data.synth import CHAIN_HOPS, CHAIN_OBJECTS, EXTRA_TASKS
+    from rime_data.synth_common import CHAIN_HOPS, CHAIN_OBJECTS, EXTRA_TASKS
 
     assert "referring_chain" in EXTRA_TASKS and "referring_chain" not in TASKS
     d = synth_split("test", 200, seed=5, tasks=("referring_chain",))

@@ -30,9 +30,20 @@ def _scene() -> Scene:
 
 
 def _look(scene: Scene, **kw) -> Look:
-    base = dict(size=120, background=(240, 240, 240), texture="flat", texture_amp=0, texture_period=1, texture_angle=0.0,
-                colours=tuple(COLORS[o.color] for o in scene.objects), fills=("solid",) * len(scene.objects), line=2,
-                degrade="none", strength=0.0, seed=7)
+    base = dict(
+        size=120,
+        background=(240, 240, 240),
+        texture="flat",
+        texture_amp=0,
+        texture_period=1,
+        texture_angle=0.0,
+        colours=tuple(COLORS[o.color] for o in scene.objects),
+        fills=("solid",) * len(scene.objects),
+        line=2,
+        degrade="none",
+        strength=0.0,
+        seed=7,
+    )
     return Look(**{**base, **kw})
 
 
@@ -140,7 +151,7 @@ def test_layouts_keep_left_of_unambiguous(layout):
         assert s.layout == layout and len(s.objects) == len(s.boxes) == n
         assert [o.col for o in s.objects] == list(range(n))
         assert len({(o.shape, o.color) for o in s.objects}) == n
-        for (a, b) in zip(s.boxes, s.boxes[1:]):
+        for a, b in zip(s.boxes, s.boxes[1:]):
             assert b[0] - a[2] >= GAP - 1e-9
         assert all(0 <= v <= 1 for box in s.boxes for v in box)
         look = draw_look(np.random.default_rng(i), RANDOMISED, s)
@@ -175,8 +186,9 @@ def test_draw_look_stays_in_its_ranges_and_is_seeded():
 
 def test_object_counts_cover_the_range():
     rng = random.Random(2)
-    counts = {len(styled_scene(rng, RANDOMISED.layouts, RANDOMISED.n_objects, RANDOMISED.object_scale).objects)
-              for _ in range(100)}
+    counts = {
+        len(styled_scene(rng, RANDOMISED.layouts, RANDOMISED.n_objects, RANDOMISED.object_scale).objects) for _ in range(100)
+    }
     assert counts == set(RANDOMISED.n_objects) == {1, 2, 3, 4, 5}
     one = styled_scene(rng, RANDOMISED.layouts, RANDOMISED.n_objects, RANDOMISED.object_scale, kinds=[(SHAPES[0], "red")])
     assert [(o.shape, o.color) for o in one.objects] == [(SHAPES[0], "red")]

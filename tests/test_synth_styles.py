@@ -73,8 +73,13 @@ def test_every_template_and_setting_gets_drawn(drawn):
 
 def test_templates_keep_every_field_they_are_given():
     """No paraphrase drops what the answer depends on: each template uses its form's fields."""
-    needs = {"rel": {"side"}, "referring.text": {"rel", "anchor"}, "composed.edit": {"old", "new"},
-             "vqa.colour": {"obj"}, "referring_compose.text": {"rel1", "a1", "rel2", "a2"}}
+    needs = {
+        "rel": {"side"},
+        "referring.text": {"rel", "anchor"},
+        "composed.edit": {"old", "new"},
+        "vqa.colour": {"obj"},
+        "referring_compose.text": {"rel1", "a1", "rel2", "a2"},
+    }
     for form, templates in TEMPLATES.items():
         for t in templates:
             fields = {f for _, f, _, _ in string.Formatter().parse(t.text) if f}
@@ -83,7 +88,10 @@ def test_templates_keep_every_field_they_are_given():
             else:
                 assert fields == needs.get(form, set()), t
     assert canonical("rel", side="left") == "left of"
-    assert canonical("referring.text", rel="right of", anchor="red circle") == "Pictures containing the object right of the red circle."
+    assert (
+        canonical("referring.text", rel="right of", anchor="red circle")
+        == "Pictures containing the object right of the red circle."
+    )
 
 
 def test_transfer_refuses_a_train_split(tmp_path):
@@ -181,13 +189,49 @@ def test_styled_fingerprints(style, split):
 def test_cli_writes_each_style(tmp_path, capsys):
     from orchestrator.cli import main
 
-    assert main(["data", "synth", "--out", str(tmp_path / "t"), "--split-style", "transfer", "--val", "0", "--test", "2",
-                 "--tasks", "cls,referring"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "synth",
+                "--out",
+                str(tmp_path / "t"),
+                "--split-style",
+                "transfer",
+                "--val",
+                "0",
+                "--test",
+                "2",
+                "--tasks",
+                "cls,referring",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["style"] == "transfer" and out["splits"] == {"test": {"queries": 4, "candidates": 35}}  # train 0 by default
     assert (tmp_path / "t" / "test" / "provenance.jsonl").is_file()
     assert main(["data", "synth", "--out", str(tmp_path / "t"), "--split-style", "transfer", "--train", "2"]) == 2
     assert "evaluation splits only" in capsys.readouterr().err
-    assert main(["data", "synth", "--out", str(tmp_path / "r"), "--split-style", "randomised", "--train", "1", "--val", "0",
-                 "--test", "0", "--tasks", "vqa"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "synth",
+                "--out",
+                str(tmp_path / "r"),
+                "--split-style",
+                "randomised",
+                "--train",
+                "1",
+                "--val",
+                "0",
+                "--test",
+                "0",
+                "--tasks",
+                "vqa",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["splits"]["train"]["queries"] == 1

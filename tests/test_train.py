@@ -18,14 +18,48 @@ STEPS = CMA_STEPS + RL_STEPS
 
 
 def _cmd(tmp: Path, name: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.cli", "train", "configs/tiny-cpu.yaml",
-            "--set", f"run.name={name}", "--set", f"run.out_dir={tmp / 'runs'}", "--set", f"data.path={tmp / 'data'}",
-            "--set", "data.synth_train=20", "--set", "data.synth_test=4", "--set", "data.synth_val=0",
-            "--set", f"cma.steps={CMA_STEPS}", "--set", "checkpoint.every_steps=4", "--set", "learners.micro_batch_size=4",
-            "--set", f"refine_rl.steps={RL_STEPS}", "--set", "refine_rl.queries_per_step=4", "--set", "rollout.group_size=2",
-            "--set", "rollout.max_new_tokens=6",
-            "--set", "eval.max_queries_per_task=3", "--set", "eval.max_new_tokens=4",
-            "--set", "eval.before_training=false", "--set", "tracking.log_model=false", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "train",
+        "configs/tiny-cpu.yaml",
+        "--set",
+        f"run.name={name}",
+        "--set",
+        f"run.out_dir={tmp / 'runs'}",
+        "--set",
+        f"data.path={tmp / 'data'}",
+        "--set",
+        "data.synth_train=20",
+        "--set",
+        "data.synth_test=4",
+        "--set",
+        "data.synth_val=0",
+        "--set",
+        f"cma.steps={CMA_STEPS}",
+        "--set",
+        "checkpoint.every_steps=4",
+        "--set",
+        "learners.micro_batch_size=4",
+        "--set",
+        f"refine_rl.steps={RL_STEPS}",
+        "--set",
+        "refine_rl.queries_per_step=4",
+        "--set",
+        "rollout.group_size=2",
+        "--set",
+        "rollout.max_new_tokens=6",
+        "--set",
+        "eval.max_queries_per_task=3",
+        "--set",
+        "eval.max_new_tokens=4",
+        "--set",
+        "eval.before_training=false",
+        "--set",
+        "tracking.log_model=false",
+        *extra,
+    ]
 
 
 def _env() -> dict:
@@ -66,7 +100,7 @@ def test_run_writes_summary_eval_and_mlflow(uninterrupted):
     assert set(summary["stages"]) == {"cma", "refine-rl"} and (run_dir / "stages" / "cma" / "rime_embedder.json").is_file()
     assert (run_dir / "eval" / "after-cma.json").is_file() and (run_dir / "eval" / "final.json").is_file()
     run = client.get_run(summary["mlflow_run_id"])
-    assert run.data.params["learners.num_learners"] == "2"
+    assert run.data.params["learners.num_actors"] == "2"
     # the run dir is self-contained: its artifacts sit beside its mlflow.db, not in the cwd's ./mlruns
     assert run.info.artifact_uri.startswith((run_dir / "mlartifacts").resolve().as_uri()), run.info.artifact_uri
     assert [a.path for a in client.list_artifacts(run.info.run_id) if a.path == "config.yaml"] == ["config.yaml"]
@@ -81,7 +115,9 @@ def test_killed_driver_resumes_to_same_step_run_and_weights(uninterrupted, tmp_p
     state = ref_tmp / "runs" / "killed" / "state.json"
     deadline = time.time() + 600
     while time.time() < deadline:
-        if state.is_file() and json.loads(state.read_text()).get("checkpoint") == "step12":  # CMA done: the resume re-enters at the stage boundary
+        if (
+            state.is_file() and json.loads(state.read_text()).get("checkpoint") == "step12"
+        ):  # CMA done: the resume re-enters at the stage boundary
             break
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.5)
@@ -109,7 +145,7 @@ def test_bad_config_and_existing_run_dir_fail_fast(uninterrupted, tmp_path):
     assert r.returncode == 2 and "learners.zero_stag: unknown key" in r.stderr
     r = _run(_cmd(ref_tmp, "straight"))
     assert r.returncode == 2 and "exists; pass --resume" in r.stderr
-    r = _run(_cmd(ref_tmp, "huge", "--set", "learners.cpus_per_learner=8"))
+    r = _run(_cmd(ref_tmp, "huge", "--set", "learners.cpus_per_actor=8"))
     assert r.returncode == 2 and "placement: the roles need" in r.stderr
     assert time.time() - t < 120
 
@@ -124,7 +160,7 @@ def test_a_trainer_inside_the_callers_ray_session_leaves_it_running(ray_local, z
 
     ray = ray_local
     node = ray.get_runtime_context().get_node_id()
-    argv = _cmd(tmp_path, "inside", "--set", "learners.cpus_per_learner=8")
+    argv = _cmd(tmp_path, "inside", "--set", "learners.cpus_per_actor=8")
     overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     with pytest.raises(PlacementError, match="placement: the roles need"):
         Trainer(load_config("configs/tiny-cpu.yaml", overrides)).run()

@@ -14,8 +14,13 @@ from actors.weight_sync import BroadcastGroup, SyncGroupError, check_member, pla
 
 def _state() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {"a": torch.randn(3, 4, generator=g), "b": torch.randn(100, generator=g), "c": torch.arange(6).view(2, 3),
-            "d": torch.randn(2, 2, generator=g).to(torch.bfloat16), "e": torch.randn(5, generator=g)}
+    return {
+        "a": torch.randn(3, 4, generator=g),
+        "b": torch.randn(100, generator=g),
+        "c": torch.arange(6).view(2, 3),
+        "d": torch.randn(2, 2, generator=g).to(torch.bfloat16),
+        "e": torch.randn(5, generator=g),
+    }
 
 
 def test_bucket_plan_groups_consecutive_same_dtype_tensors_under_the_cap():
@@ -108,8 +113,10 @@ def _worker_and_export(tiny, tmp_path):
     worker = RolloutWorker(str(tiny.save(tmp_path / "m")), "hf")
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
-    export = {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
-              for k, v in worker.emb.model.state_dict().items()}
+    export = {
+        k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+        for k, v in worker.emb.model.state_dict().items()
+    }
     return worker, export
 
 
@@ -208,8 +215,10 @@ def test_a_worker_whose_engine_became_unusable_exits_and_ray_restarts_it_at_the_
 
     ref_model = Embedder.load(path).model
     g = torch.Generator().manual_seed(0)
-    export = {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
-              for k, v in ref_model.state_dict().items()}
+    export = {
+        k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+        for k, v in ref_model.state_dict().items()
+    }
     load_exported(ref_model, export)
     expected = float(sum(p.detach().double().sum() for p in ref_model.parameters()))
 

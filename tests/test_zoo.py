@@ -59,8 +59,14 @@ def test_hf_checkpoint_without_rime_tokens_loads(tmp_path):
 
     from rime_model.zoo import TINY_PIXELS, TINY_TEXT, TINY_VISION
 
-    config = Qwen2VLConfig(text_config=TINY_TEXT, vision_config=TINY_VISION, image_token_id=151655,
-                           video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+    config = Qwen2VLConfig(
+        text_config=TINY_TEXT,
+        vision_config=TINY_VISION,
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+    )
     Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path)
     qwen2_tokenizer().save_pretrained(tmp_path)
     Qwen2VLImageProcessorPil(**TINY_PIXELS).save_pretrained(tmp_path)
@@ -86,8 +92,10 @@ def test_small_zoo_model_writes_fluent_rewrites(zoo_cache):
 
     emb = load_embedder("small")
     assert emb.family.name == "llava"
-    items = [{"text": "pictures containing the object left of the yellow square"},
-             {"image": Image.new("RGB", (64, 64), (255, 0, 0)), "text": "describe the picture"}]
+    items = [
+        {"text": "pictures containing the object left of the yellow square"},
+        {"image": Image.new("RGB", (64, 64), (255, 0, 0)), "text": "describe the picture"},
+    ]
     res = emb.embed(items, mode="gen", generation=GenerationConfig(max_new_tokens=12, extra={"repetition_penalty": 1.2}))
     assert res.vectors.shape == (2, 576)
     words = [w for w in res.rewrite_texts[0].split() if w.isalpha() and w.isascii()]

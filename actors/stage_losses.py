@@ -1,0 +1,188 @@
+"""The learners' loss per stage, keyed by stage name (as verl's ``register_policy_loss``).
+
+``Learner.train_step`` looks the stage up in ``LEARNER_LOSSES`` and calls ``terms(learner, micro_batch,
+**step_args)``; ``begin(learner, start_model)`` runs when a stage starts (Refine-RL loads its frozen KL
+reference there). A new stage's loss is one class with ``@register_loss("name")``. Each ``terms`` returns
+a dict with a differentiable ``loss`` plus scalar terms for MLflow (``train/<term>``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from rime_model.curriculum import Phase, continuation_text, split_segments
+from rime_model.latent import balance_loss, latent_pass
+from rime_model.losses import cma_loss, completion_ce, info_nce, plume_loss
+from rime_model.policy_loss import PolicyLossConfig, policy_loss
+from rime_model.rollout_ops import action_logprobs
+
+from .batches import Pair, ScoredBatch
+
+if TYPE_CHECKING:
+    from rime_model import Embedder
+
+
+class Learner(Protocol):
+    """What a stage loss uses of ``actors.learner.Learner``. A protocol, not an import: the learner imports
+    this registry, and a type-only import back would still tie the two modules into one."""
+
+    emb: Embedder
+    ref: Embedder | None  # the frozen KL reference a stage's ``begin`` may load
+    stage_cfg: dict[str, Any]
+    engine: Any  # the DeepSpeed engine (its ``device``)
+
+
+class StageLoss:
+    """One stage's learner loss."""
+
+    def begin(self, learner: Learner, start_model: str | None) -> None:
+        """Called by ``Learner.begin_stage`` after the optimizer reset."""
+
+    def terms(self, learner: Learner, batch: Any, **step_args: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+LEARNER_LOSSES: dict[str, StageLoss] = {}
+
+
+def register_loss(name: str) -> Callable[[type[StageLoss]], type[StageLoss]]:
+    def add(cls: type[StageLoss]) -> type[StageLoss]:
+        LEARNER_LOSSES[name] = cls()
+        return cls
+
+    return add
+
+
+@register_loss("cma")
+class CMALoss(StageLoss):
+    """Cross-Mode Alignment: CE on the rewrites + NCE within and across the disc and gen spaces."""
+
+    def terms(self, learner: Learner, pairs: list[Pair]) -> dict[str, Any]:
+        emb, cfg = learner.emb, learner.stage_cfg
+        q_items = emb.prepare([p.q for p in pairs])
+        t_items = emb.prepare([p.t for p in pairs])
+        disc = emb.enc.disc_batch(q_items + t_items)
+        d = emb.encode(disc)
+        gen = emb.enc.gen_batch(q_items + t_items, [p.q_rewrite for p in pairs] + [p.t_rewrite for p in pairs])
+        h = emb.hidden_states(gen)
+        g = emb.encode(gen, hidden=h)
+        ce = completion_ce(h, gen.labels, emb.model.get_output_embeddings())
+        n = len(pairs)
+        return cma_loss(
+            d[:n],
+            d[n:],
+            g[:n],
+            g[n:],
+            ce,
+            lambda_cma=cfg["lambda_cma"],
+            temperature=cfg["temperature"],
+            ce_weight=cfg["ce_weight"],
+            target_ids=[p.target_id for p in pairs],
+        )
+
+
+@register_loss("plume")
+class PlumeLoss(StageLoss):
+    """PLUME: queries run ``phase.latent_steps`` latent steps, then the curriculum's remaining text
+    (reasoning segments not yet replaced + the answer) under CE. Targets either follow the same phase with
+    their own answer (``target_layout: phase``) or are embedded as at inference, K latent steps and no text
+    (``latent``). Gen embeddings at ``<gen_emb>``, disc anchors at ``<disc_emb>`` of the same prefix passes."""
+
+    def terms(self, learner: Learner, pairs: list[Pair], phase: dict | None = None) -> dict[str, Any]:
+        if phase is None:
+            raise ValueError("train_step: the plume stage needs phase= (the curriculum phase of this step)")
+        ph = Phase(**phase)
+        emb, cfg = learner.emb, learner.stage_cfg
+        q_items = emb.prepare([p.q for p in pairs])
+        t_items = emb.prepare([p.t for p in pairs])
+        texts = [
+            continuation_text(emb.template, emb.tokens, split_segments(p.q_reasoning, cfg["segments"])[0], ph, p.q_rewrite)
+            for p in pairs
+        ]
+        lm_head, n = emb.model.get_output_embeddings(), len(pairs)
+        if cfg["target_layout"] == "phase":  # targets follow the query's phase: one pass for both sides
+            texts += [continuation_text(emb.template, emb.tokens, [], ph, p.t_rewrite) for p in pairs]
+            conts = [emb.enc.token_ids(t) for t in texts]
+            outs = [latent_pass(emb.model, emb.enc, q_items + t_items, ph.latent_steps, conts)]
+            g, c = outs[0].gen_embedding(), outs[0].disc_embedding()
+        else:  # "latent": targets are embedded exactly as at inference (K latent steps, no text)
+            conts = [emb.enc.token_ids(t) for t in texts]
+            outs = [
+                latent_pass(emb.model, emb.enc, q_items, ph.latent_steps, conts),
+                latent_pass(emb.model, emb.enc, t_items, cfg["latent_steps"]),
+            ]
+            g = torch.cat([o.gen_embedding() for o in outs])
+            c = torch.cat([o.disc_embedding() for o in outs])
+        ce = completion_ce(outs[0].hidden, outs[0].labels, lm_head)
+        probs = [p for o in outs for p in o.router_probs]
+        bal = balance_loss(probs) if probs else None
+        terms: dict[str, Any] = plume_loss(
+            g[:n],
+            g[n:],
+            c[:n],
+            c[n:],
+            ce,
+            bal,
+            temperature=cfg["temperature"],
+            ce_weight=cfg["ce_weight"],
+            disc_weight=cfg["disc_weight"],
+            lambda_bal=cfg["lambda_bal"],
+            target_ids=[p.target_id for p in pairs],
+        )
+        if probs:
+            usage = torch.cat(probs).detach().mean(0)
+            terms.update({f"router_p{m}": float(v) for m, v in enumerate(usage)})
+        terms["text_tokens"] = float((outs[0].labels[:, 1:] != -100).sum())
+        return terms
+
+
+@register_loss("refine-rl")
+class GRPOLoss(StageLoss):
+    """Clipped surrogate + KL to the reference (verl's registry) + λ·InfoNCE(g, frozen anchors).
+
+    One forward pass gives both the rewrite tokens' log-probs and the gen embedding ``g`` at ``<gen_emb>``,
+    so generation and embedding are optimised jointly (METHOD.md, Stage 2)."""
+
+    def begin(self, learner: Learner, start_model: str | None) -> None:
+        """A frozen copy of the stage's starting model for the KL term (none when ``kl_coef`` is 0)."""
+        from rime_model import Embedder
+
+        if learner.stage_cfg["policy"]["kl_coef"] <= 0:
+            return
+        if start_model is None:
+            raise ValueError("begin_stage('refine-rl'): kl_coef > 0 needs ref_path (the stage's starting model)")
+        learner.ref = Embedder.load(start_model, device=str(learner.engine.device))
+        learner.ref.model.requires_grad_(False)
+
+    def terms(self, learner: Learner, batch: ScoredBatch) -> dict[str, Any]:
+        emb, cfg, ref_model = learner.emb, learner.stage_cfg, learner.ref
+        items = emb.prepare(batch.query)
+        rb = emb.enc.rollout_batch(items, batch.token_ids)
+        span = max(1, max(len(ids) + len(emb.enc.forced_suffix(ids)) for ids in batch.token_ids))
+        h = emb.hidden_states(rb)
+        logp, entropy, mask = action_logprobs(emb, h, rb.labels, span)
+        old = torch.zeros_like(logp)
+        for b, lps in enumerate(batch.logprobs):
+            old[b, mask[b].bool()] = torch.tensor(lps, dtype=old.dtype, device=old.device)
+        ref = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref, _, _ = action_logprobs(ref_model, ref_model.hidden_states(rb), rb.labels, span)
+        adv = torch.tensor(batch.advantage, dtype=logp.dtype, device=logp.device)
+        pg_loss, pm = policy_loss(logp, old, ref, adv, mask, PolicyLossConfig(**cfg["policy"]))
+        g = emb.encode(rb, hidden=h)
+        anchors = torch.tensor(batch.anchor, dtype=g.dtype, device=g.device)
+        nce = info_nce(g, anchors, cfg["nce_temperature"], batch.target_id)
+        n_tok = mask.sum().clamp(min=1)
+        out: dict[str, Any] = {
+            "loss": pg_loss + cfg["lambda_nce"] * nce,
+            "nce": nce,
+            "entropy": (entropy.detach() * mask).sum() / n_tok,
+            "logprob_mismatch": ((logp.detach() - old).abs() * mask).sum() / n_tok,
+            "response_tokens": float(mask.sum()),
+        }
+        out.update({k.replace("actor/", ""): v for k, v in pm.items()})
+        return out

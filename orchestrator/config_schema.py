@@ -1,0 +1,303 @@
+"""The run configuration's schema: one frozen pydantic model per YAML section, types and bounds on the fields.
+
+Strict types (``true`` is not a number, ``"two"`` is not an integer), ``extra="forbid"`` (a typo is an
+error, not a silently ignored key). Every role section sizes its actors the same way: ``num_actors``,
+``cpus_per_actor``, ``gpus_per_actor``, ``node_resource``. Loading, messages and the checks that span keys
+are in ``orchestrator.config``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from rime_model.choices import AdapterAnchor, QueryEncoder, RolloutBackend, TorchDType
+
+if TYPE_CHECKING:  # annotations only: validation stays torch-free and imports the schedule lazily
+    from rime_model.curriculum import CurriculumSchedule
+
+
+def _number(v: Any) -> Any:
+    """PyYAML (YAML 1.1) reads 5e-4 (no dot) as a string: numbers fields accept it."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def _names(v: Any) -> Any:
+    """A list of names, also as one comma-separated string (``--set eval.query_modes=disc,gen``)."""
+    if isinstance(v, str):
+        return tuple(x.strip() for x in v.split(",") if x.strip())
+    return tuple(v) if isinstance(v, list) else v
+
+
+Num = Annotated[float, BeforeValidator(_number)]
+Names = Annotated[tuple[str, ...], BeforeValidator(_names)]
+Count = Annotated[int, Field(ge=1)]  # something there must be at least one of
+NonNeg = Annotated[Num, Field(ge=0)]
+Positive = Annotated[Num, Field(gt=0)]
+Steps = Annotated[int, Field(ge=0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class RunConfig(Section):
+    name: str = "tiny-cpu"
+    seed: int = 0
+    out_dir: str = "runs"  # the run directory is <out_dir>/<name>
+    stages: Names = ("cma",)  # registered stages (orchestrator.stages), in order
+
+
+class ModelConfig(Section):
+    spec: str = "tiny"  # zoo name, hf:<repo-or-path>, or a saved embedder folder
+    dtype: TorchDType = "float32"
+    freeze_vision: bool = False  # on real checkpoints the vision tower is usually frozen
+
+
+class DataConfig(Section):
+    path: str = "data/synth"  # dataset folder; generated there when missing and synth_* > 0
+    synth_train: Steps = 200  # queries per task per split when generating
+    synth_val: Steps = 20
+    synth_test: Steps = 40
+    synth_tasks: Names = ("t2i", "i2t", "cls", "vqa", "composed", "referring")
+    # classic = today's fixed renderer and sentences; randomised = rendering and wording drawn from the
+    # training ranges (rime_data.styles), so what is learnt can transfer to pictures drawn otherwise
+    synth_style: Literal["classic", "randomised"] = "classic"
+    # a transfer split (sizes, layouts, textures and wordings outside the training ranges) evaluated after
+    # every stage beside eval_split; generated there with synth_test queries per task when missing. "" = none
+    transfer_path: str = ""
+    train_split: str = "train"
+    eval_split: str = "test"
+    shuffle_buffer: int = 512  # 1 = no shuffling
+    batch_by_task: bool = True  # one task per batch: hard in-batch negatives (VLM2Vec-style sampling)
+
+
+class ClusterConfig(Section):
+    address: str = ""  # "" = start a local Ray in-process; "auto" or ray://… to join one
+    num_cpus: Steps = 0  # local Ray only; 0 = all cores
+    placement_timeout_s: Positive = 60.0
+    # true on a cluster whose autoscaler adds nodes (ray_cluster.yaml, KubeRay with autoscaling): the
+    # check of the roles against the resources present now is skipped, and the placement group's pending
+    # demand makes the autoscaler scale up within placement_timeout_s
+    autoscaling: bool = False
+
+
+class RoleConfig(Section):
+    """How many actors a role has and what each asks of Ray (the same keys in every role section)."""
+
+    num_actors: Count = 1
+    cpus_per_actor: NonNeg = 0.1
+    gpus_per_actor: NonNeg = 0.0
+    # a custom Ray resource every bundle of the role asks a sliver of, pinning the role to the node type that
+    # advertises it (ray_cluster.yaml: learner_pool / rollout_pool); "" = any node with the CPUs/GPUs
+    node_resource: str = ""
+
+
+class LearnerConfig(RoleConfig):
+    num_actors: Count = 2
+    cpus_per_actor: NonNeg = 0.5
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    offload_optimizer: bool = False
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    micro_batch_size: Count = 8  # pairs per learner per micro-batch
+    grad_accum_steps: Count = 1
+    lr: Positive = 2e-4
+    weight_decay: NonNeg = 0.0
+    grad_clip: NonNeg = 1.0
+    warmup_steps: Steps = 10
+    torch_threads: Count = 1
+
+
+class CMAConfig(Section):
+    steps: Count = 200
+    lambda_cma: NonNeg = 1.0
+    temperature: Positive = 0.02
+    ce_weight: NonNeg = 1.0
+    embedding_lr: NonNeg = 0.0  # the (tied) token embedding's learning rate; 0 = learners.lr
+
+
+class RolloutConfig(RoleConfig):
+    """Rollout workers (Refine-RL): who samples the G rewrites per query, and how."""
+
+    num_actors: Count = 2
+    backend: RolloutBackend = "hf"  # vllm: GPU clusters; on CPU needs `bash scripts/setup_vllm.sh`
+    # vllm: the Python of a venv with vLLM and this ray on every rollout node ("" = this checkout's
+    # .venv-vllm, which scripts/setup_vllm.sh makes; the GPU profiles name /opt/rime-vllm/bin/python,
+    # which ray_cluster.yaml and clusters/Dockerfile build). Checked on a rollout node before any actor.
+    vllm_python: str = ""
+    vllm_max_model_len: Count = 1024  # prompt + rewrite tokens per sequence (training images are <= 448 px)
+    vllm_dtype: Literal["", "float32", "bfloat16", "float16"] = ""  # "" = the learners' precision (bf16 -> bfloat16)
+    # share of the GPU's memory vLLM takes; 0 = 0.9 x gpus_per_actor, so engines that share a GPU by
+    # fractions (the 1gpu profile) leave the learners' and reward model's memory alone
+    vllm_gpu_memory_utilization: Num = 0.0  # in [0, 1]
+    vllm_enforce_eager: bool = True  # false: CUDA graphs (faster decoding, more memory, slower start)
+    group_size: Count = 4  # G rewrites per query (METHOD.md: 8 on real models)
+    max_new_tokens: Count = 16
+    temperature: NonNeg = 1.0
+    top_p: Num = 1.0  # in (0, 1]
+    top_k: Steps = 0  # 0 = off (vLLM's default); HF generate's implicit 50 is overridden either way
+    batch_size: Count = 16  # prompts per generate call (hf backend)
+    torch_threads: Count = 1
+    max_restarts: Steps = 3  # Ray restarts a dead worker and re-issues its rollouts
+    # Learner -> rollout weight sync, a registered strategy (orchestrator.sync): object_store (ray.put once,
+    # every worker fetches) or collective (learner rank 0 broadcasts in a group with the workers: NCCL when
+    # both sides have GPUs, else gloo).
+    weight_sync: str = "object_store"
+    sync_bucket_mb: Count = 256  # collective: flat buffers of at most this size per broadcast call
+    sync_timeout_s: Positive = 120.0  # collective: a member that stops answering fails the sync after this
+
+
+class RewardConfig(RoleConfig):
+    """The frozen discriminative-anchor reward service and the reward's weights (METHOD.md, Stage 2)."""
+
+    query_encoder: QueryEncoder = "frozen"  # which weights embed (query, rewrite)
+    top_k: Count = 1  # acc = positive within the top k of the candidates
+    neg_temperature: Positive = 0.05  # softmax over hard negatives
+    format_weight: Num = 0.1
+    length_weight: Num = 0.0
+    length_target: Count = 24
+    max_restarts: Steps = 3
+
+
+class RefineRLConfig(Section):
+    """GRPO over rewrites: verl's estimators and policy losses, λ·InfoNCE(g, anchors) on the learners."""
+
+    steps: Count = 60
+    queries_per_step: Count = 8
+    lr: Positive = 2e-5
+    embedding_lr: NonNeg = 0.0  # 0 = lr
+    warmup_steps: Steps = 5
+    estimator: str = "grpo"  # any name in verl's advantage registry (grpo, rloo, reinforce_plus_plus, …)
+    policy_loss: str = "vanilla"  # any name in verl's policy-loss registry (vanilla = clipped surrogate, gspo, …)
+    clip_ratio_low: NonNeg = 0.2
+    clip_ratio_high: NonNeg = 0.28
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    kl_coef: NonNeg = 0.04
+    kl_type: str = "low_var_kl"
+    lambda_nce: NonNeg = 0.1
+    nce_temperature: Positive = 0.02
+    max_staleness: Literal[0, 1] = 0  # 1 = rollouts of step t+1 overlap the update of step t (one-step-stale)
+    batch_by_task: bool = False
+
+
+class PlumeConfig(Section):
+    """PLUME stage: explicit-to-latent curriculum on the learners, and the transition adapter's sizes."""
+
+    steps_per_stage: int = 60  # total steps = segments x steps_per_stage + final_stage_steps, with or without the curriculum
+    final_stage_steps: int = 0  # the fully latent last stage (answer dropped in its second half); 0 = steps_per_stage
+    curriculum: bool = True  # false = fully latent from the first step (the ablation)
+    # Curriculum stage to start at: 1.. skips the all-text stage 0 (and its budget) for a start model that
+    # already writes the explicit reasoning; the explicit-reasoning probe then runs on it before step 0
+    first_stage: int = 0
+    # Curriculum stage to end with (-1 = the fully latent last stage): 0 trains explicit reasoning only
+    # (a CoT start model for a later first_stage: 1 run; the probe reads it at the end)
+    last_stage: int = -1
+    segments: int = 4  # reasoning segments per record, replaced left to right
+    latent_steps: int = 8  # K; each replaced segment becomes latent_steps / segments steps
+    lr: Positive = 2e-4
+    embedding_lr: NonNeg = 0.0  # the (tied) token embedding's learning rate; 0 = lr
+    warmup_steps: Steps = 10  # also after each curriculum stage change (Adam state is reset there)
+    temperature: Positive = 0.02
+    ce_weight: NonNeg = 1.0
+    disc_weight: NonNeg = 1.0  # NCE on the disc anchors h(<disc_emb>)
+    lambda_bal: NonNeg = 0.1
+    experts: Steps = 4  # 0 with shared_expert = the single-MLP ablation
+    top_k: int = 2  # in 1..experts (checked with experts)
+    shared_expert: bool = True
+    expert_mult: Count = 2
+    step_embed_dim: Steps = 0  # 0 = hidden size
+    max_latent_steps: int = 16
+    anchor: AdapterAnchor = "disc"  # what guides the router besides z
+    # Targets (positives) in the plume loss: "latent" = as at inference (K latent steps, no text), so
+    # NCE(g_q, g_t) stays informative while the query still reads its teacher-forced answer; "phase" =
+    # the query's phase with the target's own answer text (both sides then carry the answer early on).
+    target_layout: Literal["latent", "phase"] = "latent"
+    renormalize: bool = False
+    batch_by_task: bool = True
+    # At the end of curriculum stage 0: greedy explicit reasoning on this many eval queries per task,
+    # scored against the records (plume/explicit_*): can the model write what the curriculum distils? 0 = off
+    probe_queries_per_task: Steps = 32
+    probe_max_new_tokens: Count = 128
+
+    def schedule(self) -> CurriculumSchedule:
+        """The ``rime_model.curriculum.CurriculumSchedule`` these settings describe (ValueError names the key)."""
+        from rime_model.curriculum import CurriculumSchedule
+
+        return CurriculumSchedule(
+            self.steps_per_stage,
+            self.segments,
+            self.latent_steps,
+            self.curriculum,
+            self.final_stage_steps,
+            self.first_stage,
+            self.last_stage,
+        )
+
+    def adapter(self) -> dict:
+        """Keyword arguments of ``rime_model.latent.AdapterConfig`` (hidden size comes from the model)."""
+        return {
+            "num_experts": self.experts,
+            "top_k": self.top_k,
+            "shared_expert": self.shared_expert,
+            "expert_mult": self.expert_mult,
+            "step_embed_dim": self.step_embed_dim,
+            "max_steps": self.max_latent_steps,
+            "anchor": self.anchor,
+            "default_steps": self.latent_steps,
+            "renormalize": self.renormalize,
+        }
+
+
+class EvalConfig(Section):
+    every_steps: Steps = 0  # 0 = only at the end of each stage
+    query_modes: Names = ("disc", "gen")
+    cand_modes: Names = ("disc", "gen")
+    max_queries_per_task: Steps = 40
+    max_new_tokens: Count = 16
+    batch_size: Count = 32
+    before_training: bool = True  # also evaluate the starting model (the baseline)
+
+
+class CheckpointConfig(Section):
+    every_steps: Count = 50
+    keep_last: Count = 2
+
+
+class TrackingConfig(Section):
+    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<run dir>/mlflow.db
+    experiment: str = "rime"
+    log_model: bool = True
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    learners: LearnerConfig = LearnerConfig()
+    cma: CMAConfig = CMAConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    refine_rl: RefineRLConfig = RefineRLConfig()
+    plume: PlumeConfig = PlumeConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+    def to_dict(self) -> dict:
+        return self.model_dump()
+
+    def flat(self) -> dict[str, Any]:
+        """``section.key`` -> value, for MLflow params."""
+        return {f"{s}.{k}": (",".join(v) if isinstance(v, tuple) else v) for s, d in self.to_dict().items() for k, v in d.items()}

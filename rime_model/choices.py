@@ -1,0 +1,20 @@
+"""Choice lists shared by the config, the CLI and the code that acts on them, each defined once as a
+``Literal`` (read the values with ``typing.get_args``). Torch-free: config validation imports it."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+Mode = Literal["disc", "gen", "latent"]  # how an embedding is made (Embedder.embed, Serve, rime embed)
+QueryMode = Literal["disc", "gen", "oracle", "latent"]  # rime eval's query side (oracle = the ideal rewrite)
+RolloutBackend = Literal["hf", "vllm"]
+QueryEncoder = Literal["frozen", "policy"]  # which weights embed (query, rewrite) in the reward service
+AdapterAnchor = Literal["disc", "none"]  # what guides PLUME's router besides z
+TorchDType = Literal["float32", "bfloat16", "float16"]
+
+MODES: tuple[str, ...] = get_args(Mode)
+QUERY_MODES: tuple[str, ...] = get_args(QueryMode)
+BACKENDS: tuple[str, ...] = get_args(RolloutBackend)
+QUERY_ENCODERS: tuple[str, ...] = get_args(QueryEncoder)
+ANCHORS: tuple[str, ...] = get_args(AdapterAnchor)
+DTYPES: tuple[str, ...] = get_args(TorchDType)
