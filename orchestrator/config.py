@@ -116,17 +116,18 @@ def parse_config(raw: dict | None) -> Config:
     return cfg
 
 
-def _registered() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Stage and weight-sync names from their registries (both packages import torch- and Ray-free)."""
-    from .stages import STAGES as stage_registry
+def _registered() -> tuple[dict, tuple[str, ...]]:
+    """The stage registry and the weight-sync names (both packages import torch- and Ray-free)."""
+    from .stages import STAGES
     from .sync import WEIGHT_SYNCS
 
-    return tuple(stage_registry), tuple(WEIGHT_SYNCS)
+    return STAGES, tuple(WEIGHT_SYNCS)
 
 
 def _check(cfg: Config) -> None:
     """What one field's type cannot say: names from registries, and checks that span keys."""
-    stages, syncs = _registered()
+    stage_registry, syncs = _registered()
+    stages = tuple(stage_registry)
     if cfg.rollout.weight_sync not in syncs:
         raise ConfigError(f"rollout.weight_sync: {cfg.rollout.weight_sync!r} is not one of {syncs}")
     for s in cfg.run.stages:
@@ -147,15 +148,7 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"data.synth_tasks: {unknown_tasks or '[]'} not generated tasks; choose from {TASKS + EXTRA_TASKS}")
     if cfg.data.shuffle_buffer < 1:
         raise ConfigError(f"data.shuffle_buffer: must be >= 1, got {cfg.data.shuffle_buffer} (1 = no shuffling)")
-    rl, ro, lc = cfg.refine_rl, cfg.rollout, cfg.learners
-    shards = lc.num_actors * lc.grad_accum_steps
-    if "refine-rl" in cfg.run.stages and (rl.queries_per_step * ro.group_size) % shards:
-        raise ConfigError(
-            f"refine_rl.queries_per_step: {rl.queries_per_step} queries x rollout.group_size "
-            f"{ro.group_size} must split evenly over learners.num_actors x grad_accum_steps = {shards}"
-        )
-    if "refine-rl" in cfg.run.stages and rl.estimator in ("grpo", "rloo") and ro.group_size < 2:
-        raise ConfigError(f"rollout.group_size: {rl.estimator} compares rewrites within a group; use >= 2")
+    ro, lc = cfg.rollout, cfg.learners
     roles = {"learners": lc, "rollout": ro, "reward": cfg.reward}
     for sec, role in roles.items():
         if role.gpus_per_actor > 1 and role.gpus_per_actor != int(role.gpus_per_actor):
@@ -170,18 +163,6 @@ def _check(cfg: Config) -> None:
                 "advertises (ray_cluster.yaml: learner_pool / rollout_pool; `ray start --resources='{\"NAME\": N}'`), "
                 'or "" for any node'
             )
-    shared = [f"{s}.gpus_per_actor" for s in ("learners", "rollout") if 0 < roles[s].gpus_per_actor < 1]
-    if (
-        "refine-rl" in cfg.run.stages
-        and ro.weight_sync == "collective"
-        and shared
-        and lc.gpus_per_actor > 0
-        and ro.gpus_per_actor > 0
-    ):
-        raise ConfigError(
-            f"rollout.weight_sync: collective broadcasts over NCCL, which refuses two members on one "
-            f"GPU, and {shared[0]} is a fraction; use rollout.weight_sync=object_store when roles share GPUs"
-        )
     if not 0 <= ro.vllm_gpu_memory_utilization <= 1:
         raise ConfigError(
             f"rollout.vllm_gpu_memory_utilization: must be in [0, 1] (0 = 0.9 x gpus_per_actor), "
@@ -201,23 +182,8 @@ def _check(cfg: Config) -> None:
             f"tracking.uri: {cfg.tracking.uri!r} would turn tracking off, but training always tracks; "
             "leave it empty for sqlite in the run dir (or $MLFLOW_TRACKING_URI), or give a URI"
         )
-    if "plume" in cfg.run.stages:
-        _check_plume(cfg.plume)
-
-
-def _check_plume(pc: PlumeConfig) -> None:
-    """The curriculum checks are the schedule's own (``rime_model.curriculum`` is torch-free, so the CLI
-    still validates before importing torch); the adapter's sizes are checked here, by config key."""
-    try:
-        pc.schedule()
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    if pc.latent_steps > pc.max_latent_steps:
-        raise ConfigError(
-            f"plume.latent_steps: {pc.latent_steps} > plume.max_latent_steps {pc.max_latent_steps}; raise the latter"
-        )
-    if pc.experts and not 1 <= pc.top_k <= pc.experts:
-        raise ConfigError(f"plume.top_k: must be in 1..plume.experts ({pc.experts}), got {pc.top_k}")
+    for name in cfg.run.stages:  # each stage's own cross-key checks (torch-free)
+        stage_registry[name].check_config(cfg)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -93,6 +93,11 @@ class Stage(ABC):
         return {}
 
     @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Checks of this stage's settings that span keys, at config load (torch- and Ray-free; raise
+        ``ConfigError`` naming the key and the fix)."""
+
+    @classmethod
     def preflight(cls, cfg: Config) -> None:
         """Checks that take seconds, before data, model or Ray (a bad setting fails here, not after actors start)."""
 

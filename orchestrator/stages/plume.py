@@ -14,7 +14,7 @@ from typing import Any
 
 from actors.batches import Pair
 
-from ..config import Config
+from ..config import Config, ConfigError
 from .base import StageSettings, register_stage
 from .supervised import SupervisedStage
 
@@ -47,6 +47,22 @@ class PlumeStage(SupervisedStage):
             pc.schedule().total_steps,
             pc.embedding_lr,
         )
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """The curriculum checks are the schedule's own (``rime_model.curriculum`` is torch-free); the
+        adapter's sizes are checked here, by config key."""
+        pc = cfg.plume
+        try:
+            pc.schedule()
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        if pc.latent_steps > pc.max_latent_steps:
+            raise ConfigError(
+                f"plume.latent_steps: {pc.latent_steps} > plume.max_latent_steps {pc.max_latent_steps}; raise the latter"
+            )
+        if pc.experts and not 1 <= pc.top_k <= pc.experts:
+            raise ConfigError(f"plume.top_k: must be in 1..plume.experts ({pc.experts}), got {pc.top_k}")
 
     @classmethod
     def learner_options(cls, cfg: Config) -> dict[str, Any]:

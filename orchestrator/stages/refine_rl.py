@@ -28,6 +28,24 @@ class RefineRLStage(Stage):
         return rl_requests(cfg)
 
     @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        rl, ro, lc = cfg.refine_rl, cfg.rollout, cfg.learners
+        shards = lc.num_actors * lc.grad_accum_steps
+        if (rl.queries_per_step * ro.group_size) % shards:
+            raise ConfigError(
+                f"refine_rl.queries_per_step: {rl.queries_per_step} queries x rollout.group_size "
+                f"{ro.group_size} must split evenly over learners.num_actors x grad_accum_steps = {shards}"
+            )
+        if rl.estimator in ("grpo", "rloo") and ro.group_size < 2:
+            raise ConfigError(f"rollout.group_size: {rl.estimator} compares rewrites within a group; use >= 2")
+        shared = [f"{s}.gpus_per_actor" for s, role in (("learners", lc), ("rollout", ro)) if 0 < role.gpus_per_actor < 1]
+        if ro.weight_sync == "collective" and shared and lc.gpus_per_actor > 0 and ro.gpus_per_actor > 0:
+            raise ConfigError(
+                f"rollout.weight_sync: collective broadcasts over NCCL, which refuses two members on one "
+                f"GPU, and {shared[0]} is a fraction; use rollout.weight_sync=object_store when roles share GPUs"
+            )
+
+    @classmethod
     def preflight(cls, cfg: Config) -> None:
         check_rl_objective(cfg)
 
