@@ -27,6 +27,7 @@ def setup_console(verbose: bool = False) -> None:
         h.set_name(_CONSOLE)
         h.setFormatter(logging.Formatter("[rime] %(message)s"))
         logger.addHandler(h)
+        logger.propagate = False  # a root handler some library configured would print every line twice
 
 
 def attach_run_log(path: Path) -> logging.Handler:

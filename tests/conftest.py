@@ -91,3 +91,4 @@ def no_console_handlers_left():
         logger = logging.getLogger(name)
         for h in [h for h in logger.handlers if h.get_name() == "rime-console"]:
             logger.removeHandler(h)
+        logger.propagate = True

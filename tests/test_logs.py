@@ -42,6 +42,7 @@ def test_the_run_log_gets_rimes_and_ray_datas_records(tmp_path, capsys):
             logger = logging.getLogger(name)
             for c in [c for c in logger.handlers if c.get_name() == "rime-console"]:
                 logger.removeHandler(c)
+            logger.propagate = True
     text = (tmp_path / "train.log").read_text()
     assert "orchestrator.train: stage cma: 3 steps" in text and "ray.data: Execution plan" in text
     assert "after the run" not in text
