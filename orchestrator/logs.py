@@ -32,6 +32,8 @@ def setup_console(verbose: bool = False) -> None:
 
 def attach_run_log(path: Path) -> logging.Handler:
     """Write rime's and Ray Data's records to ``path`` (detach with ``detach_run_log``)."""
+    import ray.data  # noqa: F401  (Ray Data sets its loggers' handlers when imported: ours go on after that)
+
     path.parent.mkdir(parents=True, exist_ok=True)
     h = logging.FileHandler(path)
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

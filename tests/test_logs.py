@@ -48,3 +48,20 @@ def test_the_run_log_gets_rimes_and_ray_datas_records(tmp_path, capsys):
     assert "after the run" not in text
     out = capsys.readouterr().out
     assert "[rime] stage cma: 3 steps" in out and "Execution plan" not in out
+
+
+def test_ray_data_records_reach_a_run_log_attached_before_ray_data_was_imported(tmp_path):
+    """The trainer attaches its run log before anything imports Ray Data, whose import replaces its loggers'
+    handlers: the executor's reports must still land in the file (a fresh interpreter, as in `rime train`)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, pathlib, sys; from orchestrator.logs import attach_run_log, quiet_ray_data; "
+        "h = attach_run_log(pathlib.Path(sys.argv[1])); quiet_ray_data(False); "
+        "logging.getLogger('ray.data._internal.execution.streaming_executor').info('Execution plan of Dataset x')"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "train.log")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "streaming_executor: Execution plan of Dataset x" in (tmp_path / "train.log").read_text()
+    assert "Execution plan" not in r.stdout + r.stderr  # not on the console
