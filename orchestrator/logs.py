@@ -18,16 +18,24 @@ _CONSOLE = "rime-console"
 def setup_console(verbose: bool = False) -> None:
     """``[rime] …`` INFO lines on stdout for rime's packages. Idempotent, and each call points the handler
     at the current ``sys.stdout`` (the CLI's ``main`` may run more than once in one process: tests)."""
+    remove_console()  # (setStream on the old handler would flush a stream that may be closed by now)
     for name in PACKAGES:
         logger = logging.getLogger(name)
         logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-        for old in [h for h in logger.handlers if h.get_name() == _CONSOLE]:
-            logger.removeHandler(old)  # (setStream would flush a stream that may be closed by now)
         h = logging.StreamHandler(sys.stdout)
         h.set_name(_CONSOLE)
         h.setFormatter(logging.Formatter("[rime] %(message)s"))
         logger.addHandler(h)
         logger.propagate = False  # a root handler some library configured would print every line twice
+
+
+def remove_console() -> None:
+    """Undo ``setup_console``: its handlers go, and records propagate to the root logger again."""
+    for name in PACKAGES:
+        logger = logging.getLogger(name)
+        for h in [h for h in logger.handlers if h.get_name() == _CONSOLE]:
+            logger.removeHandler(h)
+        logger.propagate = True
 
 
 def attach_run_log(path: Path) -> logging.Handler:

@@ -21,6 +21,7 @@ from typing import Any
 from rime_data.pipeline import PipelineConfig
 
 from .config import Config, dump_config
+from .logs import PACKAGES, attach_run_log, detach_run_log, quiet_ray_data
 from .pairs import PairStream, StreamPosition
 from .run_state import CheckpointMeta, RunDirError, RunState, prepare_run_dir, write_json_atomic
 from .stages import STAGES, Stage, StageContext
@@ -118,8 +119,6 @@ class Trainer:
         """Connect to ``cluster.address`` or start a local cluster, unless the caller already runs Ray (then
         that session is used and left running: ``_stop_ray`` only stops what this trainer started)."""
         import ray
-
-        from .logs import quiet_ray_data
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         self._owns_ray = not ray.is_initialized()
@@ -231,7 +230,6 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
         from .learner_group import LearnerGroup
-        from .logs import attach_run_log, detach_run_log
 
         cfg = self.cfg
         run_log = attach_run_log(self.run_dir / "train.log")
@@ -332,7 +330,7 @@ class Trainer:
             log_artifact=lambda path, where: self.mlflow.log_artifact(path, artifact_path=where),
         )
         stage = self.stage = STAGES[name](ctx)
-        loggers = [logging.getLogger(p) for p in ("orchestrator", "actors", "rewards", "rime_model", "rime_data")]
+        loggers = [logging.getLogger(p) for p in PACKAGES]
         try:
             stage.start()
             # disable=None: a bar on a terminal only; logs and CI get the stage's log lines

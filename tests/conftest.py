@@ -83,12 +83,6 @@ def no_console_handlers_left():
     """``orchestrator.cli.main`` run in-process adds ``[rime]`` console handlers bound to that test's
     captured stdout: remove them after the test, so a later test's log records never reach a closed stream."""
     yield
-    import logging
+    from orchestrator.logs import remove_console
 
-    from orchestrator.logs import PACKAGES
-
-    for name in PACKAGES:
-        logger = logging.getLogger(name)
-        for h in [h for h in logger.handlers if h.get_name() == "rime-console"]:
-            logger.removeHandler(h)
-        logger.propagate = True
+    remove_console()

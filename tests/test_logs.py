@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from orchestrator.logs import PACKAGES, attach_run_log, detach_run_log, quiet_ray_data, setup_console
+from orchestrator.logs import attach_run_log, detach_run_log, quiet_ray_data, remove_console, setup_console
 
 
 def _console_levels() -> list[int]:
@@ -38,11 +38,7 @@ def test_the_run_log_gets_rimes_and_ray_datas_records(tmp_path, capsys):
         detach_run_log(h)
         logging.getLogger("orchestrator.train").info("after the run")
     finally:
-        for name in PACKAGES:
-            logger = logging.getLogger(name)
-            for c in [c for c in logger.handlers if c.get_name() == "rime-console"]:
-                logger.removeHandler(c)
-            logger.propagate = True
+        remove_console()
     text = (tmp_path / "train.log").read_text()
     assert "orchestrator.train: stage cma: 3 steps" in text and "ray.data: Execution plan" in text
     assert "after the run" not in text
