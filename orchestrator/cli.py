@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ablate_parser(sub).set_defaults(func=_cmd_ablate)  # train arms x start models x seeds, then compare
 
     from .mlflow_server import add_parser as add_mlflow_server_parser
-    from .submit import add_parsers as add_submit_parsers
+    from .submit_cli import add_parsers as add_submit_parsers
 
     add_submit_parsers(sub)  # submit, jobs, profile (Ray Jobs API, clusters/profiles)
     add_mlflow_server_parser(sub)  # mlflow-server

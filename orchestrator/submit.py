@@ -1,5 +1,6 @@
 """``rime submit`` / ``rime jobs``: run ``rime train`` on a Ray cluster through the Ray Jobs API,
-with a cluster profile's overrides (``orchestrator.profiles``).
+with a cluster profile's overrides (``orchestrator.profiles``). The Ray Jobs client side (submitting,
+following, ``rime jobs``) is ``orchestrator.jobs``.
 
 Everything that can be checked before a job exists is checked here, in seconds, in this order:
 the config (``load_config`` with the profile's and the user's overrides: a typo names the dotted
@@ -12,22 +13,22 @@ The job's entrypoint is ``python -m orchestrator.cli train CONFIG --set cluster.
 run by the head's Python inside the uploaded working dir, so the driver joins the cluster
 instead of starting a local one, and the environment variables given (``MLFLOW_TRACKING_URI`` from
 the shell by default) reach the driver and every actor it starts.
+
+The commands themselves (``rime submit``, ``rime jobs``, ``rime profile``) are ``orchestrator.submit_cli``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import os
 import secrets
 import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .profiles import check_fits, load_profile, profile_overrides
+from .profiles import load_profile, profile_overrides
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # What never goes into the uploaded working dir (gitignore syntax, relative to it; Ray also applies
@@ -52,7 +53,6 @@ EXCLUDES = [
 ]
 ZOO_NAMES = ("tiny", "small")  # rime_model.zoo.BUILDERS, without importing torch into the submitting shell
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI",)  # copied from the submitting shell unless given with --env
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 class SubmitError(RuntimeError):
@@ -232,17 +232,6 @@ def build_job(
     return JobSpec(shlex.join(argv), runtime_env, sid, meta, warnings)
 
 
-def client_for(address: str, timeout_s: float = 5.0):
-    """A JobSubmissionClient, after checking the address answers like a Ray dashboard."""
-    check_address(address, timeout_s)
-    from ray.job_submission import JobSubmissionClient
-
-    try:
-        return JobSubmissionClient(address)
-    except Exception as e:  # noqa: BLE001 - the SDK raises bare ConnectionError/RuntimeError
-        raise SubmitError(f"--address {address}: {e}") from None
-
-
 def local_model_path(spec: str) -> str | None:
     """The filesystem path a ``model.spec`` names (a saved folder, or ``hf:`` with a path), else None (a zoo
     name, which every node builds; a hub id; an MLflow URI, which every node downloads)."""
@@ -254,202 +243,3 @@ def local_model_path(spec: str) -> str | None:
         path = spec[3:]
         return path if path.startswith(("/", ".", "~")) or Path(path).exists() else None
     return spec
-
-
-def submit(spec: JobSpec, address: str, entrypoint_num_cpus: float = 0.0, timeout_s: float = 5.0) -> str:
-    client = client_for(address, timeout_s)
-    try:
-        return client.submit_job(
-            entrypoint=spec.entrypoint,
-            runtime_env=spec.runtime_env,
-            submission_id=spec.submission_id,
-            metadata=spec.metadata,
-            entrypoint_num_cpus=entrypoint_num_cpus or None,
-        )
-    except Exception as e:  # noqa: BLE001
-        raise SubmitError(f"submission to {address} failed: {e}") from None
-
-
-def follow(client, job_id: str, out=None) -> str:
-    """Stream the job's logs until it ends; returns its final status."""
-    out = out or sys.stdout
-
-    async def _tail():
-        async for chunk in client.tail_job_logs(job_id):
-            out.write(chunk)
-            out.flush()
-
-    asyncio.run(_tail())
-    return wait(client, job_id, timeout_s=60)
-
-
-def wait(client, job_id: str, timeout_s: float) -> str:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = str(client.get_job_status(job_id).value)
-        if status in TERMINAL or time.monotonic() > deadline:
-            return status
-        time.sleep(1.0)
-
-
-# --------------------------------------------------------------------------- CLI handlers
-def _print_warnings(spec: JobSpec) -> None:
-    for w in spec.warnings:
-        print(f"rime submit: warning: {w}", file=sys.stderr)
-
-
-def cmd_submit(args) -> int:
-    address = normalize_address(args.address)
-    spec = build_job(
-        args.config,
-        args.set,
-        profile=args.profile,
-        working_dir=args.working_dir,
-        env=args.env,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        python=args.python,
-        submission_id=args.submission_id,
-    )
-    _print_warnings(spec)
-    if args.dry_run:
-        import json
-
-        print(
-            json.dumps(
-                {
-                    "address": address,
-                    "submission_id": spec.submission_id,
-                    "entrypoint": spec.entrypoint,
-                    "runtime_env": spec.runtime_env,
-                    "metadata": spec.metadata,
-                },
-                indent=2,
-            )
-        )
-        return 0
-    job_id = submit(spec, address, args.entrypoint_num_cpus, args.timeout)
-    print(f"submitted job {job_id} to {address}")
-    print(f"  logs:   rime jobs logs {job_id} --address {address} --follow")
-    print(f"  status: rime jobs status {job_id} --address {address}")
-    sys.stdout.flush()
-    if not args.follow:
-        return 0
-    from ray.job_submission import JobSubmissionClient
-
-    try:
-        status = follow(JobSubmissionClient(address), job_id)
-    except KeyboardInterrupt:
-        print(f"\nstopped following; job {job_id} keeps running (rime jobs stop {job_id} --address {address})", file=sys.stderr)
-        return 130
-    print(f"job {job_id}: {status}")
-    return 0 if status == "SUCCEEDED" else 1
-
-
-def cmd_jobs(args) -> int:
-    address = normalize_address(args.address)
-    client = client_for(address, args.timeout)
-    if args.jobs_command == "list":
-        jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
-        print(f"{'submission_id':44} {'status':10} {'started':19} entrypoint")
-        for j in jobs:
-            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.start_time / 1000)) if j.start_time else "-"
-            ep = j.entrypoint if len(j.entrypoint) <= 80 else j.entrypoint[:77] + "..."
-            print(f"{str(j.submission_id or j.job_id):44} {str(j.status.value):10} {started:19} {ep}")
-        return 0
-    job_id = args.job_id
-    try:
-        info = client.get_job_info(job_id)
-    except Exception as e:  # noqa: BLE001
-        raise SubmitError(f"job {job_id}: not found at {address} ({str(e).splitlines()[0][:200]})") from None
-    if args.jobs_command == "status":
-        status = wait(client, job_id, args.wait) if args.wait else str(info.status.value)
-        print(f"{job_id}: {status}" + (f" ({info.message})" if info.message and status != "RUNNING" else ""))
-        return 0 if status != "FAILED" else 1
-    if args.jobs_command == "logs":
-        if args.follow:
-            status = follow(client, job_id)
-            print(f"job {job_id}: {status}")
-        else:
-            sys.stdout.write(client.get_job_logs(job_id))
-        return 0
-    if args.jobs_command == "stop":
-        stopped = client.stop_job(job_id)
-        status = wait(client, job_id, args.wait) if args.wait else str(client.get_job_status(job_id).value)
-        print(f"{job_id}: {'stop requested' if stopped else 'already finished'}; status {status}")
-        return 0
-    raise SubmitError(f"unknown jobs command {args.jobs_command}")  # pragma: no cover - argparse restricts it
-
-
-def cmd_profile(args) -> int:
-    prof = load_profile(args.profile)
-    if args.check_config:
-        from .config import load_config
-
-        load_config(args.check_config, profile_overrides(prof))
-    placed = check_fits(prof)
-    if args.sets:
-        print(" ".join(f"--set {shlex.quote(s)}" for s in profile_overrides(prof)))
-        return 0
-    tot = prof.total
-    print(f"{prof.name}: {prof.description}".rstrip(": "))
-    print(f"  cluster: {tot['CPU']:g} CPU, {tot['GPU']:g} GPU in {sum(n.count for n in prof.nodes)} node(s)")
-    for node, roles in placed.items():
-        print(f"  {node}: {', '.join(roles) or '(driver only)'}")
-    print("  overrides: " + " ".join(f"--set {shlex.quote(s)}" for s in profile_overrides(prof)))
-    return 0
-
-
-def add_parsers(sub) -> None:
-    """Register ``submit``, ``jobs`` and ``profile`` on the ``rime`` CLI's subparsers."""
-    s = sub.add_parser("submit", help="run `rime train CONFIG` on a Ray cluster through the Ray Jobs API")
-    s.add_argument("config")
-    s.add_argument(
-        "--address", default=None, help=f"Ray dashboard address (default $RAY_API_SERVER_ADDRESS, else {DEFAULT_ADDRESS})"
-    )
-    s.add_argument("--profile", default=None, help="clusters/profiles/<size>.yaml: roles -> resources, as config overrides")
-    s.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (after the profile)"
-    )
-    s.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="env var for the job (MLFLOW_TRACKING_URI is forwarded by default)",
-    )
-    s.add_argument("--working-dir", default=None, help="folder uploaded to the cluster (default: the current directory)")
-    s.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 0 only if it SUCCEEDED")
-    s.add_argument("--resume", action="store_true")
-    s.add_argument("--overwrite", action="store_true")
-    s.add_argument("--python", default="python", help="Python on the head that has rime's dependencies (default: python)")
-    s.add_argument("--submission-id", default=None)
-    s.add_argument("--entrypoint-num-cpus", type=float, default=0.0, help="CPUs reserved for the driver (default 0)")
-    s.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the dashboard to answer")
-    s.add_argument("--dry-run", action="store_true", help="validate and print the job without submitting")
-    s.set_defaults(func=cmd_submit)
-
-    j = sub.add_parser("jobs", help="list, inspect, stop and read logs of Ray jobs (same API as rime submit)")
-    jsub = j.add_subparsers(dest="jobs_command", required=True)
-    for name, help_ in (
-        ("list", "all jobs on the cluster"),
-        ("status", "a job's status"),
-        ("logs", "a job's logs"),
-        ("stop", "stop a running job"),
-    ):
-        c = jsub.add_parser(name, help=help_)
-        if name != "list":
-            c.add_argument("job_id")
-        if name in ("status", "stop"):
-            c.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait up to SECONDS for the job to end")
-        if name == "logs":
-            c.add_argument("--follow", action="store_true")
-        c.add_argument("--address", default=None)
-        c.add_argument("--timeout", type=float, default=5.0)
-    j.set_defaults(func=cmd_jobs)
-
-    p = sub.add_parser("profile", help="show how a cluster profile places the roles, or print it as --set overrides")
-    p.add_argument("profile")
-    p.add_argument("--sets", action="store_true", help="print only the --set overrides")
-    p.add_argument("--check-config", default=None, metavar="CONFIG", help="also validate CONFIG with the overrides")
-    p.set_defaults(func=cmd_profile)

@@ -90,7 +90,7 @@ QWEN2_VL_2B_VISION = dict(
 
 def cache_dir() -> Path:
     """Where built zoo models live (``RIME_CACHE`` overrides ``~/.cache/rime``)."""
-    return Path(os.environ.get("RIME_CACHE", Path.home() / ".cache" / "rime"))
+    return Path(os.environ.get("RIME_CACHE") or Path.home() / ".cache" / "rime")  # set but empty = unset
 
 
 def qwen2_tokenizer():
