@@ -168,31 +168,12 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .run_summary import format_summary
     from .train import train
 
     cfg = load_config(args.config, args.set)
     summary = train(cfg, resume=args.resume, overwrite=args.overwrite, verbose=args.verbose)
-    print(
-        json.dumps(
-            {
-                k: v
-                for k, v in summary.items()
-                if k
-                in (
-                    "run_dir",
-                    "mlflow_run_id",
-                    "steps",
-                    "baseline",
-                    "baseline_transfer",
-                    "final",
-                    "final_transfer",
-                    "model_uri",
-                    "bad_rows",
-                )
-            },
-            indent=2,
-        )
-    )
+    print(format_summary(summary))
     return 0
 
 

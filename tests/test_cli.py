@@ -82,3 +82,20 @@ def test_sqlite_store_keeps_its_artifacts_beside_it(tmp_path, monkeypatch):
         assert not (tmp_path / "mlruns").exists()
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_a_run_with_a_transfer_split_prints_both_side_by_side_before_its_json():
+    from orchestrator.run_summary import format_summary
+
+    final = {"disc->disc": {"hit@1": 0.5}, "gen->disc": {"hit@1": 0.4}, "gen->gen": {"hit@1": 0.0}}
+    transfer = {"disc->disc": {"hit@1": 0.3}, "gen->disc": {"hit@1": 0.1}, "gen->gen": {"hit@1": 0.2}}
+    out = format_summary({"steps": 3, "final": final, "final_transfer": transfer, "checksums": [1.0]})
+    table, _, js = out.partition("\n{")
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[2:]}
+    assert rows == {
+        "disc->disc": ["0.500", "0.300", "0.60"],
+        "gen->disc": ["0.400", "0.100", "0.25"],
+        "gen->gen": ["0.000", "0.200", "-"],
+    }
+    assert json.loads("{" + js) == {"steps": 3, "final": final, "final_transfer": transfer}  # checksums are not printed
+    assert format_summary({"steps": 3, "final": final}).startswith("{")  # no transfer split: JSON only
