@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from rime_model import Embedder
-from rime_model.latent import ADAPTER_ATTR, AdapterConfig, adapter_differences
+from rime_model.latent import AdapterConfig
 
 from .stage_losses import LEARNER_LOSSES
 
@@ -83,15 +83,7 @@ class Learner:
         self.emb = Embedder.load(model_path)
         if latent_adapter is not None:
             # Before deepspeed.initialize, so ZeRO partitions, trains and checkpoints it with the rest.
-            want = AdapterConfig(hidden_size=self.emb.dim, **latent_adapter)
-            have = self.emb.latent_adapter
-            if have is not None and adapter_differences(have.cfg.to_dict(), want.to_dict()):
-                delattr(self.emb.model, ADAPTER_ATTR)  # the configured adapter (e.g. an ablation) replaces it
-                have = None  # (the driver said so: orchestrator.stages.plume.announce_adapter)
-            if have is None:
-                self.emb.attach_latent_adapter(want, seed=seed)
-            else:
-                have.cfg = want  # at most K's default differs
+            self.emb.use_latent_adapter(AdapterConfig(hidden_size=self.emb.dim, **latent_adapter), seed=seed)
         if freeze_vision:
             for name, p in self.emb.model.named_parameters():
                 if "visual" in name or "vision_tower" in name:
@@ -137,6 +129,12 @@ class Learner:
         self.stage, self.stage_cfg = stage, stage_cfg
         self.reset_optimizer(lr, warmup_steps, clear_state=reset_optimizer, embedding_lr=embedding_lr)
         self.ref = None
+        # the Matryoshka prefix sizes the saved model will record: CMA's own, else the start model's (also
+        # after a resume into a later stage, whose learners were built from the run's first model)
+        if stage == "cma":
+            self.emb.matryoshka_dims = tuple(stage_cfg.get("matryoshka_dims", ()))
+        elif ref_path is not None:
+            self.emb.matryoshka_dims = tuple(Embedder.saved_settings(ref_path).get("matryoshka_dims", ()))
         LEARNER_LOSSES[stage].begin(self, ref_path)
 
     def reset_optimizer(self, lr: float, warmup_steps: int, clear_state: bool = True, embedding_lr: float = 0.0) -> None:

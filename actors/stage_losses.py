@@ -15,7 +15,7 @@ import torch
 
 from rime_model.curriculum import Phase, continuation_text, split_segments
 from rime_model.latent import balance_loss, latent_pass
-from rime_model.losses import cma_loss, completion_ce, info_nce, plume_loss
+from rime_model.losses import check_prefix_dims, cma_loss, completion_ce, info_nce, plume_loss
 from rime_model.policy_loss import PolicyLossConfig, policy_loss
 from rime_model.rollout_ops import action_logprobs
 
@@ -58,7 +58,13 @@ def register_loss(name: str) -> Callable[[type[StageLoss]], type[StageLoss]]:
 
 @register_loss("cma")
 class CMALoss(StageLoss):
-    """Cross-Mode Alignment: CE on the rewrites + NCE within and across the disc and gen spaces."""
+    """Cross-Mode Alignment: CE on the rewrites + NCE within and across the disc and gen spaces, each NCE
+    also over the Matryoshka prefix sizes ``matryoshka_dims`` when the stage config lists any."""
+
+    def begin(self, learner: Learner, start_model: str | None) -> None:
+        """The prefix sizes against the loaded model's embedding size (the driver checked the saved
+        config already; this also covers learners started from elsewhere, before any step runs)."""
+        check_prefix_dims(learner.stage_cfg.get("matryoshka_dims", ()), learner.emb.dim, key="cma.matryoshka_dims")
 
     def terms(self, learner: Learner, pairs: list[Pair]) -> dict[str, Any]:
         emb, cfg = learner.emb, learner.stage_cfg
@@ -81,6 +87,7 @@ class CMALoss(StageLoss):
             temperature=cfg["temperature"],
             ce_weight=cfg["ce_weight"],
             target_ids=[p.target_id for p in pairs],
+            dims=cfg.get("matryoshka_dims", ()),
         )
 
 

@@ -107,6 +107,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         cache_dir=cache_dir() / "eval",
         model_tag=_model_tag(args.model),
         latent_steps=args.latent_steps,
+        dims=args.dims,
     )
     print(format_table(result, args.metric))
     if result.latent_steps is not None:
@@ -124,6 +125,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     }
     if result.latent_steps is not None:  # two evals of one model at two K differ only here
         params["latent_steps"] = result.latent_steps
+    if result.dims is not None:  # likewise two evals at two truncations
+        params["dims"] = result.dims
     report = write_report(result, Path(args.out), params, per_query=args.per_query)
     print(f"report: {report}")
     uri = tracking_uri_or_none(args.mlflow)
@@ -321,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--query-mode", default="disc,gen", help="comma list of disc, gen, oracle, latent")
     v.add_argument("--cand-mode", default="disc,gen", help="comma list of disc, gen, latent")
     v.add_argument("--latent-steps", type=int, default=None, help="K of latent mode (default: the model's own, else 8)")
+    v.add_argument(
+        "--dims",
+        type=int,
+        default=None,
+        help="score the first DIMS components of queries and candidates, re-normalised (Matryoshka; default: all)",
+    )
     v.add_argument("--tasks", default=None)
     v.add_argument("--max-queries-per-task", type=int, default=None)
     v.add_argument("--batch-size", type=int, default=16)

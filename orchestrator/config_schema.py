@@ -36,8 +36,17 @@ def _names(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
 
+def _ints(v: Any) -> Any:
+    """A list of integers, also as one comma-separated string (``--set cma.matryoshka_dims=64,128``)."""
+    if isinstance(v, str):
+        parts = [x.strip() for x in v.split(",") if x.strip()]
+        return tuple(int(x) if x.lstrip("+-").isdigit() else x for x in parts)
+    return tuple(v) if isinstance(v, list) else v
+
+
 Num = Annotated[float, BeforeValidator(_number)]
 Names = Annotated[tuple[str, ...], BeforeValidator(_names)]
+Ints = Annotated[tuple[int, ...], BeforeValidator(_ints)]
 Count = Annotated[int, Field(ge=1)]  # something there must be at least one of
 NonNeg = Annotated[Num, Field(ge=0)]
 Positive = Annotated[Num, Field(gt=0)]
@@ -121,6 +130,10 @@ class CMAConfig(Section):
     temperature: Positive = 0.02
     ce_weight: NonNeg = 1.0
     embedding_lr: NonNeg = 0.0  # the (tied) token embedding's learning rate; 0 = learners.lr
+    # Matryoshka representation learning: prefix sizes (distinct, each below the model's embedding size)
+    # whose re-normalised leading components are also trained to retrieve; every NCE term is the mean over
+    # them and the full size, and the saved model records them (`embed(dims=)`, `rime eval --dims`). [] = off
+    matryoshka_dims: Ints = ()
 
 
 class RolloutConfig(RoleConfig):
@@ -300,4 +313,8 @@ class Config(Section):
 
     def flat(self) -> dict[str, Any]:
         """``section.key`` -> value, for MLflow params."""
-        return {f"{s}.{k}": (",".join(v) if isinstance(v, tuple) else v) for s, d in self.to_dict().items() for k, v in d.items()}
+        return {
+            f"{s}.{k}": (",".join(map(str, v)) if isinstance(v, tuple) else v)
+            for s, d in self.to_dict().items()
+            for k, v in d.items()
+        }

@@ -4,7 +4,8 @@ Candidates are embedded once per candidate mode (and cached on disk for saved mo
 once per query mode; every requested pair is then scored from those vectors. Query modes:
 ``disc``, ``gen`` (the model writes its rewrite), ``oracle`` (gen embedding of the record's ideal
 rewrite, teacher-forced: the ceiling a perfect rewriter reaches with this encoder) and ``latent``
-(PLUME). Rows that cannot be embedded are counted, reported with their ids, and left out.
+(PLUME). Rows that cannot be embedded are counted, reported with their ids, and left out. ``dims``
+scores the first ``dims`` components of both sides, re-normalised (Matryoshka models, ``cma.matryoshka_dims``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from rime_data.metrics import METRICS, aggregate, query_metrics
 from rime_data.schema import read_table, split_paths, validate_candidate, validate_query
 from rime_model import Embedder, GenerationConfig, InputError
+from rime_model.embedder import check_dims, truncate
 
 from .config import EVAL_CAND_MODES as CAND_MODES
 from .config import EVAL_QUERY_MODES as QUERY_MODES
@@ -49,6 +51,7 @@ class EvalResult:
     # K of latent mode where a latent side was scored (None otherwise): reports of one model at two K
     # (e.g. the ablation's K=0 control) differ only here
     latent_steps: int | None = None
+    dims: int | None = None  # leading components scored (re-normalised); None = all
 
     def to_dict(self, per_query: bool = False) -> dict:
         """The report; ``per_query`` adds every query's metrics (for ``rime compare``)."""
@@ -64,6 +67,7 @@ class EvalResult:
             "timings": self.timings,
             "queries_sha1": self.queries_sha1,
             "latent_steps": self.latent_steps,
+            "dims": self.dims,
             **({"per_query": self.per_query} if per_query else {}),
         }
 
@@ -193,9 +197,13 @@ def evaluate(
     cache_dir: str | Path | None = None,
     model_tag: str | None = None,
     latent_steps: int | None = None,
+    dims: int | None = None,
 ) -> EvalResult:
     """Score every (query mode, candidate mode) pair on one split of a rime dataset. ``latent_steps``
-    is K of latent mode (None = the model's own default)."""
+    is K of latent mode (None = the model's own default); ``dims`` scores truncated, re-normalised vectors
+    (candidates are embedded and cached whole, so one cache serves every ``dims``)."""
+    if dims is not None:
+        check_dims(dims, emb.dim)
     for m in query_modes:
         if m not in QUERY_MODES:
             raise ValueError(f"query_mode: {m!r} is not one of {QUERY_MODES}")
@@ -254,6 +262,8 @@ def evaluate(
         token_counts += counts
         timings[f"query_{m}_s"] = round(time.perf_counter() - t, 3)
 
+    qvecs = {m: truncate(v, dims) for m, v in qvecs.items()}
+    cvecs = {m: truncate(v, dims) for m, v in cvecs.items()}
     pairs, per_query, n_ranked = score_pairs(queries, cands, qvecs, cvecs, skipped)
     mean_tokens = float(np.mean(token_counts)) if token_counts else None
     return EvalResult(
@@ -268,6 +278,7 @@ def evaluate(
         per_query=per_query,
         queries_sha1=queries_sha1,
         latent_steps=k if "latent" in (*query_modes, *cand_modes) else None,
+        dims=dims,
     )
 
 
@@ -380,17 +391,19 @@ def _dedupe(rows: list[dict]) -> list[dict]:
 
 
 def format_table(result: EvalResult, metric: str = "hit@1") -> str:
-    """Tasks as rows, mode pairs as columns, plus the MMEB average."""
+    """Tasks as rows, mode pairs as columns, plus the MMEB average; the header names truncated dims."""
     pairs = list(result.pairs)
     tasks = sorted({t for agg in result.pairs.values() for t in agg["tasks"]})
     width = max([len(p) for p in pairs] + [8])
-    lines = [f"{metric:12s}" + "".join(f"{p:>{width + 2}s}" for p in pairs)]
+    head = metric if result.dims is None else f"{metric}, dims {result.dims}"
+    lead = max(12, len(head))
+    lines = [f"{head:{lead}s}" + "".join(f"{p:>{width + 2}s}" for p in pairs)]
     for t in tasks:
         lines.append(
-            f"{t:12s}"
+            f"{t:{lead}s}"
             + "".join(f"{result.pairs[p]['tasks'].get(t, {}).get(metric, float('nan')):>{width + 2}.3f}" for p in pairs)
         )
-    lines.append(f"{'ALL (mean)':12s}" + "".join(f"{result.pairs[p]['all'][metric]:>{width + 2}.3f}" for p in pairs))
+    lines.append(f"{'ALL (mean)':{lead}s}" + "".join(f"{result.pairs[p]['all'][metric]:>{width + 2}.3f}" for p in pairs))
     return "\n".join(lines)
 
 

@@ -26,7 +26,16 @@ from transformers.processing_utils import ProcessorMixin
 from .choices import MODES
 from .encoding import Item, ModelBatch, PromptEncoder, Rewrite
 from .families import FAMILIES, ModelFamily
-from .latent import ADAPTER_ATTR, AdapterConfig, TransitionAdapter, attach_adapter, latent_pass, load_adapter, save_adapter
+from .latent import (
+    ADAPTER_ATTR,
+    AdapterConfig,
+    TransitionAdapter,
+    adapter_differences,
+    attach_adapter,
+    latent_pass,
+    load_adapter,
+    save_adapter,
+)
 from .prompts import PromptTemplate
 from .tokens import SpecialTokens, add_special_tokens
 from .vision_step import vision_in_step
@@ -50,6 +59,23 @@ class EmbeddingResult:
     @property
     def rewrite_token_counts(self) -> list[int] | None:
         return None if self.rewrites is None else [r.num_tokens for r in self.rewrites]
+
+
+def check_dims(dims: int, size: int) -> int:
+    """``dims`` for truncated scoring: a prefix size in 1..size (ValueError names it and the range)."""
+    if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)) or not 1 <= dims <= size:
+        raise ValueError(f"dims: must be an integer in 1..{size} (the model's embedding size), got {dims!r}")
+    return int(dims)
+
+
+def truncate(vectors: np.ndarray, dims: int | None) -> np.ndarray:
+    """The first ``dims`` components of each row, re-normalised to unit length (Matryoshka scoring); the
+    vectors as they are for None. A zero prefix stays zero (as ``F.normalize``), never NaN."""
+    if dims is None:
+        return vectors
+    head = vectors[:, :dims]
+    norms = np.linalg.norm(head, axis=1, keepdims=True)
+    return (head / np.maximum(norms, 1e-12)).astype(vectors.dtype, copy=False)
 
 
 @dataclass
@@ -101,6 +127,8 @@ class Embedder:
         if tokenizer.pad_token is None:
             raise ValueError("tokenizer has no pad_token; set one before building the Embedder")
         add_special_tokens(tokenizer, self.model, tokens)
+        # Matryoshka prefix sizes the model was trained for (cma.matryoshka_dims); () = none. Saved with it.
+        self.matryoshka_dims: tuple[int, ...] = ()
         self.enc = PromptEncoder(processor, family, tokens, template or PromptTemplate(), device=lambda: self.device)
         # rime's GenerationConfig is the only source of sampling settings. ``generate`` fills every setting a
         # call leaves unset from the checkpoint's generation_config.json (Qwen2-VL-Instruct's carries a
@@ -140,6 +168,19 @@ class Embedder:
             raise ValueError(f"latent adapter hidden_size {cfg.hidden_size} != the model's hidden size {self.dim}")
         return attach_adapter(self.model, cfg, seed)
 
+    def use_latent_adapter(self, cfg: AdapterConfig, seed: int = 0) -> TransitionAdapter:
+        """The adapter a PLUME stage trains: the saved one when its settings match ``cfg`` (``default_steps``
+        aside, which only sets K), else a fresh one of ``cfg``'s shape (an ablation from a CoT start model
+        means what it says; the driver announces it: ``orchestrator.stages.plume.announce_adapter``)."""
+        have = self.latent_adapter
+        if have is not None and adapter_differences(have.cfg.to_dict(), cfg.to_dict()):
+            delattr(self.model, ADAPTER_ATTR)
+            have = None
+        if have is None:
+            return self.attach_latent_adapter(cfg, seed=seed)
+        have.cfg = cfg  # at most K's default differs
+        return have
+
     def prepare(self, inputs: Iterable[Any]) -> list[Item]:
         """Validate and decode user items (raises ``InputError`` naming the bad item)."""
         return self.enc.prepare(inputs)
@@ -166,14 +207,25 @@ class Embedder:
         batch_size: int = 16,
         generation: GenerationConfig | None = None,
         steps: int | None = None,
+        dims: int | None = None,
     ) -> EmbeddingResult:
         """Embed items in ``disc`` (one pass), ``gen`` (generate a rewrite, then embed) or ``latent``
-        (PLUME: ``steps`` latent steps through the transition adapter, default ``self.latent_steps``)."""
+        (PLUME: ``steps`` latent steps through the transition adapter, default ``self.latent_steps``).
+        ``dims``: keep the first ``dims`` components, re-normalised (smaller vectors; a model trained with
+        ``cma.matryoshka_dims`` lists the sizes it learnt in ``matryoshka_dims``)."""
         if mode not in MODES:
             raise ValueError(f"mode: {mode!r} is not one of {MODES}")
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
-        items = self.prepare(inputs)
+        if dims is not None:
+            check_dims(dims, self.dim)
+        res = self._embed(self.prepare(inputs), mode, batch_size, generation, steps)
+        res.vectors = truncate(res.vectors, dims)
+        return res
+
+    def _embed(
+        self, items: list[Item], mode: str, batch_size: int, generation: GenerationConfig | None, steps: int | None
+    ) -> EmbeddingResult:
         chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
         if mode == "disc":
             return EmbeddingResult(torch.cat([self.encode(self.enc.disc_batch(c)) for c in chunks]).cpu().numpy(), "disc")
@@ -239,7 +291,12 @@ class Embedder:
         )
         self.model.save_pretrained(str(path), state_dict=state)
         self.family.save_processor(self.processor, path)
-        meta = {"family": self.family.name, "tokens": self.tokens.to_dict(), "template": self.template.to_dict()}
+        meta = {
+            "family": self.family.name,
+            "tokens": self.tokens.to_dict(),
+            "template": self.template.to_dict(),
+            "matryoshka_dims": list(self.matryoshka_dims),
+        }
         if adapter is not None:
             save_adapter(adapter, path)
             meta["latent_adapter"] = adapter.cfg.to_dict()
@@ -248,8 +305,8 @@ class Embedder:
 
     @staticmethod
     def saved_settings(path: str | Path) -> dict:
-        """A saved embedder's own settings (family, tokens, template, latent adapter), checked, without
-        loading weights."""
+        """A saved embedder's own settings (family, tokens, template, latent adapter, Matryoshka sizes),
+        checked, without loading weights."""
         meta_file = Path(path) / EMBEDDER_CONFIG
         if not meta_file.is_file():
             raise FileNotFoundError(f"{meta_file} not found: {path} is not a saved rime embedder (Embedder.save writes it)")
@@ -257,6 +314,14 @@ class Embedder:
         if meta.get("family") not in FAMILIES:
             raise ValueError(f"{meta_file}: family {meta.get('family')!r} unknown; known: {sorted(FAMILIES)}")
         return meta
+
+    @staticmethod
+    def saved_dim(path: str | Path) -> int:
+        """A saved embedder's embedding size (its language model's hidden size), read from the model's
+        config without loading weights: settings checked against it fail before any model loads."""
+        from transformers import AutoConfig
+
+        return int(AutoConfig.from_pretrained(str(path)).get_text_config().hidden_size)
 
     @staticmethod
     def reserved_tokens_of(path: str | Path) -> tuple[str, ...]:
@@ -278,4 +343,5 @@ class Embedder:
         emb = cls(model, processor, family, SpecialTokens.from_dict(meta["tokens"]), PromptTemplate.from_dict(meta["template"]))
         if meta.get("latent_adapter"):
             load_adapter(emb.model, AdapterConfig.from_dict(meta["latent_adapter"]), path).eval()
+        emb.matryoshka_dims = tuple(meta.get("matryoshka_dims", ()))  # folders saved before it: none
         return emb

@@ -3,6 +3,8 @@
 InfoNCE gathers the other learners' embeddings without gradient; the local slice is put back
 with its graph, so each learner's gradient flows only through its own shard, and the
 data-parallel gradient average reassembles the exact full-batch gradient (see ``info_nce``).
+With Matryoshka prefix sizes (``cma.matryoshka_dims``) every InfoNCE term is also scored on the
+re-normalised leading components, so truncated embeddings stay usable.
 """
 
 from __future__ import annotations
@@ -35,12 +37,36 @@ def gather_ids(ids: Sequence[int]) -> list[int]:
     return torch.cat(parts).tolist()
 
 
+def check_prefix_dims(dims: Sequence[int], size: int, key: str = "dims") -> tuple[int, ...]:
+    """``dims`` as a tuple after checking each is a distinct prefix size in 1..size-1 (the full size is
+    always scored, so listing it would only count it twice); ValueError names ``key`` and the range."""
+    dims = tuple(int(d) for d in dims)
+    bad = [d for d in dims if not 1 <= d < size]
+    if bad or len(set(dims)) != len(dims):
+        why = f"out of range: {bad}" if bad else "a size is listed twice"
+        raise ValueError(
+            f"{key}: {list(dims)}: {why}; give distinct prefix sizes in 1..{size - 1} "
+            f"(below the embedding size {size}, which is always scored)"
+        )
+    return dims
+
+
+def _nce_from_gathered(all_q: torch.Tensor, all_t: torch.Tensor, temperature: float, dup: torch.Tensor | None) -> torch.Tensor:
+    """Bidirectional InfoNCE of already-gathered, L2-normalised rows (row i of each side is a pair)."""
+    labels = torch.arange(all_q.shape[0], device=all_q.device)
+    logits = all_q @ all_t.T / temperature
+    if dup is not None:
+        logits = logits.masked_fill(dup, float("-inf"))
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
 def info_nce(
     q: torch.Tensor,
     t: torch.Tensor,
     temperature: float = 0.02,
     target_ids: Sequence[int] | None = None,
     gather: bool = True,
+    dims: Sequence[int] = (),
 ) -> torch.Tensor:
     """Bidirectional InfoNCE between paired rows of ``q`` and ``t`` (L2-normalised), in-batch negatives.
 
@@ -52,20 +78,28 @@ def info_nce(
     such as CE does not change when learners are added (OpenCLIP's scheme, without a gradient
     all-gather). ``target_ids`` (one per row) marks rows whose targets are the same item (two queries
     of one class label): they are not each other's negatives.
+
+    ``dims`` (Matryoshka representation learning): prefix sizes below the full one. The loss is then
+    the MEAN of the InfoNCE on the full vectors and on each re-normalised prefix ``x[:, :d]``, so the
+    first d components alone already retrieve. A mean, not sentence-transformers' weighted sum: turning
+    it on keeps the term's scale, hence its balance against CE and the other terms. The full vectors
+    are gathered once and truncated after, so the collectives do not grow with the number of dims.
     """
     if q.shape != t.shape:
         raise ValueError(f"info_nce: q {tuple(q.shape)} and t {tuple(t.shape)} must have the same shape")
+    dims = check_prefix_dims(dims, q.shape[-1]) if dims else ()
     all_q, _ = gather_with_local_grad(q) if gather else (q, 0)
     all_t, _ = gather_with_local_grad(t) if gather else (t, 0)
-    n = all_q.shape[0]
-    labels = torch.arange(n, device=q.device)
-    logits = all_q @ all_t.T / temperature
+    dup = None
     if target_ids is not None:
         ids = torch.tensor(gather_ids(target_ids) if gather else list(target_ids), device=q.device)
         dup = ids.unsqueeze(1) == ids.unsqueeze(0)
         dup.fill_diagonal_(False)
-        logits = logits.masked_fill(dup, float("-inf"))
-    loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    losses = [_nce_from_gathered(all_q, all_t, temperature, dup)]
+    for d in dims:
+        prefix_q, prefix_t = F.normalize(all_q[:, :d], dim=-1), F.normalize(all_t[:, :d], dim=-1)
+        losses.append(_nce_from_gathered(prefix_q, prefix_t, temperature, dup))
+    loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
     world = dist.get_world_size() if gather and dist.is_available() and dist.is_initialized() else 1
     return loss * world - loss.detach() * (world - 1) if world > 1 else loss  # value unchanged, gradient x W
 
@@ -90,14 +124,16 @@ def cma_loss(
     temperature: float = 0.02,
     ce_weight: float = 1.0,
     target_ids: Sequence[int] | None = None,
+    dims: Sequence[int] = (),
 ) -> dict[str, torch.Tensor]:
-    """``CE + NCE(d_q,d_t) + NCE(g_q,g_t) + λ·[NCE(g_q,d_t) + NCE(d_q,g_t)]``; every term returned for logging."""
+    """``CE + NCE(d_q,d_t) + NCE(g_q,g_t) + λ·[NCE(g_q,d_t) + NCE(d_q,g_t)]``; every term returned for logging.
+    ``dims``: Matryoshka prefix sizes, each NCE term averaged over them and the full size (``info_nce``)."""
     terms = {
         "ce": ce,
-        "nce_disc": info_nce(d_q, d_t, temperature, target_ids),
-        "nce_gen": info_nce(g_q, g_t, temperature, target_ids),
-        "nce_gen_disc": info_nce(g_q, d_t, temperature, target_ids),
-        "nce_disc_gen": info_nce(d_q, g_t, temperature, target_ids),
+        "nce_disc": info_nce(d_q, d_t, temperature, target_ids, dims=dims),
+        "nce_gen": info_nce(g_q, g_t, temperature, target_ids, dims=dims),
+        "nce_gen_disc": info_nce(g_q, d_t, temperature, target_ids, dims=dims),
+        "nce_disc_gen": info_nce(d_q, g_t, temperature, target_ids, dims=dims),
     }
     terms["loss"] = (
         ce_weight * ce + terms["nce_disc"] + terms["nce_gen"] + lambda_cma * (terms["nce_gen_disc"] + terms["nce_disc_gen"])

@@ -69,6 +69,9 @@ def test_shipped_plume_recipes_parse(name):
         ({"plume": {"target_layout": "both"}}, r"plume\.target_layout: 'both' is not one of"),
         ({"rollout": {"weight_sync": "nccl"}}, r"rollout\.weight_sync: 'nccl' is not one of"),
         ({"cma": {"embedding_lr": -1}}, r"cma\.embedding_lr: must be >= 0"),
+        ({"cma": {"matryoshka_dims": [0, 32]}}, r"cma\.matryoshka_dims: \[0, 32\]: \[0\] not >= 1; give distinct prefix sizes"),
+        ({"cma": {"matryoshka_dims": [32, 64, 32]}}, r"cma\.matryoshka_dims: .*\[32\] listed twice; give distinct"),
+        ({"cma": {"matryoshka_dims": [32, "x"]}}, r"cma\.matryoshka_dims\[1\]: expected an integer, got str"),
         ({"tracking": {"uri": "none"}}, r"tracking\.uri: 'none' would turn tracking off.*leave it empty"),
         ({"tracking": {"uri": " OFF"}}, r"tracking\.uri: ' OFF' would turn tracking off"),
     ],
@@ -90,6 +93,28 @@ def test_overrides_are_typed_and_checked(tmp_path):
         load_config(p, ["cma.stepz=3"])
     with pytest.raises(ConfigError, match="file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_matryoshka_dims_parse_and_are_checked_against_the_start_model(tmp_path):
+    """Lists or one comma string; each size must also be below the start model's embedding size, which
+    the cma stage reads from the saved model's config (no weights) before Ray starts."""
+    import json
+
+    from orchestrator.stages import STAGES
+
+    p = tmp_path / "c.yaml"
+    p.write_text("cma:\n  matryoshka_dims: [16, 64]\n")
+    assert load_config(p).cma.matryoshka_dims == (16, 64)
+    cfg = load_config(p, ["cma.matryoshka_dims=32,8"])
+    assert cfg.cma.matryoshka_dims == (32, 8) and cfg.flat()["cma.matryoshka_dims"] == "32,8"
+    assert load_config(p, ["cma.matryoshka_dims=[]"]).cma.matryoshka_dims == ()
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "text_config": {"hidden_size": 128}}))
+    STAGES["cma"].check_start_model(cfg, str(model))
+    too_big = load_config(p, ["cma.matryoshka_dims=[64,128]"])
+    with pytest.raises(ConfigError, match=r"cma\.matryoshka_dims: \[64, 128\]: out of range: \[128\]; .* 1\.\.127"):
+        STAGES["cma"].check_start_model(too_big, str(model))
 
 
 def test_validation_stays_torch_free():

@@ -196,3 +196,39 @@ def test_a_text_only_training_forward_runs_the_vision_tower_with_zero_effect(tin
         assert tiny.model.get_input_embeddings().weight.grad.any()  # the text path trained as before
     finally:
         tiny.model.zero_grad(set_to_none=True)
+
+
+def test_embed_dims_is_the_renormalised_prefix(tiny):
+    """Matryoshka scoring: the first ``dims`` components of the full embedding, back at unit length."""
+    items = _items(3)
+    full = tiny.embed(items).vectors
+    short = tiny.embed(items, dims=32).vectors
+    assert short.shape == (3, 32) and short.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(short, axis=1), 1.0, atol=1e-5)
+    want = full[:, :32] / np.linalg.norm(full[:, :32], axis=1, keepdims=True)
+    np.testing.assert_allclose(short, want, atol=1e-5)
+    np.testing.assert_allclose(tiny.embed(items, dims=tiny.dim).vectors, full, atol=1e-6)
+    for bad in (0, -1, tiny.dim + 1):
+        with pytest.raises(ValueError, match=rf"dims: must be an integer in 1\.\.{tiny.dim}"):
+            tiny.embed(items, dims=bad)
+
+
+def test_save_load_round_trips_matryoshka_dims(tiny, tmp_path):
+    """The sizes a model was trained for travel with it; folders saved before the key load with none."""
+    import json
+
+    from rime_model import Embedder
+
+    assert tiny.matryoshka_dims == ()
+    tiny.matryoshka_dims = (16, 64)
+    try:
+        folder = tiny.save(tmp_path / "emb")
+    finally:
+        tiny.matryoshka_dims = ()
+    meta_file = folder / "rime_embedder.json"
+    assert json.loads(meta_file.read_text())["matryoshka_dims"] == [16, 64]
+    assert Embedder.load(folder).matryoshka_dims == (16, 64) and Embedder.saved_dim(folder) == tiny.dim
+    meta = json.loads(meta_file.read_text())
+    del meta["matryoshka_dims"]
+    meta_file.write_text(json.dumps(meta))
+    assert Embedder.load(folder).matryoshka_dims == ()

@@ -275,3 +275,32 @@ def test_a_broadcast_export_loads_bucket_by_bucket_and_a_mismatch_fails_before_a
     assert fetched == [len(idx) for idx in plan] and nbytes == sum(v.numel() * v.element_size() for v in export.values())
     for k, v in plain.model.state_dict().items():
         assert torch.equal(v, export[k]), k
+
+
+def test_a_plume_stage_keeps_a_matching_saved_adapter_and_replaces_one_that_differs(tiny_latent_dir, caplog):
+    """What a learner does with its start model's adapter (``Embedder.use_latent_adapter``): same settings
+    (K aside) -> the saved weights go on training; other settings (the single-MLP ablation from a CoT
+    model) -> a fresh adapter of the configured shape, which the driver announces before the learners start."""
+    import logging
+
+    from orchestrator.config import load_config
+    from orchestrator.stages.plume import announce_adapter
+    from rime_model import Embedder
+
+    emb = Embedder.load(tiny_latent_dir)
+    saved = {k: v.clone() for k, v in emb.latent_adapter.state_dict().items()}
+    kept = emb.use_latent_adapter(AdapterConfig(hidden_size=emb.dim, default_steps=4))
+    assert kept is emb.latent_adapter and emb.latent_steps == 4
+    assert all(torch.equal(v, saved[k]) for k, v in kept.state_dict().items())
+
+    fresh = emb.use_latent_adapter(AdapterConfig(hidden_size=emb.dim, num_experts=0), seed=3)
+    assert fresh is emb.latent_adapter and fresh.cfg.num_experts == 0 and fresh.cfg.shared_expert
+    assert len([m for m in emb.model.modules() if m is fresh]) == 1  # replaced, not added beside the old one
+    assert not any(k.startswith("router") for k in fresh.state_dict())
+
+    with caplog.at_level(logging.INFO, logger="orchestrator.stages.plume"):
+        same = load_config("configs/plume-tiny.yaml")
+        assert announce_adapter(same, tiny_latent_dir) == {}
+        ablation = load_config("configs/plume-tiny.yaml", ["plume.experts=0"])
+        assert announce_adapter(ablation, tiny_latent_dir) == {"num_experts": (4, 0)}
+    assert "transition adapter differs from the config (num_experts: 4 -> 0)" in caplog.text

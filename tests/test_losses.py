@@ -72,7 +72,72 @@ def test_cma_loss_is_the_weighted_sum():
     assert out["nce_gen_disc"].item() == pytest.approx(info_nce(g_q, d_t, 0.05).item(), rel=1e-6)
 
 
-def _worker(rank: int, world: int, port: int, x_all, p0, out):
+def test_matryoshka_off_is_the_plain_loss():
+    torch.manual_seed(3)
+    q, t = (F.normalize(torch.randn(5, 16), dim=-1) for _ in range(2))
+    assert torch.equal(info_nce(q, t, 0.1, dims=()), info_nce(q, t, 0.1))
+
+
+def test_matryoshka_loss_is_the_mean_over_the_full_and_prefix_sizes():
+    """The mean (not the sum) of plain InfoNCE on the full vectors and on each hand-truncated,
+    re-normalised prefix, duplicate targets masked in every one."""
+    torch.manual_seed(4)
+    q, t = (F.normalize(torch.randn(6, 16), dim=-1) for _ in range(2))
+    ids = [0, 1, 1, 2, 3, 4]
+    got = info_nce(q, t, 0.1, target_ids=ids, dims=(4, 8))
+    parts = [info_nce(q, t, 0.1, target_ids=ids)] + [
+        info_nce(F.normalize(q[:, :d], dim=-1), F.normalize(t[:, :d], dim=-1), 0.1, target_ids=ids) for d in (4, 8)
+    ]
+    assert got.item() == pytest.approx(sum(x.item() for x in parts) / 3, rel=1e-6)
+    terms = cma_loss(q, t, q, t, torch.tensor(0.0), temperature=0.1, target_ids=ids, dims=(4, 8))
+    assert terms["nce_disc"].item() == pytest.approx(got.item(), rel=1e-6)
+
+
+def test_matryoshka_gradient_differs_from_the_plain_one_and_is_finite():
+    torch.manual_seed(5)
+    x = torch.randn(2, 6, 16)
+
+    def grad(dims):
+        w = x.clone().requires_grad_(True)
+        info_nce(F.normalize(w[0], dim=-1), F.normalize(w[1], dim=-1), 0.1, dims=dims).backward()
+        return w.grad
+
+    plain, nested = grad(()), grad((2, 8))
+    assert torch.isfinite(nested).all() and not torch.allclose(plain, nested)
+
+
+@pytest.mark.parametrize("dims, words", [((0,), "out of range: \\[0\\]"), ((16,), "out of range"), ((4, 4), "listed twice")])
+def test_matryoshka_bad_prefix_sizes_are_refused(dims, words):
+    q = F.normalize(torch.randn(3, 16), dim=-1)
+    with pytest.raises(ValueError, match=f"dims: .*{words}.*1\\.\\.15"):
+        info_nce(q, q, 0.1, dims=dims)
+
+
+def test_cma_learner_checks_and_records_matryoshka_dims(tiny, tmp_path):
+    """At stage start the CMA loss refuses sizes the loaded model cannot truncate to (naming the config
+    key) and the learner's embedder takes the stage's sizes, which its saves record; a later stage (also one
+    resumed into, whose learners were built from the run's first model) takes its start model's. Stubs for
+    the DeepSpeed side: no Ray, no engine."""
+    from types import SimpleNamespace
+
+    from actors.learner import Learner
+    from rime_model import Embedder
+
+    emb = SimpleNamespace(dim=16, matryoshka_dims=())
+    learner = SimpleNamespace(emb=emb, reset_optimizer=lambda *a, **k: None)
+    with pytest.raises(ValueError, match=r"cma\.matryoshka_dims: \[4, 16\]: out of range: \[16\]"):
+        Learner.begin_stage(learner, "cma", {"matryoshka_dims": [4, 16]}, 1e-3, 1)
+    Learner.begin_stage(learner, "cma", {"matryoshka_dims": [4, 8]}, 1e-3, 1)
+    assert emb.matryoshka_dims == (4, 8)
+
+    tiny.matryoshka_dims = (32,)
+    start = tiny.save(tmp_path / "cma-model")
+    tiny.matryoshka_dims = ()
+    Learner.begin_stage(learner, "plume", {}, 1e-3, 1, ref_path=str(start))
+    assert emb.matryoshka_dims == (32,) and Embedder.saved_settings(start)["matryoshka_dims"] == [32]
+
+
+def _worker(rank: int, world: int, port: int, x_all, p0, out, dims=()):
     import os
 
     import torch.distributed as dist
@@ -82,16 +147,17 @@ def _worker(rank: int, world: int, port: int, x_all, p0, out):
     n = x_all.shape[1] // world
     proj = p0.clone().requires_grad_(True)  # one parameter replicated on every rank, as in data parallelism
     q, t = (F.normalize(x[rank * n : (rank + 1) * n] @ proj, dim=-1) for x in x_all)
-    loss = info_nce(q, t, 0.1, target_ids=[0, 1, 2] if rank == 0 else [3, 3, 5])
+    loss = info_nce(q, t, 0.1, target_ids=[0, 1, 2] if rank == 0 else [3, 3, 5], dims=dims)
     loss.backward()
     out[rank] = (loss.item(), proj.grad.clone())
     dist.destroy_process_group()
 
 
-def test_gathered_negatives_across_two_ranks_give_the_full_batch_gradient():
+@pytest.mark.parametrize("dims", [(), (3,)])
+def test_gathered_negatives_across_two_ranks_give_the_full_batch_gradient(dims):
     """Each rank's loss is the whole-batch loss, and the data-parallel AVERAGE of the ranks' parameter
     gradients is exactly the whole-batch gradient (not 1/W of it), so the NCE:CE balance does not
-    depend on the number of learners."""
+    depend on the number of learners; with Matryoshka prefix sizes too (gathered whole, then truncated)."""
     import torch.multiprocessing as mp
 
     from orchestrator.learner_group import free_port
@@ -99,10 +165,10 @@ def test_gathered_negatives_across_two_ranks_give_the_full_batch_gradient():
     torch.manual_seed(2)
     x_all, p0 = torch.randn(2, 6, 8), torch.randn(8, 8)
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, free_port(), x_all, p0, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), x_all, p0, out, dims), nprocs=2, join=True)
     proj = p0.clone().requires_grad_(True)
     q, t = (F.normalize(x @ proj, dim=-1) for x in x_all)
-    full = info_nce(q, t, 0.1, target_ids=[0, 1, 2, 3, 3, 5], gather=False)
+    full = info_nce(q, t, 0.1, target_ids=[0, 1, 2, 3, 3, 5], gather=False, dims=dims)
     full.backward()
     assert out[0][0] == pytest.approx(full.item(), rel=1e-5) and out[1][0] == pytest.approx(full.item(), rel=1e-5)
     torch.testing.assert_close((out[0][1] + out[1][1]) / 2, proj.grad, rtol=1e-4, atol=1e-6)

@@ -252,3 +252,33 @@ def test_import_mmeb_malformed_rows_and_per_dataset_folders(tmp_path):
     assert sum("tgt_text[0]: expected a string, got int" in e for e in errors) == 2
     assert sum("qry_img_path: expected a path string, got list" in e for e in errors) == 2
     assert sum("query_id: 'CatsCls/CatsCls/0' again" in e for e in errors) == 1
+
+
+def test_rime_eval_dims_scores_truncated_vectors_and_records_them(tiny, tmp_path, capsys):
+    """`rime eval --dims D` ranks by the first D components of both sides, re-normalised; the report and
+    the table header say D (the report says null without it)."""
+    from orchestrator.cli import main
+    from orchestrator.evaluate import cand_item, evaluate, load_candidates, load_queries, query_item, score_pairs
+    from rime_data.schema import CANDIDATE_SCHEMA, QUERY_SCHEMA, write_table
+    from rime_data.synth import synth_split
+
+    d = synth_split("test", 3, seed=0, tasks=("referring",))
+    write_table(d.queries, QUERY_SCHEMA, tmp_path / "test" / "queries.parquet")
+    write_table(d.candidates, CANDIDATE_SCHEMA, tmp_path / "test" / "candidates.parquet")
+    out = tmp_path / "report.json"
+    args = ["eval", "--data", str(tmp_path), "--query-mode", "disc", "--cand-mode", "disc", "--max-queries-per-task", "3"]
+    assert main([*args, "--dims", "32", "--mlflow", "none", "--out", str(out)]) == 0
+    assert "hit@1, dims 32" in capsys.readouterr().out
+    rep = json.loads(out.read_text())
+    assert rep["dims"] == 32 and rep["n_queries"] == 3
+    skipped: list[dict] = []
+    queries, _ = load_queries(tiny, tmp_path, "test", None, 3, skipped)
+    cands = load_candidates(tiny, tmp_path, "test", None, skipped)
+    qv = tiny.embed([query_item(q) for q in queries], dims=32).vectors
+    cv = tiny.embed([cand_item(c) for c in cands], dims=32).vectors
+    want, _, _ = score_pairs(queries, cands, {"disc": qv}, {"disc": cv}, skipped)
+    assert rep["pairs"]["disc->disc"]["all"] == pytest.approx(want["disc->disc"]["all"])
+    full = evaluate(tiny, tmp_path, query_modes=("disc",), cand_modes=("disc",), max_queries_per_task=3)
+    assert full.to_dict()["dims"] is None
+    with pytest.raises(ValueError, match=r"dims: must be an integer in 1\.\.128"):
+        evaluate(tiny, tmp_path, query_modes=("disc",), cand_modes=("disc",), dims=129)
