@@ -17,68 +17,62 @@ def _pairs(n: int):
     return make_pairs(d.queries, d.candidates)[:n]
 
 
-@pytest.mark.parametrize("zero_stage", [1, 3])
-def test_two_learners_stay_in_sync_and_learn(ray_local, zoo_cache, zero_stage):
+@pytest.fixture(scope="module", params=[1, 3], ids=lambda z: f"zero{z}")
+def learners(request, ray_local, zoo_cache):
+    """Two learners per ZeRO stage, shared by the tests below in file order (each starts where the last left)."""
     from orchestrator.learner_group import LearnerGroup
     from rime_model.zoo import ensure_zoo_model
 
     cfg = parse_config(
-        {"learners": {"num_actors": 2, "micro_batch_size": 4, "zero_stage": zero_stage, "lr": 1e-3, "warmup_steps": 1}}
+        {"learners": {"num_actors": 2, "micro_batch_size": 4, "zero_stage": request.param, "lr": 1e-3, "warmup_steps": 1}}
     )
     group = LearnerGroup(cfg, str(ensure_zoo_model("tiny")), {"lambda_cma": 1.0, "temperature": 0.05, "ce_weight": 1.0})
-    try:
-        pairs = _pairs(8)
-        shards = [([pairs[:4]],), ([pairs[4:]],)]
-        losses = []
-        for _ in range(6):
-            terms = group.call("train_step", per_rank=shards)
-            losses.append(sum(t["loss"] for t in terms) / 2)
-            sums = group.call("param_checksum")
-            assert sums[0] == sums[1], f"ranks diverged: {sums}"
-        print(f"\nzero{zero_stage} losses: {[round(l, 3) for l in losses]}")
-        assert losses[-1] < 0.7 * losses[0]
-        assert all(b < a for a, b in zip(losses, losses[1:]))
-        weights = group.call("export_weights")
-        assert weights[1] is None and any(k.endswith("embed_tokens.weight") for k in weights[0])
-        total = sum(float(v.double().sum()) for k, v in weights[0].items() if k != "lm_head.weight")  # tied to embed_tokens
-        assert total == pytest.approx(sums[0], rel=1e-6)
-    finally:
-        group.shutdown()
+    yield request.param, group
+    group.shutdown()
 
 
-@pytest.mark.parametrize("zero_stage", [1, 3])
-def test_a_text_only_micro_batch_on_one_rank_keeps_the_ranks_in_step(ray_local, zoo_cache, zero_stage):
+def test_two_learners_stay_in_sync_and_learn(learners):
+    zero_stage, group = learners
+    pairs = _pairs(8)
+    shards = [([pairs[:4]],), ([pairs[4:]],)]
+    losses = []
+    for _ in range(6):
+        terms = group.call("train_step", per_rank=shards)
+        losses.append(sum(t["loss"] for t in terms) / 2)
+        sums = group.call("param_checksum")
+        assert sums[0] == sums[1], f"ranks diverged: {sums}"
+    print(f"\nzero{zero_stage} losses: {[round(l, 3) for l in losses]}")
+    assert losses[-1] < 0.7 * losses[0]
+    assert all(b < a for a, b in zip(losses, losses[1:]))
+    weights = group.call("export_weights")
+    assert weights[1] is None and any(k.endswith("embed_tokens.weight") for k in weights[0])
+    total = sum(float(v.double().sum()) for k, v in weights[0].items() if k != "lm_head.weight")  # tied to embed_tokens
+    assert total == pytest.approx(sums[0], rel=1e-6)
+
+
+def test_a_text_only_micro_batch_on_one_rank_keeps_the_ranks_in_step(learners):
     """Which rank gets images is up to the data. A rank whose micro-batch is text-only must still run the
     vision tower (on a blank image, times 0): otherwise DeepSpeed reduces a different set of gradients on
     each rank (ZeRO-1: gloo aborts the learner, "Received data size doesn't match"; NCCL would hang) or
     gathers different modules (ZeRO-3). Without it this step killed a learner."""
-    from orchestrator.learner_group import LearnerGroup
-    from rime_model.zoo import ensure_zoo_model
-
-    cfg = parse_config(
-        {"learners": {"num_actors": 2, "micro_batch_size": 4, "zero_stage": zero_stage, "lr": 1e-3, "warmup_steps": 1}}
-    )
-    group = LearnerGroup(cfg, str(ensure_zoo_model("tiny")), {"lambda_cma": 1.0, "temperature": 0.05, "ce_weight": 1.0})
-    try:
-        pairs = _pairs(8)
-        text_only = [
-            replace(
-                p,
-                q={**p.q, "image": None, "text": p.q["text"] or p.q_rewrite},
-                t={**p.t, "image": None, "text": p.t["text"] or p.t_rewrite},
-            )
-            for p in pairs[:4]
-        ]
-        assert any(p.q["image"] or p.t["image"] for p in pairs[4:])
-        before = group.call("param_checksum")[0]
-        for _ in range(2):
-            terms = group.call("train_step", per_rank=[([text_only],), ([pairs[4:]],)])
-            assert all(t["loss"] == t["loss"] for t in terms)
-            sums = group.call("param_checksum")
-            assert sums[0] == sums[1], f"ranks diverged: {sums}"
-        assert sums[0] != before
-    finally:
-        group.shutdown()
+    _, group = learners
+    pairs = _pairs(8)
+    text_only = [
+        replace(
+            p,
+            q={**p.q, "image": None, "text": p.q["text"] or p.q_rewrite},
+            t={**p.t, "image": None, "text": p.t["text"] or p.t_rewrite},
+        )
+        for p in pairs[:4]
+    ]
+    assert any(p.q["image"] or p.t["image"] for p in pairs[4:])
+    before = group.call("param_checksum")[0]
+    for _ in range(2):
+        terms = group.call("train_step", per_rank=[([text_only],), ([pairs[4:]],)])
+        assert all(t["loss"] == t["loss"] for t in terms)
+        sums = group.call("param_checksum")
+        assert sums[0] == sums[1], f"ranks diverged: {sums}"
+    assert sums[0] != before
 
 
 def test_embedding_lr_is_its_own_param_group(ray_local, zoo_cache):

@@ -3,22 +3,20 @@
 Most tests run the orchestration with an injected backend that trains nothing (hand-made per-query
 reports): which runs train, resume and re-scoring, failures, the files and the numbers written, and
 every argument check, in seconds. The real backend is tested in pieces (the `rime train` arguments,
-a failing training, a job's logged model, scoring a saved model); one slow test trains for real,
-end to end (`rime ablate` -> `rime train` -> eval -> compare)."""
+a failing training, a job's logged model, scoring a saved model); end to end, for real (`rime ablate
+--submit` -> `rime submit --follow` -> a Ray job that trains -> eval -> compare), in test_submit."""
 
 from __future__ import annotations
 
 import json
-import os
 import random
+import shutil
 import socket
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
-import yaml
 
 from orchestrator.ablate import run_plan
 from orchestrator.ablate_arms import ArmError, LocalBackend, Settings, ensure_test_data, logged_model_uri, rime_args
@@ -410,75 +408,19 @@ def test_arm_overrides_split_like_a_shell_line():
 
 
 # ------------------------------------------------------------------------ end to end, for real
-def prescore_seed(tmp: Path, out: Path, start: str, seed: int = 1) -> None:
-    """Score ``start`` itself as both arms' report of ``seed`` (a real eval, no training) on generated test
-    queries in ``tmp / "test"``: an ablation then skips that pair and scores only its zero-step control, so
-    an end-to-end test trains two runs instead of the four that 2 pairs take."""
+# the reports scored up front from the start model itself: every pair's but seed 0's curriculum arm
+PRESCORED = ((1, "nocur"), (1, "cur"), (0, "nocur"))
+
+
+def prescore(tmp: Path, out: Path, start: str, runs: tuple[tuple[int, str], ...] = PRESCORED) -> None:
+    """Score ``start`` itself as the report of each (seed, arm) in ``runs`` (a real eval, no training) on
+    generated test queries in ``tmp / "test"``: an ablation then skips those runs and scores only the
+    zero-step control of a prescored curriculum arm, so an end-to-end test trains one run, not four."""
     s = _settings(tmp)
     ensure_test_data(s, print)
     (out / "reports").mkdir(parents=True, exist_ok=True)
-    for arm in ("nocur", "cur"):
-        LocalBackend(s).score(
-            _plan().run(0, seed, arm),
-            start,
-            out / "reports" / f"m0-seed{seed}-{arm}.json",
-            tmp / f"prescore-{arm}.log",
-            zero_steps=False,
-        )
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_rime_ablate_trains_scores_and_compares_for_real(tmp_path, zoo_cache):
-    """`rime ablate` as a user runs it: each run a real `rime train` (its own local Ray, a few PLUME steps on
-    tiny data, one learner), scored in-process on the generated test queries, compared; seed 1's pair
-    is the start model scored up front (``prescore_seed``)."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    out, runs = tmp_path / "out", tmp_path / "runs"
-    prescore_seed(tmp_path, out, "tiny")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "orchestrator.cli",
-            "ablate",
-            "--name",
-            "smoke",
-            "--start",
-            "tiny",
-            "--seeds",
-            "0,1",
-            "--runs-dir",
-            str(runs),
-            "--out",
-            str(out),
-            "--test-data",
-            str(tmp_path / "test"),
-            "--test-queries",
-            "6",
-            "--set",
-            f"data.path={tmp_path / 'data'}",
-            "--",
-            *TRAIN_ARGS,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=840,
-        env=env,
-        cwd=ROOT,
-    )
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert r.stderr.count("[ablate] train") == 2 and "eval smoke-m0-seed1-cur with 0 latent steps" in r.stderr
-    for arm, curriculum in (("cur", True), ("nocur", False)):  # each arm its own trained run, seed and setting
-        cfg = yaml.safe_load((runs / f"smoke-m0-seed0-{arm}" / "config.yaml").read_text())
-        assert cfg["run"]["seed"] == 0 and cfg["plume"]["curriculum"] is curriculum
-    reports = out / "reports"
-    res = json.loads((out / "compare.json").read_text())
-    c = compare_files(reports / "m0-seed0-nocur.json", reports / "m0-seed0-cur.json")
-    assert res["summary"]["runs"] == 2 and c.n == res["runs"][0]["n"] == 6 and c.diff == pytest.approx(res["runs"][0]["diff"])
-    assert "across 2 pairs of runs (the run is the unit)" in r.stdout and "the latent steps' own share" in r.stdout
-    k = cfg["plume"]["latent_steps"]
-    control, scored = (json.loads((reports / f"m0-seed0-cur{x}.json").read_text()) for x in ("-k0", ""))
-    assert control["model"] == scored["model"] == str(runs / "smoke-m0-seed0-cur" / "final")
-    assert (control["latent_steps"], scored["latent_steps"]) == (0, k) and k > 0
-    assert json.loads((out / "latent_steps.json").read_text())["runs"][0]["n"] == 6
+    (seed, arm), *others = runs
+    first = out / "reports" / f"m0-seed{seed}-{arm}.json"
+    LocalBackend(s).score(_plan().run(0, seed, arm), start, first, tmp / "prescore.log", zero_steps=False)
+    for seed, arm in others:  # the same model on the same queries: the same report
+        shutil.copy(first, out / "reports" / f"m0-seed{seed}-{arm}.json")

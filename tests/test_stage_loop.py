@@ -144,3 +144,32 @@ def test_a_new_weight_sync_strategy_is_one_class_and_one_registration():
             register_weight_sync("toy-sync")(ToySync)
     finally:
         del WEIGHT_SYNCS["toy-sync"]
+
+
+def test_a_plume_stage_resumed_mid_curriculum_makes_the_calls_an_uninterrupted_one_makes():
+    """What PLUME adds to a resume (the generic checkpoint/stream exactness is test_train's kill test): the
+    phase comes from the schedule and the stage step alone, and the optimizer reset of a curriculum stage
+    change also happens when the resume lands exactly on it. A run resumed at stage step 6 (the start of
+    curriculum stage 3) asks the learners for exactly what steps 6.. of an uninterrupted run ask."""
+    from types import SimpleNamespace
+
+    from orchestrator.stages.plume import PlumeStage
+
+    cfg = parse_config(
+        {"run": {"stages": ["plume"]}, "plume": {"steps_per_stage": 2, "segments": 4, "probe_queries_per_task": 0}}
+    )
+
+    def calls_from(first: int) -> list[tuple]:
+        learners = FakeLearners(size=1)
+        ctx = SimpleNamespace(cfg=cfg, learners=learners, state=SimpleNamespace(plume_rows_short_reasoning=0))
+        stage = PlumeStage(ctx)
+        out = []
+        for i in range(first, stage.schedule.total_steps):
+            args, metrics = stage.step_args(i, [])
+            out.append((i, args["phase"]["stage"], metrics["plume/latent_steps"], [c[0] for c in learners.calls]))
+            learners.calls.clear()
+        return out
+
+    straight, resumed = calls_from(0), calls_from(6)
+    assert [c[0] for c in straight if c[3] == ["reset_optimizer"]] == [2, 4, 6, 8]  # one reset per stage change
+    assert resumed == straight[6:] and resumed[0] == (6, 3, 6, ["reset_optimizer"])

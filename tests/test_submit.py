@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rime_cli import clean_env
 
 from orchestrator.config import ConfigError
 from orchestrator.submit import EXCLUDES, SubmitError, build_job, check_address, normalize_address
@@ -40,9 +41,7 @@ def _free_port() -> int:
 def _env(**extra: str) -> dict:
     """This process's env without a tracking URI or Ray address other tests may have exported, the venv
     first on PATH (the head's `python` is the venv's, as after `source .venv/bin/activate`)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update(PATH=f"{VENV_BIN}:{env.get('PATH', '')}", RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1", **extra)
-    return env
+    return clean_env(PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}", RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1", **extra)
 
 
 # --------------------------------------------------------------------------- before submission
@@ -416,64 +415,6 @@ def _tiny_sets(tmp: Path, name: str, steps: int) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(480)
-def test_submit_trains_on_a_real_head_and_logs_to_the_mlflow_server(head_and_mlflow, zoo_cache, capsys):
-    c = head_and_mlflow
-    cmd = [
-        sys.executable,
-        "-m",
-        "orchestrator.cli",
-        "submit",
-        CONFIG,
-        "--address",
-        c["address"],
-        "--profile",
-        PROFILE,
-        "--follow",
-        "--env",
-        f"RIME_CACHE={zoo_cache}",
-        *_tiny_sets(c["tmp"], "submitted", 3),
-    ]
-    t = time.monotonic()
-    # MLFLOW_TRACKING_URI comes from the submitting shell (forwarded by default), not from the head
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=_env(MLFLOW_TRACKING_URI=c["uri"]), cwd=ROOT)
-    took = time.monotonic() - t
-    assert r.returncode == 0, (r.stdout[-6000:], r.stderr[-3000:])
-    job_id = re.search(r"submitted job (\S+) to", r.stdout).group(1)
-    assert f"job {job_id}: SUCCEEDED" in r.stdout
-    run_id = re.search(rf"\[rime\] mlflow run (\w+) at {re.escape(c['uri'])}", r.stdout).group(1)
-    print(f"submit --follow took {took:.0f}s")
-
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=c["uri"])
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.params["cluster.address"] == "auto" and run.data.params["learners.num_actors"] == "2"
-    hist = client.get_metric_history(run_id, "train/loss")
-    assert [m.step for m in hist] == [1, 2, 3] and all(m.value > 0 for m in hist)
-    assert "eval/disc_to_disc/hit_at_1" in run.data.metrics
-    # artifacts went through the server's proxy into its artifact store
-    assert "config.yaml" in {a.path for a in client.list_artifacts(run_id)}
-    logged = list(c["artifacts"].rglob("config.yaml"))
-    assert logged and yaml.safe_load(logged[0].read_text())["cluster"]["address"] == "auto"
-    assert json.loads((c["tmp"] / "runs" / "submitted" / "summary.json").read_text())["steps"] == 3
-
-    # `rime jobs` wraps the same API
-    from orchestrator.cli import main
-
-    capsys.readouterr()
-    assert main(["jobs", "status", job_id, "--address", c["address"]]) == 0
-    assert capsys.readouterr().out.strip().startswith(f"{job_id}: SUCCEEDED")
-    assert main(["jobs", "list", "--address", c["address"]]) == 0
-    assert re.search(rf"{job_id}\s+SUCCEEDED", capsys.readouterr().out)
-    assert main(["jobs", "logs", job_id, "--address", c["address"]]) == 0
-    assert f"[rime] mlflow run {run_id}" in capsys.readouterr().out
-    assert main(["jobs", "status", "no-such-job", "--address", c["address"]]) == 2
-    assert "job no-such-job: not found" in capsys.readouterr().err
-
-
-@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_jobs_stop_ends_a_running_submission(head_and_mlflow, zoo_cache, capsys):
     from orchestrator.cli import main
@@ -514,19 +455,20 @@ def test_jobs_stop_ends_a_running_submission(head_and_mlflow, zoo_cache, capsys)
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_rime_ablate_trains_every_run_as_a_ray_job(head_and_mlflow, zoo_cache, tiny):
-    """`rime ablate --submit ADDRESS`: each run is a Ray job on the head (its driver joins the cluster), starts
-    from a local model folder given by a relative path and writes its run under --runs-dir (both made
-    absolute, since the job runs in an uploaded copy of the checkout, where a relative path points
-    nowhere), and logs to the forwarded MLflow server, from which the eval loads the run's model (no
-    storage shared with the cluster needed). Seed 1's pair is the start model scored up front, so two
-    runs are submitted, not four."""
-    from test_plume_ablation import TRAIN_ARGS, prescore_seed  # tests/ is on sys.path (pytest prepend import mode)
+def test_ablate_submits_a_run_that_trains_on_the_head_and_logs_to_the_mlflow_server(head_and_mlflow, zoo_cache, tiny, capsys):
+    """`rime ablate --submit ADDRESS` runs `rime submit --follow` per run, so this is also the end-to-end test
+    of `rime submit`: the run is a Ray job on a real head (its driver joins the cluster), starts from a local
+    model folder given by a relative path and writes its run under --runs-dir (both made absolute, since
+    the job runs in an uploaded copy of the checkout, where a relative path points nowhere), and logs
+    metrics, params and artifacts to the forwarded MLflow server (through its artifact proxy), from which
+    the eval loads the run's model (no storage shared with the cluster needed). `rime jobs` reads the same
+    job back. Three of the four runs' reports are the start model scored up front, so one run is submitted."""
+    from test_plume_ablation import TRAIN_ARGS, prescore  # tests/ is on sys.path (pytest prepend import mode)
 
     c = head_and_mlflow
     tmp = c["tmp"] / "ablation"
     start = tiny.save(tmp / "start")  # a saved embedder folder, as a finished run's `final/` is
-    prescore_seed(tmp, tmp / "out", str(start))
+    prescore(tmp, tmp / "out", str(start))
     r = subprocess.run(
         [
             sys.executable,
@@ -567,35 +509,50 @@ def test_rime_ablate_trains_every_run_as_a_ray_job(head_and_mlflow, zoo_cache, t
         cwd=ROOT,
     )
     assert r.returncode == 0, r.stderr[-4000:]
-    assert r.stderr.count("as a Ray job") == 2 and r.stderr.count("[ablate] scored") == 2
-    arms = {f"jobs-m0-seed0-{arm}": arm == "cur" for arm in ("nocur", "cur")}
-    job_ids = {}
-    for run, curriculum in arms.items():
-        log = (tmp / "out" / "logs" / f"{run}.log").read_text()
-        job_ids[run] = re.search(r"submitted job (\S+) to", log).group(1)
-        assert f"job {job_ids[run]}: SUCCEEDED" in log
-        cfg = yaml.safe_load((tmp / "runs" / run / "config.yaml").read_text())  # written by the job, read here
-        assert cfg["cluster"]["address"] == "auto" and cfg["plume"]["curriculum"] is curriculum
-        assert cfg["run"]["seed"] == 0 and cfg["run"]["out_dir"] == str(tmp / "runs")
-        assert cfg["model"]["spec"] == str(start.resolve())
-        report = json.loads((tmp / "out" / "reports" / f"m0-seed0-{'cur' if curriculum else 'nocur'}.json").read_text())
-        assert report["model"].startswith("models:/") and report["model"] in log  # the model this job logged
-        if curriculum:  # its zero-step control scores the same logged model
-            control = json.loads((tmp / "out" / "reports" / "m0-seed0-cur-k0.json").read_text())
-            assert control["model"] == report["model"] and control["latent_steps"] == 0
+    assert r.stderr.count("as a Ray job") == 1 and r.stderr.count("[ablate] scored") == 1
+    run = "jobs-m0-seed0-cur"
+    log = (tmp / "out" / "logs" / f"{run}.log").read_text()
+    job_id = re.search(r"submitted job (\S+) to", log).group(1)
+    assert f"job {job_id}: SUCCEEDED" in log
+    cfg = yaml.safe_load((tmp / "runs" / run / "config.yaml").read_text())  # written by the job, read here
+    assert cfg["cluster"]["address"] == "auto" and cfg["plume"]["curriculum"] is True
+    assert cfg["run"]["seed"] == 0 and cfg["run"]["out_dir"] == str(tmp / "runs")
+    assert cfg["model"]["spec"] == str(start.resolve())
+    report = json.loads((tmp / "out" / "reports" / "m0-seed0-cur.json").read_text())
+    assert report["model"].startswith("models:/") and report["model"] in log  # the model this job logged
+    control = json.loads((tmp / "out" / "reports" / "m0-seed0-cur-k0.json").read_text())  # its zero-step control
+    assert control["model"] == report["model"] and control["latent_steps"] == 0
     from ray.job_submission import JobSubmissionClient
 
-    jobs = {j.submission_id: j for j in JobSubmissionClient(c["address"]).list_jobs()}
-    for run, job_id in job_ids.items():
-        assert str(jobs[job_id].status.value) == "SUCCEEDED" and jobs[job_id].metadata["run_name"] == run
+    job = next(j for j in JobSubmissionClient(c["address"]).list_jobs() if j.submission_id == job_id)
+    assert str(job.status.value) == "SUCCEEDED" and job.metadata["run_name"] == run
     out = json.loads((tmp / "out" / "compare.json").read_text())
     assert out["summary"]["runs"] == 2 and [x["n"] for x in out["runs"]] == [6, 6]
+
+    # the run, as the MLflow server holds it: MLFLOW_TRACKING_URI came from the submitting shell
     from mlflow import MlflowClient
 
+    run_id = re.search(rf"\[rime\] mlflow run (\w+) at {re.escape(c['uri'])}", log).group(1)
     client = MlflowClient(tracking_uri=c["uri"])
-    logged = {
-        run.data.params.get("run.name")
-        for e in client.search_experiments()
-        for run in client.search_runs([e.experiment_id], filter_string="attributes.status = 'FINISHED'")
-    }
-    assert set(arms) <= logged
+    logged = client.get_run(run_id)
+    assert logged.info.status == "FINISHED" and logged.data.params["run.name"] == run
+    assert logged.data.params["cluster.address"] == "auto" and logged.data.params["learners.num_actors"] == "1"
+    steps = json.loads((tmp / "runs" / run / "summary.json").read_text())["steps"]
+    hist = client.get_metric_history(run_id, "train/loss")
+    assert steps > 0 and [m.step for m in hist] == list(range(1, steps + 1)) and all(m.value > 0 for m in hist)
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run_id)}  # through the server's proxy
+    stored = [f for f in c["artifacts"].rglob("config.yaml") if run_id in str(f)]
+    assert stored and yaml.safe_load(stored[0].read_text())["cluster"]["address"] == "auto"
+
+    # `rime jobs` wraps the same API
+    from orchestrator.cli import main
+
+    capsys.readouterr()
+    assert main(["jobs", "status", job_id, "--address", c["address"]]) == 0
+    assert capsys.readouterr().out.strip().startswith(f"{job_id}: SUCCEEDED")
+    assert main(["jobs", "list", "--address", c["address"]]) == 0
+    assert re.search(rf"{job_id}\s+SUCCEEDED", capsys.readouterr().out)
+    assert main(["jobs", "logs", job_id, "--address", c["address"]]) == 0
+    assert f"[rime] mlflow run {run_id}" in capsys.readouterr().out
+    assert main(["jobs", "status", "no-such-job", "--address", c["address"]]) == 2
+    assert "job no-such-job: not found" in capsys.readouterr().err

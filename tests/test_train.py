@@ -12,70 +12,40 @@ import time
 from pathlib import Path
 
 import pytest
+from rime_cli import clean_env, run_cli, train_cmd
 
-CMA_STEPS, RL_STEPS = 12, 4
+CMA_STEPS, RL_STEPS = 8, 2
 STEPS = CMA_STEPS + RL_STEPS
 
 
+TINY = {
+    "data.synth_train": 20,
+    "data.synth_test": 4,
+    "data.synth_val": 0,
+    "cma.steps": CMA_STEPS,
+    "cma.matryoshka_dims": "[64]",  # the Matryoshka loss on real learners (its maths: test_losses)
+    "checkpoint.every_steps": 4,
+    "learners.micro_batch_size": 4,
+    "refine_rl.steps": RL_STEPS,
+    "refine_rl.queries_per_step": 4,
+    "rollout.group_size": 2,
+    "rollout.num_actors": 1,  # several workers' chunks: test_refine_rl
+    "rollout.max_new_tokens": 6,
+    "eval.max_queries_per_task": 3,
+    "eval.max_new_tokens": 4,
+    "eval.before_training": "false",
+    "tracking.log_model": "false",
+}
+
+
 def _cmd(tmp: Path, name: str, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "orchestrator.cli",
-        "train",
-        "configs/tiny-cpu.yaml",
-        "--set",
-        f"run.name={name}",
-        "--set",
-        f"run.out_dir={tmp / 'runs'}",
-        "--set",
-        f"data.path={tmp / 'data'}",
-        "--set",
-        "data.synth_train=20",
-        "--set",
-        "data.synth_test=4",
-        "--set",
-        "data.synth_val=0",
-        "--set",
-        f"cma.steps={CMA_STEPS}",
-        "--set",
-        "checkpoint.every_steps=4",
-        "--set",
-        "learners.micro_batch_size=4",
-        "--set",
-        f"refine_rl.steps={RL_STEPS}",
-        "--set",
-        "refine_rl.queries_per_step=4",
-        "--set",
-        "rollout.group_size=2",
-        "--set",
-        "rollout.max_new_tokens=6",
-        "--set",
-        "eval.max_queries_per_task=3",
-        "--set",
-        "eval.max_new_tokens=4",
-        "--set",
-        "eval.before_training=false",
-        "--set",
-        "tracking.log_model=false",
-        *extra,
-    ]
-
-
-def _env() -> dict:
-    """The test process's env minus MLFLOW_TRACKING_URI (mlflow.set_tracking_uri in other tests exports
-    it), so runs use their default sqlite store in the run dir, which these tests read."""
-    return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-
-
-def _run(cmd, **kw):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=_env(), **kw)
+    return train_cmd("configs/tiny-cpu.yaml", tmp, name, TINY, *extra)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, zoo_cache):
     tmp = tmp_path_factory.mktemp("train")
-    r = _run(_cmd(tmp, "straight"))
+    r = run_cli(_cmd(tmp, "straight"))
     assert r.returncode == 0, r.stderr[-4000:]
     return tmp, json.loads((tmp / "runs" / "straight" / "summary.json").read_text())
 
@@ -86,7 +56,8 @@ def test_run_writes_summary_eval_and_mlflow(uninterrupted):
     assert summary["steps"] == STEPS and summary["bad_rows"] == 0
     assert set(summary["final"]) == {"disc->disc", "disc->gen", "gen->disc", "gen->gen"}
     assert summary["checksums"][0] == summary["checksums"][1]
-    assert (run_dir / "final" / "rime_embedder.json").is_file() and (run_dir / "config.yaml").is_file()
+    assert (run_dir / "config.yaml").is_file()
+    assert json.loads((run_dir / "final" / "rime_embedder.json").read_text())["matryoshka_dims"] == [64]  # kept after RL
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")
@@ -96,7 +67,9 @@ def test_run_writes_summary_eval_and_mlflow(uninterrupted):
     assert hist[CMA_STEPS - 1].value < hist[0].value  # the CMA loss went down
     rl = client.get_metric_history(summary["mlflow_run_id"], "reward/reward_mean")
     assert [m.step for m in rl] == list(range(CMA_STEPS + 1, STEPS + 1))
-    assert [m.value for m in client.get_metric_history(summary["mlflow_run_id"], "sync/version")] == [1.0, 2.0, 3.0, 4.0]
+    assert [m.value for m in client.get_metric_history(summary["mlflow_run_id"], "sync/version")] == [
+        float(v) for v in range(1, RL_STEPS + 1)
+    ]
     assert set(summary["stages"]) == {"cma", "refine-rl"} and (run_dir / "stages" / "cma" / "rime_embedder.json").is_file()
     assert (run_dir / "eval" / "after-cma.json").is_file() and (run_dir / "eval" / "final.json").is_file()
     run = client.get_run(summary["mlflow_run_id"])
@@ -110,13 +83,14 @@ def test_run_writes_summary_eval_and_mlflow(uninterrupted):
 
 def test_killed_driver_resumes_to_same_step_run_and_weights(uninterrupted, tmp_path):
     ref_tmp, ref = uninterrupted
-    cmd = _cmd(ref_tmp, "killed")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
+    # evals do not touch the weights: disc-only ones make the two runs cheaper without changing what they train
+    cmd = _cmd(ref_tmp, "killed", "--set", "eval.query_modes=[disc]", "--set", "eval.cand_modes=[disc]")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env(), start_new_session=True)
     state = ref_tmp / "runs" / "killed" / "state.json"
     deadline = time.time() + 600
     while time.time() < deadline:
         if (
-            state.is_file() and json.loads(state.read_text()).get("checkpoint") == "step12"
+            state.is_file() and json.loads(state.read_text()).get("checkpoint") == f"step{CMA_STEPS}"
         ):  # CMA done: the resume re-enters at the stage boundary
             break
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -128,7 +102,7 @@ def test_killed_driver_resumes_to_same_step_run_and_weights(uninterrupted, tmp_p
     killed_at = json.loads(state.read_text())
     assert killed_at["step"] < STEPS and not killed_at["finished"]
 
-    r = _run(cmd + ["--resume"])
+    r = run_cli(cmd + ["--resume"])
     assert r.returncode == 0, r.stderr[-4000:]
     assert "resumed from step" in r.stdout + r.stderr
     done = json.loads(state.read_text())
@@ -136,16 +110,17 @@ def test_killed_driver_resumes_to_same_step_run_and_weights(uninterrupted, tmp_p
     assert done["finished"] and done["step"] == STEPS
     assert done["mlflow_run_id"] == killed_at["mlflow_run_id"] == summary["mlflow_run_id"]
     assert summary["checksums"] == pytest.approx(ref["checksums"], rel=1e-9)  # exact resume: same data, same state
+    assert json.loads((ref_tmp / "runs" / "killed" / "final" / "rime_embedder.json").read_text())["matryoshka_dims"] == [64]
 
 
 def test_bad_config_and_existing_run_dir_fail_fast(uninterrupted, tmp_path):
     ref_tmp, _ = uninterrupted
     t = time.time()
-    r = _run([sys.executable, "-m", "orchestrator.cli", "train", "configs/tiny-cpu.yaml", "--set", "learners.zero_stag=1"])
+    r = run_cli([sys.executable, "-m", "orchestrator.cli", "train", "configs/tiny-cpu.yaml", "--set", "learners.zero_stag=1"])
     assert r.returncode == 2 and "learners.zero_stag: unknown key" in r.stderr
-    r = _run(_cmd(ref_tmp, "straight"))
+    r = run_cli(_cmd(ref_tmp, "straight"))
     assert r.returncode == 2 and "exists; pass --resume" in r.stderr
-    r = _run(_cmd(ref_tmp, "huge", "--set", "learners.cpus_per_actor=8"))
+    r = run_cli(_cmd(ref_tmp, "huge", "--set", "learners.cpus_per_actor=8"))
     assert r.returncode == 2 and "placement: the roles need" in r.stderr
     assert time.time() - t < 120
 
