@@ -123,7 +123,7 @@ class LocalBackend:
             except Exception as e:  # noqa: BLE001 - any failure fails this run only; the traceback goes to its log
                 log.write_text(traceback.format_exc())
                 raise ArmError(f"eval of {what} failed ({type(e).__name__}: {str(e)[:300]}), see {log}") from None
-        from .evaluate import format_table, write_report
+        from .eval_report import format_table, write_report
 
         params = {
             "model": model,

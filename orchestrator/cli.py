@@ -90,7 +90,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from rime_model import GenerationConfig, load_embedder
     from rime_model.zoo import cache_dir
 
-    from .evaluate import evaluate, format_table, log_to_mlflow, write_report
+    from .eval_report import format_table, log_to_mlflow, write_report
+    from .evaluate import evaluate
     from .tracking import tracking_uri_or_none, use_experiment
 
     emb = load_embedder(args.model)

@@ -166,7 +166,8 @@ class Trainer:
     def _evaluate_on(self, emb, data_dir: Path, tag: str, step: int, prefix: str) -> dict:
         from rime_model import GenerationConfig
 
-        from .evaluate import evaluate, format_table, write_report
+        from .eval_report import format_table, write_report
+        from .evaluate import evaluate
 
         ec = self.cfg.eval
         t = time.perf_counter()

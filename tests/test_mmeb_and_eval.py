@@ -136,7 +136,8 @@ def test_rime_eval_on_mmeb_fixture_all_pairs(zoo_cache, mmeb_fixture, tmp_path):
 
 def test_evaluate_counts_bad_rows_and_oracle_mode(tiny, tmp_path):
     """A corrupt image is skipped and reported, never fatal; oracle mode uses the ideal rewrites."""
-    from orchestrator.evaluate import evaluate, format_table
+    from orchestrator.eval_report import format_table
+    from orchestrator.evaluate import evaluate
     from rime_data.schema import CANDIDATE_SCHEMA, QUERY_SCHEMA, write_table
     from rime_data.synth import synth_split
 
