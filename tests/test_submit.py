@@ -398,6 +398,7 @@ def _tiny_sets(tmp: Path, name: str, steps: int) -> list[str]:
         "run.stages": "cma",
         "run.out_dir": tmp / "runs",
         "data.path": tmp / "data",
+        "data.transfer_path": "''",
         "data.synth_train": 8,
         "data.synth_val": 0,
         "data.synth_test": 4,

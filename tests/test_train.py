@@ -39,7 +39,7 @@ TINY = {
 
 
 def _cmd(tmp: Path, name: str, *extra: str) -> list[str]:
-    return train_cmd("configs/tiny-cpu.yaml", tmp, name, TINY, *extra)
+    return train_cmd("configs/tiny-cpu.yaml", tmp, name, {**TINY, "data.transfer_path": tmp / "transfer"}, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,8 @@ def test_run_writes_summary_eval_and_mlflow(uninterrupted):
     run_dir = tmp / "runs" / "straight"
     assert summary["steps"] == STEPS and summary["bad_rows"] == 0
     assert set(summary["final"]) == {"disc->disc", "disc->gen", "gen->disc", "gen->gen"}
+    assert set(summary["final_transfer"]) == set(summary["final"])  # the transfer split, scored beside the test split
+    assert (run_dir / "eval" / "final-transfer.json").is_file() and (tmp / "transfer" / "test").is_dir()
     assert summary["checksums"][0] == summary["checksums"][1]
     assert (run_dir / "config.yaml").is_file()
     assert json.loads((run_dir / "final" / "rime_embedder.json").read_text())["matryoshka_dims"] == [64]  # kept after RL
