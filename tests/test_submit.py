@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 from rime_cli import clean_env
+from rime_cli import sets as set_args
 
 from orchestrator.config import ConfigError
 from orchestrator.submit import EXCLUDES, SubmitError, build_job, check_address, normalize_address
@@ -412,7 +413,7 @@ def _tiny_sets(tmp: Path, name: str, steps: int) -> list[str]:
         "eval.max_new_tokens": 4,
         "tracking.log_model": "false",
     }
-    return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    return set_args(sets)
 
 
 @pytest.mark.slow
