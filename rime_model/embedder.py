@@ -147,7 +147,10 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        return self.model.get_input_embeddings().weight.shape[1]
+        """The embedding size: the token embedding's width (under ZeRO-3 its full ``ds_shape``: the
+        partitioned weight itself reads as empty on a learner)."""
+        w = self.model.get_input_embeddings().weight
+        return int(getattr(w, "ds_shape", w.shape)[1])
 
     @property
     def latent_adapter(self) -> TransitionAdapter | None:

@@ -22,3 +22,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   rm -rf "$dl"
   echo "$want" > "$stamp"
 fi
+# DeepSpeed JIT-compiles its shared-memory comm op (~50 s) the first time a process group starts on CPU;
+# build it here, once per machine (cached in torch's extensions dir), not inside the first training run.
+ext="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"
+# (torch puts it in $TORCH_EXTENSIONS_DIR/<op>/ when that is set, else in ~/.cache/torch_extensions/py311_cpu/<op>/)
+if ! compgen -G "$ext/deepspeed_shm_comm/*.so" >/dev/null && ! compgen -G "$ext/*/deepspeed_shm_comm/*.so" >/dev/null; then
+  echo "[setup] building DeepSpeed's CPU comm op (once per machine, ~1 min)"
+  .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null \
+    || echo "[setup] could not build it now: DeepSpeed will try again when the first learner starts"
+fi

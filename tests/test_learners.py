@@ -75,27 +75,21 @@ def test_a_text_only_micro_batch_on_one_rank_keeps_the_ranks_in_step(learners):
     assert sums[0] != before
 
 
-def test_embedding_lr_is_its_own_param_group(ray_local, zoo_cache):
+def test_embedding_lr_is_its_own_param_group(learners):
     """A stage's ``embedding_lr`` reaches the tied token embedding only, the body keeps the stage lr,
-    the ranks stay identical (the second group goes through ZeRO like the first), 0 = the stage lr."""
-    from orchestrator.learner_group import LearnerGroup
-    from rime_model.zoo import ensure_zoo_model
-
-    cfg = parse_config({"learners": {"num_actors": 2, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 1}})
+    the ranks stay identical (the second group goes through ZeRO like the first), 0 = the stage lr.
+    Last of the group's tests: it changes the group's learning rates."""
+    _, group = learners
     stage = {"lambda_cma": 1.0, "temperature": 0.05, "ce_weight": 1.0}
-    group = LearnerGroup(cfg, str(ensure_zoo_model("tiny")), stage)
-    try:
-        group.call("begin_stage", "cma", stage, 1e-3, 1, None, embedding_lr=1e-2)
-        pairs = _pairs(4)
-        shards = [([pairs[:2]],), ([pairs[2:]],)]
-        terms = group.call("train_step", per_rank=shards)
-        assert terms[0]["lr"] == pytest.approx(1e-3) and terms[0]["lr_embeddings"] == pytest.approx(1e-2)
-        sums = group.call("param_checksum")
-        assert sums[0] == sums[1], f"ranks diverged: {sums}"
-        group.call("begin_stage", "cma", stage, 5e-4, 1, None, embedding_lr=0.0)
-        assert group.call("train_step", per_rank=shards)[0]["lr_embeddings"] == pytest.approx(5e-4)
-    finally:
-        group.shutdown()
+    group.call("begin_stage", "cma", stage, 1e-3, 1, None, embedding_lr=1e-2)
+    pairs = _pairs(8)
+    shards = [([pairs[:4]],), ([pairs[4:]],)]
+    terms = group.call("train_step", per_rank=shards)
+    assert terms[0]["lr"] == pytest.approx(1e-3) and terms[0]["lr_embeddings"] == pytest.approx(1e-2)
+    sums = group.call("param_checksum")
+    assert sums[0] == sums[1], f"ranks diverged: {sums}"
+    group.call("begin_stage", "cma", stage, 5e-4, 1, None, embedding_lr=0.0)
+    assert group.call("train_step", per_rank=shards)[0]["lr_embeddings"] == pytest.approx(5e-4)
 
 
 def test_impossible_placement_fails_fast():

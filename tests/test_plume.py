@@ -6,10 +6,12 @@ Exact resume is test_train's kill test; what PLUME adds to a resume is test_stag
 from __future__ import annotations
 
 import json
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from rime_cli import run_cli, train_cmd
+from rime_cli import ROOT, clean_env, train_cmd
 
 PER_STAGE = 2
 STEPS = 5 * PER_STAGE  # 4 segments -> curriculum stages 0..4
@@ -33,16 +35,52 @@ def _cmd(tmp: Path, name: str, *extra: str) -> list[str]:
     return train_cmd("configs/plume-tiny.yaml", tmp, name, TINY, *extra)
 
 
+@dataclass
+class Run:
+    summary: dict
+    stdout: str
+
+
+def _start(tmp: Path, name: str, *extra: str) -> subprocess.Popen:
+    log = open(tmp / f"{name}.log", "w")  # a file, not a pipe: two runs at once never block on a full pipe
+    return subprocess.Popen(_cmd(tmp, name, *extra), stdout=log, stderr=subprocess.STDOUT, env=clean_env(), cwd=ROOT)
+
+
+def _finish(tmp: Path, name: str, proc: subprocess.Popen) -> Run:
+    rc, out = proc.wait(timeout=900), (tmp / f"{name}.log").read_text()
+    assert rc == 0, out[-4000:]
+    return Run(json.loads((tmp / "runs" / name / "summary.json").read_text()), out)
+
+
 @pytest.fixture(scope="module")
-def plume_run(tmp_path_factory, zoo_cache):
+def plume_runs(tmp_path_factory, tiny_latent_dir) -> tuple[Path, Run, Run]:
+    """The two runs of this module, side by side (one run keeps the 2 cores ~75% busy): the straight
+    curriculum on 2 learners, and a run from a saved PLUME model (``tiny_latent_dir``: the tiny model
+    with a 4-expert adapter) that starts at curriculum stage 3 with a single-MLP adapter on 1 learner."""
     tmp = tmp_path_factory.mktemp("plume")
-    r = run_cli(_cmd(tmp, "straight"))
-    assert r.returncode == 0, r.stderr[-4000:]
-    return tmp, json.loads((tmp / "runs" / "straight" / "summary.json").read_text()), r.stdout
+    from orchestrator.config import load_config
+    from orchestrator.train import ensure_data
+
+    argv = _cmd(tmp, "data")
+    ensure_data(load_config("configs/plume-tiny.yaml", [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]))
+    straight = _start(tmp, "straight")
+    later = _start(
+        tmp,
+        "from-stage3",
+        *("--set", f"model.spec={tiny_latent_dir}", "--set", "plume.first_stage=3", "--set", "plume.experts=0"),
+        *("--set", "learners.num_actors=1", "--set", "eval.query_modes=[latent]", "--set", "eval.cand_modes=[latent]"),
+    )
+    try:
+        return tmp, _finish(tmp, "straight", straight), _finish(tmp, "from-stage3", later)
+    finally:
+        for proc in (straight, later):
+            if proc.poll() is None:
+                proc.kill()
 
 
-def test_curriculum_phases_resets_and_latent_eval(plume_run):
-    tmp, summary, stdout = plume_run
+def test_curriculum_phases_resets_and_latent_eval(plume_runs):
+    tmp, run, _ = plume_runs
+    summary, stdout = run.summary, run.stdout
     run_dir = tmp / "runs" / "straight"
     assert summary["steps"] == STEPS and summary["checksums"][0] == summary["checksums"][1]
     assert set(summary["final"]) == {"disc->disc", "disc->latent", "latent->disc", "latent->latent"}
@@ -85,34 +123,15 @@ def test_curriculum_phases_resets_and_latent_eval(plume_run):
     assert "latent->latent" in report["pairs"]
 
 
-def test_a_run_from_a_saved_plume_model_starts_at_its_first_stage_with_the_configured_adapter(plume_run):
+def test_a_run_from_a_saved_plume_model_starts_at_its_first_stage_with_the_configured_adapter(plume_runs):
     """``plume.first_stage`` skips the all-text stages (a CoT start model's recipe; ``plume.last_stage: 0``,
     the CoT run itself, is a schedule: test_curriculum): the probe reads the start model before step 0 and the
     schedule opens at the given stage. With ``plume.experts=0`` it is also PLUME's single-MLP ablation from a
     saved MoE model: the configured adapter replaces the saved one (kept-or-replaced itself: test_latent).
-    One learner: the two-rank paths run in ``plume_run``."""
-    tmp, _, _ = plume_run
-    r = run_cli(
-        _cmd(
-            tmp,
-            "from-stage3",
-            "--set",
-            f"model.spec={tmp / 'runs' / 'straight' / 'final'}",
-            "--set",
-            "plume.first_stage=3",
-            "--set",
-            "plume.experts=0",
-            "--set",
-            "learners.num_actors=1",
-            "--set",
-            "eval.query_modes=[latent]",
-            "--set",
-            "eval.cand_modes=[latent]",
-        )
-    )
-    assert r.returncode == 0, r.stderr[-4000:]
+    One learner: the two-rank paths run in the straight run."""
+    tmp, _, r = plume_runs
     run_dir = tmp / "runs" / "from-stage3"
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = r.summary
     assert summary["steps"] == 2 * PER_STAGE  # stage 3, then the last stage: the skipped stages cost no steps
     assert r.stdout.count("explicit-reasoning probe on the start model") == 1 and "probe after stage 0" not in r.stdout
     assert r.stdout.count("optimizer state reset") == 1

@@ -7,12 +7,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from rime_cli import clean_env, run_cli, train_cmd
+from rime_cli import ROOT, clean_env, run_cli, train_cmd
 
 CMA_STEPS, RL_STEPS = 8, 2
 STEPS = CMA_STEPS + RL_STEPS
@@ -42,16 +42,66 @@ def _cmd(tmp: Path, name: str, *extra: str) -> list[str]:
     return train_cmd("configs/tiny-cpu.yaml", tmp, name, {**TINY, "data.transfer_path": tmp / "transfer"}, *extra)
 
 
+@dataclass
+class Runs:
+    """The two runs of this module, started side by side (one run keeps the 2 cores ~75% busy)."""
+
+    tmp: Path
+    summary: dict  # the uninterrupted run's summary.json
+    killed_at: dict  # the killed run's state.json when it was killed
+    resume: subprocess.CompletedProcess  # `rime train --resume` of the killed run
+
+
+def _data_first(tmp: Path) -> None:
+    """Generate the runs' data before either starts, so two runs never write the same folder at once."""
+    from orchestrator.config import load_config
+    from orchestrator.train import ensure_data, ensure_transfer_data
+
+    argv = _cmd(tmp, "data")
+    cfg = load_config("configs/tiny-cpu.yaml", [argv[i + 1] for i, a in enumerate(argv) if a == "--set"])
+    ensure_data(cfg)
+    ensure_transfer_data(cfg)
+
+
+def _kill_after_cma(proc: subprocess.Popen, state: Path) -> dict:
+    """SIGKILL the run's whole process group once its CMA checkpoint is written; its state at that moment."""
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if state.is_file() and json.loads(state.read_text()).get("checkpoint") == f"step{CMA_STEPS}":
+            break  # CMA done: the resume re-enters at the stage boundary
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.5)
+    else:
+        pytest.fail("no checkpoint appeared in time")
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
+    return json.loads(state.read_text())
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, zoo_cache):
+def runs(tmp_path_factory, tiny) -> Runs:
     tmp = tmp_path_factory.mktemp("train")
-    r = run_cli(_cmd(tmp, "straight"))
-    assert r.returncode == 0, r.stderr[-4000:]
-    return tmp, json.loads((tmp / "runs" / "straight" / "summary.json").read_text())
+    _data_first(tmp)  # (the ``tiny`` fixture built the zoo model both runs start from)
+    log = open(tmp / "straight.log", "w")
+    straight = subprocess.Popen(_cmd(tmp, "straight"), stdout=log, stderr=subprocess.STDOUT, env=clean_env(), cwd=ROOT)
+    # evals do not touch the weights: disc-only ones make the killed run cheaper without changing what it trains
+    cmd = _cmd(tmp, "killed", "--set", "eval.query_modes=[disc]", "--set", "eval.cand_modes=[disc]")
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env(), cwd=ROOT, start_new_session=True
+    )
+    try:
+        killed_at = _kill_after_cma(proc, tmp / "runs" / "killed" / "state.json")
+        resume = run_cli(cmd + ["--resume"])
+        assert straight.wait(timeout=900) == 0, (tmp / "straight.log").read_text()[-4000:]
+    finally:
+        if straight.poll() is None:
+            straight.kill()
+        log.close()
+    return Runs(tmp, json.loads((tmp / "runs" / "straight" / "summary.json").read_text()), killed_at, resume)
 
 
-def test_run_writes_summary_eval_and_mlflow(uninterrupted):
-    tmp, summary = uninterrupted
+def test_run_writes_summary_eval_and_mlflow(runs):
+    tmp, summary = runs.tmp, runs.summary
     run_dir = tmp / "runs" / "straight"
     assert summary["steps"] == STEPS and summary["bad_rows"] == 0
     assert set(summary["final"]) == {"disc->disc", "disc->gen", "gen->disc", "gen->gen"}
@@ -83,51 +133,32 @@ def test_run_writes_summary_eval_and_mlflow(uninterrupted):
     assert "eval/gen_to_disc/hit@1".replace("@", "_at_") in run.data.metrics
 
 
-def test_killed_driver_resumes_to_same_step_run_and_weights(uninterrupted, tmp_path):
-    ref_tmp, ref = uninterrupted
-    # evals do not touch the weights: disc-only ones make the two runs cheaper without changing what they train
-    cmd = _cmd(ref_tmp, "killed", "--set", "eval.query_modes=[disc]", "--set", "eval.cand_modes=[disc]")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env(), start_new_session=True)
-    state = ref_tmp / "runs" / "killed" / "state.json"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if (
-            state.is_file() and json.loads(state.read_text()).get("checkpoint") == f"step{CMA_STEPS}"
-        ):  # CMA done: the resume re-enters at the stage boundary
-            break
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.5)
-    else:
-        pytest.fail("no checkpoint appeared in time")
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
-    proc.wait()
-    killed_at = json.loads(state.read_text())
+def test_killed_driver_resumes_to_same_step_run_and_weights(runs):
+    killed_at, r = runs.killed_at, runs.resume
     assert killed_at["step"] < STEPS and not killed_at["finished"]
-
-    r = run_cli(cmd + ["--resume"])
     assert r.returncode == 0, r.stderr[-4000:]
     assert "resumed from step" in r.stdout + r.stderr
-    done = json.loads(state.read_text())
-    summary = json.loads((ref_tmp / "runs" / "killed" / "summary.json").read_text())
+    run_dir = runs.tmp / "runs" / "killed"
+    done = json.loads((run_dir / "state.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert done["finished"] and done["step"] == STEPS
     assert done["mlflow_run_id"] == killed_at["mlflow_run_id"] == summary["mlflow_run_id"]
-    assert summary["checksums"] == pytest.approx(ref["checksums"], rel=1e-9)  # exact resume: same data, same state
-    assert json.loads((ref_tmp / "runs" / "killed" / "final" / "rime_embedder.json").read_text())["matryoshka_dims"] == [64]
+    assert summary["checksums"] == pytest.approx(runs.summary["checksums"], rel=1e-9)  # exact resume: same data, same state
+    assert json.loads((run_dir / "final" / "rime_embedder.json").read_text())["matryoshka_dims"] == [64]
 
 
-def test_bad_config_and_existing_run_dir_fail_fast(uninterrupted, tmp_path):
-    ref_tmp, _ = uninterrupted
+def test_bad_config_and_existing_run_dir_fail_fast(runs, capsys):
+    from orchestrator.cli import main
+
     t = time.time()
-    r = run_cli([sys.executable, "-m", "orchestrator.cli", "train", "configs/tiny-cpu.yaml", "--set", "learners.zero_stag=1"])
-    assert r.returncode == 2 and "learners.zero_stag: unknown key" in r.stderr
-    r = run_cli(_cmd(ref_tmp, "straight"))
-    assert r.returncode == 2 and "exists; pass --resume" in r.stderr
-    r = run_cli(_cmd(ref_tmp, "huge", "--set", "learners.cpus_per_actor=8"))
-    assert r.returncode == 2 and "placement: the roles need" in r.stderr
-    assert time.time() - t < 120
+    assert main(["train", "configs/tiny-cpu.yaml", "--set", "learners.zero_stag=1"]) == 2
+    assert "learners.zero_stag: unknown key" in capsys.readouterr().err
+    assert main(_cmd(runs.tmp, "straight")[3:]) == 2
+    assert "exists; pass --resume" in capsys.readouterr().err
+    assert time.time() - t < 60
 
 
-def test_a_trainer_inside_the_callers_ray_session_leaves_it_running(ray_local, zoo_cache, tmp_path):
+def test_a_trainer_inside_the_callers_ray_session_leaves_it_running(ray_local, zoo_cache, tmp_path, capsys):
     """A driver that already runs Ray (a Ray job's entrypoint, a notebook) hands its session to the trainer:
     the run uses that cluster and, when it ends (here: a placement the cluster cannot host), does not shut
     down Ray under the caller, which ``ray.shutdown()`` in the trainer used to do."""
@@ -142,4 +173,8 @@ def test_a_trainer_inside_the_callers_ray_session_leaves_it_running(ray_local, z
     with pytest.raises(PlacementError, match="placement: the roles need"):
         Trainer(load_config("configs/tiny-cpu.yaml", overrides)).run()
     assert ray.is_initialized() and ray.get_runtime_context().get_node_id() == node  # the caller's cluster, still up
+    from orchestrator.cli import main
+
+    assert main(argv[3:] + ["--set", "run.name=inside-cli"]) == 2  # the CLI says the same with exit code 2
+    assert "placement: the roles need" in capsys.readouterr().err and ray.is_initialized()
     assert ray.get(ray.remote(lambda: 7).options(num_cpus=0).remote(), timeout=60) == 7
