@@ -53,11 +53,22 @@ def shard(rows: Sequence | Rows, ranks: int, accum: int) -> list[list[Any]]:
     return [[rows[(r * accum + a) * per_mb : (r * accum + a + 1) * per_mb] for a in range(accum)] for r in range(ranks)]
 
 
+@dataclass(frozen=True)
+class Negative:
+    """A hard-negative candidate of a pair, embedded like a target: its item (disc), its ideal rewrite (gen
+    mode teacher-forces it, as for the positive) and its small-int id (duplicate masking in InfoNCE)."""
+
+    item: dict
+    rewrite: str
+    target_id: int
+
+
 @dataclass
 class Pair:
     """A (query, positive) training pair as the pair stream yields it (``orchestrator.pairs.to_pair``): both
     sides as embedder items with their ideal rewrites (CMA's CE and gen targets), the query's reasoning
-    segments (PLUME's curriculum text), and what Refine-RL's reward needs to rank the query."""
+    segments (PLUME's curriculum text), what Refine-RL's reward needs to rank the query, and the query's
+    hard negatives (at most ``cma.hard_negatives`` of its ``hard_negatives`` column; none when that is 0)."""
 
     q: dict  # the query item {"text", "image", "instruction"}
     t: dict  # the positive candidate item
@@ -69,6 +80,7 @@ class Pair:
     task: str
     positive_ids: list[str]
     cand_ids: list[str] | None  # the query's own candidate list (None: rank against the task corpus)
+    negs: tuple[Negative, ...] = ()
 
 
 @dataclass

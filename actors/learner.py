@@ -18,7 +18,9 @@ import torch
 
 from rime_model import Embedder
 from rime_model.latent import AdapterConfig
+from rime_model.lora import LoraAdapter, LoraSettings, attach_lora
 
+from .memory_options import enable_gradient_checkpointing
 from .stage_losses import LEARNER_LOSSES
 
 
@@ -41,15 +43,18 @@ def deepspeed_config(lc: dict, world_size: int) -> dict:
     return cfg
 
 
-def param_groups(model: torch.nn.Module) -> list[dict]:
-    """Two optimizer groups: the token embedding (tied to the lm head; its own learning rate, since a
-    freshly initialised 150k-row table moves too slowly at the body's rate) and everything else.
-    The names survive ZeRO's flattening, which keeps the groups' order and keys."""
-    emb = model.get_input_embeddings().weight
-    body = [p for p in model.parameters() if p.requires_grad and p is not emb]
+def param_groups(model: torch.nn.Module, embedding: list[torch.nn.Parameter] | None = None) -> list[dict]:
+    """Two optimizer groups over the trainable parameters: the token embedding (tied to the lm head; its own
+    learning rate, since a freshly initialised 150k-row table moves too slowly at the body's rate) and
+    everything else. ``embedding``: the embedding's trainable parameters when they are not the input
+    embedding's weight (LoRA: rime's special token rows). The names survive ZeRO's flattening, which keeps
+    the groups' order and keys."""
+    emb = [model.get_input_embeddings().weight] if embedding is None else embedding
+    ids = {id(p) for p in emb}
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     groups = [{"params": body, "name": "body"}]
-    if emb.requires_grad:
-        groups.append({"params": [emb], "name": "embeddings"})
+    if any(p.requires_grad for p in emb):
+        groups.append({"params": [p for p in emb if p.requires_grad], "name": "embeddings"})
     return groups
 
 
@@ -68,6 +73,7 @@ class Learner:
         seed: int = 0,
         freeze_vision: bool = False,
         latent_adapter: dict | None = None,
+        lora: dict | None = None,
     ):
         os.environ.update(
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size)
@@ -88,8 +94,15 @@ class Learner:
             for name, p in self.emb.model.named_parameters():
                 if "visual" in name or "vision_tower" in name:
                     p.requires_grad_(False)
+        # LoRA (model.lora): after the latent adapter, which stays fully trainable; before deepspeed.initialize
+        if lora and learner_cfg["zero_stage"] == 3:
+            raise ValueError("model.lora: LoRA with learners.zero_stage 3 is not supported yet; use zero_stage 0, 1 or 2")
+        self.lora: LoraAdapter | None = attach_lora(self.emb, LoraSettings(**lora), seed=seed) if lora else None
+        self.model_path = self.lora_start_model = model_path
         self.emb.model.train()
-        params = param_groups(self.emb.model)
+        if learner_cfg["gradient_checkpointing"]:  # after LoRA, before deepspeed.initialize (actors.memory_options)
+            enable_gradient_checkpointing(self.emb.model)
+        params = param_groups(self.emb.model, self.lora.embedding_params() if self.lora else None)
         ds_cfg = deepspeed_config(learner_cfg, world_size)
         warmup = max(1, learner_cfg["warmup_steps"])
         if learner_cfg["offload_optimizer"]:
@@ -123,10 +136,17 @@ class Learner:
     ) -> None:
         """Switch the loss to ``stage`` (``stage_losses.LEARNER_LOSSES``): new learning rates and warm-up,
         optimizer state reset (METHOD.md: stage changes restart Adam), then the loss's own start (Refine-RL:
-        a frozen reference policy from ``ref_path`` for the KL term)."""
+        a frozen reference policy from ``ref_path`` for the KL term). With LoRA the adapter trained so far is
+        merged into the base weights and a fresh one starts (``rime_model.lora``): the base is then the stage's
+        start model, Refine-RL's reference with the adapter disabled; Adam's state is cleared with it."""
         if stage not in LEARNER_LOSSES:
             raise ValueError(f"stage {stage!r} has no learner loss; known: {tuple(LEARNER_LOSSES)}")
         self.stage, self.stage_cfg = stage, stage_cfg
+        if self.lora is not None:
+            self.lora.restart()
+            self._refresh_master_weights()
+            self.lora_start_model = ref_path or self.model_path
+            reset_optimizer = True  # moments of the previous adapter mean nothing to the fresh one
         self.reset_optimizer(lr, warmup_steps, clear_state=reset_optimizer, embedding_lr=embedding_lr)
         self.ref = None
         # the Matryoshka prefix sizes the saved model will record: CMA's own, else the start model's (also
@@ -136,6 +156,13 @@ class Learner:
         elif ref_path is not None:
             self.emb.matryoshka_dims = tuple(Embedder.saved_settings(ref_path).get("matryoshka_dims", ()))
         LEARNER_LOSSES[stage].begin(self, ref_path)
+
+    def _refresh_master_weights(self) -> None:
+        """After an in-place write to trainable parameters: the optimizer's fp32 master copies (ZeRO-1/2,
+        bf16/fp16) take the module's values, or its next step would write the old ones back."""
+        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()
 
     def reset_optimizer(self, lr: float, warmup_steps: int, clear_state: bool = True, embedding_lr: float = 0.0) -> None:
         """Fresh Adam moments (stage and curriculum-stage changes), new learning rates (``embedding_lr``
@@ -177,8 +204,11 @@ class Learner:
 
     # ------------------------------------------------------------------ state
     def param_checksum(self) -> float:
-        """Sum of all parameters in float64 (identical across ranks after every synced step)."""
+        """Sum of all parameters in float64 (identical across ranks after every synced step); with LoRA of the
+        merged weights, what ``export_weights`` sends and a rollout worker then holds."""
         with torch.no_grad():
+            if self.lora is not None:
+                return float(sum(v.double().sum() for v in self.lora.merged_state_dict().values()))
             return float(sum(p.detach().double().sum() for p in self._full_params()))
 
     def _full_params(self):
@@ -192,7 +222,14 @@ class Learner:
     def export_weights(self, to_cpu: bool = True) -> dict[str, torch.Tensor] | None:
         """Full state dict on rank 0 (None elsewhere); collective under ZeRO-3, call on every rank.
         Tied tensors (lm_head = embed_tokens) are sent once: receivers re-tie them on load.
-        ``to_cpu=False`` keeps the engine's own tensors (the collective sync broadcasts from them)."""
+        ``to_cpu=False`` keeps the engine's own tensors (the collective sync broadcasts from them). With LoRA
+        the merged weights under the plain model's names (``LoraAdapter.merged_state_dict``), so every
+        rollout backend loads them as a full model's (ZeRO-3 is refused with LoRA: no collective here)."""
+        if self.lora is not None:
+            if self.rank != 0:
+                return None
+            sd = self.lora.merged_state_dict()
+            return {k: v.detach().cpu().clone() if to_cpu else v.detach() for k, v in sd.items()}
         if self.lc["zero_stage"] == 3:
             sd = self.engine._zero3_consolidated_16bit_state_dict()
         else:
@@ -254,7 +291,12 @@ class Learner:
         return {"bytes": sent, "time_s": time.perf_counter() - t}
 
     def save_embedder(self, path: str) -> str | None:
-        """Write a loadable embedder folder from rank 0 (collective under ZeRO-3)."""
+        """Write a loadable embedder folder from rank 0 (collective under ZeRO-3); with LoRA the merged model,
+        and the adapter beside it in ``lora_adapter/`` (relative to the stage's start model)."""
+        if self.lora is not None:
+            if self.rank == 0:
+                self.lora.save(self.emb, path, start_model=self.lora_start_model)
+            return path if self.rank == 0 else None
         if self.lc["zero_stage"] == 3:
             import deepspeed
 

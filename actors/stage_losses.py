@@ -23,6 +23,7 @@ from .batches import Pair, ScoredBatch
 
 if TYPE_CHECKING:
     from rime_model import Embedder
+    from rime_model.lora import LoraAdapter
 
 
 class Learner(Protocol):
@@ -31,6 +32,7 @@ class Learner(Protocol):
 
     emb: Embedder
     ref: Embedder | None  # the frozen KL reference a stage's ``begin`` may load
+    lora: LoraAdapter | None  # model.lora: the reference is the model with its adapter disabled
     stage_cfg: dict[str, Any]
     engine: Any  # the DeepSpeed engine (its ``device``)
 
@@ -68,27 +70,39 @@ class CMALoss(StageLoss):
 
     def terms(self, learner: Learner, pairs: list[Pair]) -> dict[str, Any]:
         emb, cfg = learner.emb, learner.stage_cfg
+        cap = int(cfg.get("hard_negatives", 0))  # the same on every rank: all join the negatives' gather, or none
+        negs = [x for p in pairs for x in p.negs[:cap]]
         q_items = emb.prepare([p.q for p in pairs])
         t_items = emb.prepare([p.t for p in pairs])
-        disc = emb.enc.disc_batch(q_items + t_items)
+        n_items = emb.prepare([x.item for x in negs]) if negs else []
+        # hard negatives ride in the targets' passes: the same disc and teacher-forced gen embedding as a target
+        disc = emb.enc.disc_batch(q_items + t_items + n_items)
         d = emb.encode(disc)
-        gen = emb.enc.gen_batch(q_items + t_items, [p.q_rewrite for p in pairs] + [p.t_rewrite for p in pairs])
+        rewrites = [p.q_rewrite for p in pairs] + [p.t_rewrite for p in pairs] + [x.rewrite for x in negs]
+        gen = emb.enc.gen_batch(q_items + t_items + n_items, rewrites)
         h = emb.hidden_states(gen)
         g = emb.encode(gen, hidden=h)
-        ce = completion_ce(h, gen.labels, emb.model.get_output_embeddings())
         n = len(pairs)
-        return cma_loss(
+        # CE stays on the pair's own rewrites: turning hard negatives on adds negatives, not CE text
+        ce = completion_ce(h[: 2 * n], gen.labels[: 2 * n], emb.model.get_output_embeddings())
+        terms = cma_loss(
             d[:n],
-            d[n:],
+            d[n : 2 * n],
             g[:n],
-            g[n:],
+            g[n : 2 * n],
             ce,
             lambda_cma=cfg["lambda_cma"],
             temperature=cfg["temperature"],
             ce_weight=cfg["ce_weight"],
             target_ids=[p.target_id for p in pairs],
             dims=cfg.get("matryoshka_dims", ()),
+            d_neg=d[2 * n :] if cap else None,
+            g_neg=g[2 * n :] if cap else None,
+            neg_ids=[x.target_id for x in negs] if cap else None,
         )
+        if cap:
+            terms["hard_negatives"] = float(len(negs))  # per micro-batch on this rank
+        return terms
 
 
 @register_loss("plume")
@@ -154,10 +168,12 @@ class GRPOLoss(StageLoss):
     so generation and embedding are optimised jointly (METHOD.md, Stage 2)."""
 
     def begin(self, learner: Learner, start_model: str | None) -> None:
-        """A frozen copy of the stage's starting model for the KL term (none when ``kl_coef`` is 0)."""
+        """A frozen copy of the stage's starting model for the KL term (none when ``kl_coef`` is 0). With LoRA
+        no copy: ``begin_stage`` merged the adapter and started a fresh one, so the model with its adapter
+        disabled is the starting model (as TRL and verl take the reference of a LoRA policy)."""
         from rime_model import Embedder
 
-        if learner.stage_cfg["policy"]["kl_coef"] <= 0:
+        if learner.stage_cfg["policy"]["kl_coef"] <= 0 or learner.lora is not None:
             return
         if start_model is None:
             raise ValueError("begin_stage('refine-rl'): kl_coef > 0 needs ref_path (the stage's starting model)")
@@ -178,6 +194,9 @@ class GRPOLoss(StageLoss):
         if ref_model is not None:
             with torch.no_grad():
                 ref, _, _ = action_logprobs(ref_model, ref_model.hidden_states(rb), rb.labels, span)
+        elif learner.lora is not None and cfg["policy"]["kl_coef"] > 0:
+            with torch.no_grad(), learner.lora.disabled():
+                ref, _, _ = action_logprobs(emb, emb.hidden_states(rb), rb.labels, span)
         adv = torch.tensor(batch.advantage, dtype=logp.dtype, device=logp.device)
         pg_loss, pm = policy_loss(logp, old, ref, adv, mask, PolicyLossConfig(**cfg["policy"]))
         g = emb.encode(rb, hidden=h)

@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--no-block", action="store_true", help="deploy and return (for scripts)")
     sv.set_defaults(func=_cmd_serve)
 
-    d = sub.add_parser("data", help="make datasets: procedural benchmark, MMEB-V2 import")
+    d = sub.add_parser("data", help="make datasets: procedural benchmark, MMEB-V2 import, hard negatives")
     dsub = d.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("synth", help="generate the procedural benchmark (train/val/test parquet)")
     s.add_argument("--out", required=True)
@@ -316,7 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--image-root", required=True)
     m.add_argument("--out", required=True)
     m.add_argument("--split", default="test")
+    from .mine_cli import add_parser as add_mine_parser
+
     d.set_defaults(func=_cmd_data)
+    add_mine_parser(dsub)  # mine-negatives, with its own handler (a subcommand's default wins over data's)
 
     v = sub.add_parser("eval", help="retrieval eval (Hit@1/5, NDCG@5, MRR) in any query/candidate mode pair")
     v.add_argument("--model", default="tiny")

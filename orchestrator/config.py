@@ -25,6 +25,7 @@ from .config_schema import (  # noqa: F401  (the schema's classes are this modul
     DataConfig,
     EvalConfig,
     LearnerConfig,
+    LoraConfig,
     ModelConfig,
     PlumeConfig,
     RefineRLConfig,
@@ -89,7 +90,8 @@ def _message(err: dict, sections: dict[str, type[Section]]) -> str:
             return f"{key}: unknown section; valid sections: {', '.join(sections)}"
         if key in RENAMED:
             return f"{key}: renamed to {RENAMED[key]}; every role section sizes its actors with num_actors, cpus_per_actor, gpus_per_actor"
-        return f"{key}: unknown key; valid keys in '{loc[0]}': {', '.join(sorted(sections[loc[0]].model_fields))}"
+        where = _key(loc[:-1])
+        return f"{key}: unknown key; valid keys in '{where}': {', '.join(sorted(_section_at(sections, loc[:-1]).model_fields))}"
     base = kind.split("_")[0]
     if kind.endswith(("_type", "_parsing")) and base in _EXPECTED:
         return f"{key}: expected {_EXPECTED[base]}, got {type(value).__name__} {value!r}"
@@ -100,6 +102,14 @@ def _message(err: dict, sections: dict[str, type[Section]]) -> str:
         limit = next(iter(err["ctx"].values()))
         return f"{key}: must be {bounds[kind]} {limit}, got {value}"
     return f"{key}: {err['msg']}"
+
+
+def _section_at(sections: dict[str, type[Section]], loc: tuple) -> type[Section]:
+    """The schema class at ``loc`` (a section, or a section nested in one: ``model.lora``)."""
+    cls = sections[loc[0]]
+    for part in loc[1:]:
+        cls = cls.model_fields[part].annotation
+    return cls
 
 
 def parse_config(raw: dict | None) -> Config:
@@ -177,13 +187,41 @@ def _check(cfg: Config) -> None:
         )
     if lc.offload_optimizer and lc.zero_stage == 0:
         raise ConfigError("learners.offload_optimizer: needs learners.zero_stage >= 1")
+    if lc.precision == "fp16" and lc.gpus_per_actor == 0:  # DeepSpeed's own check fails deep inside each learner
+        raise ConfigError(
+            "learners.precision: fp16 needs GPU learners (learners.gpus_per_actor > 0), DeepSpeed has no fp16 on CPU; "
+            "use learners.precision=bf16 (fp32 master weights) or fp32"
+        )
     if cfg.tracking.uri.strip().lower() in NO_TRACKING:
         raise ConfigError(
             f"tracking.uri: {cfg.tracking.uri!r} would turn tracking off, but training always tracks; "
             "leave it empty for sqlite in the run dir (or $MLFLOW_TRACKING_URI), or give a URI"
         )
+    _check_lora(cfg)
     for name in cfg.run.stages:  # each stage's own cross-key checks (torch-free)
         stage_registry[name].check_config(cfg)
+
+
+def _check_lora(cfg: Config) -> None:
+    """``model.lora`` against itself and the learners (whether the names match the model is checked when
+    the learners wrap it: ``rime_model.lora.target_linears``)."""
+    lora = cfg.model.lora
+    if lora.rank == 0:
+        return
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"model.lora.dropout: must be in [0, 1), got {lora.dropout}")
+    if not lora.target_modules:
+        raise ConfigError("model.lora.target_modules: [] adapts nothing; list linear layer names, e.g. [q_proj, v_proj]")
+    if cfg.learners.zero_stage == 3:
+        raise ConfigError(
+            "model.lora: LoRA with learners.zero_stage 3 is not supported yet (each stage start merges the adapter "
+            "into the base weights in place, which ZeRO-3 partitions); use learners.zero_stage 0, 1 or 2: the "
+            "optimizer state is the adapter's alone, small enough unpartitioned"
+        )
+    if lora.vision and cfg.model.freeze_vision:
+        raise ConfigError(
+            "model.lora.vision: true adapts the vision tower that model.freeze_vision: true freezes; set one of them to false"
+        )
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -199,23 +237,33 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """``section.key=value`` strings (values parsed as YAML) applied onto a raw config mapping."""
+    """``section.key=value`` strings (values parsed as YAML) applied onto a raw config mapping; a nested
+    section's keys as ``model.lora.rank=8``."""
     for ov in overrides:
         if "=" not in ov or "." not in ov.split("=", 1)[0]:
             raise ConfigError(f"override {ov!r}: use section.key=value, e.g. cma.steps=20")
         key, val = ov.split("=", 1)
-        sec, name = key.split(".", 1)
-        raw.setdefault(sec, {})
-        if not isinstance(raw[sec], dict):
-            raise ConfigError(f"{sec}: expected a mapping")
-        raw[sec][name] = yaml.safe_load(val)
+        *secs, name = key.split(".")
+        node = raw
+        for i, sec in enumerate(secs):
+            node.setdefault(sec, {})
+            if not isinstance(node[sec], dict):
+                raise ConfigError(f"{'.'.join(secs[: i + 1])}: expected a mapping")
+            node = node[sec]
+        node[name] = yaml.safe_load(val)
     return raw
 
 
 def config_yaml(cfg: Config) -> str:
     """The fully resolved config as YAML, every default included (``rime config show``)."""
-    d = {s: {k: (list(v) if isinstance(v, tuple) else v) for k, v in sec.items()} for s, sec in cfg.to_dict().items()}
-    return yaml.safe_dump(d, sort_keys=False)
+    return yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+
+
+def _plain(v: Any) -> Any:
+    """Tuples as lists, nested sections included (YAML's safe dumper knows no tuples)."""
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return list(v) if isinstance(v, tuple) else v
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from rime_model.choices import AdapterAnchor, QueryEncoder, RolloutBackend, TorchDType
+from rime_model.choices import LORA_TARGET_MODULES, AdapterAnchor, QueryEncoder, RolloutBackend, TorchDType
 
 if TYPE_CHECKING:  # annotations only: validation stays torch-free and imports the schedule lazily
     from rime_model.curriculum import CurriculumSchedule
@@ -64,10 +64,24 @@ class RunConfig(Section):
     stages: Names = ("cma",)  # registered stages (orchestrator.stages), in order
 
 
+class LoraConfig(Section):
+    """LoRA through peft on the learners (``rime_model.lora``; docs/training.md, "LoRA"). Saved models are
+    merged; the adapter is kept beside them in ``lora_adapter/``."""
+
+    rank: Steps = 0  # 0 = off (full fine-tuning); 8..64 on real models
+    alpha: Positive = 16.0  # the update is scaled by alpha / rank
+    dropout: Num = 0.0  # on the adapter's input, in [0, 1)
+    # linear layers to adapt, by name (q_proj) or dotted suffix (self_attn.q_proj); the vision tower's only
+    # with vision: true. The special tokens' embedding rows always train, the rest of the embedding never
+    target_modules: Names = LORA_TARGET_MODULES
+    vision: bool = False  # adapt the vision tower too
+
+
 class ModelConfig(Section):
     spec: str = "tiny"  # zoo name, hf:<repo-or-path>, or a saved embedder folder
     dtype: TorchDType = "float32"
     freeze_vision: bool = False  # on real checkpoints the vision tower is usually frozen
+    lora: LoraConfig = LoraConfig()
 
 
 class DataConfig(Section):
@@ -114,7 +128,9 @@ class LearnerConfig(RoleConfig):
     cpus_per_actor: NonNeg = 0.5
     zero_stage: Literal[0, 1, 2, 3] = 1
     offload_optimizer: bool = False
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16: fp32 master weights in the optimizer; fp16: GPUs only
+    # recompute each block's activations in the backward pass: far less activation memory for ~1 more forward
+    gradient_checkpointing: bool = False
     micro_batch_size: Count = 8  # pairs per learner per micro-batch
     grad_accum_steps: Count = 1
     lr: Positive = 2e-4
@@ -134,6 +150,7 @@ class CMAConfig(Section):
     # whose re-normalised leading components are also trained to retrieve; every NCE term is the mean over
     # them and the full size, and the saved model records them (`embed(dims=)`, `rime eval --dims`). [] = off
     matryoshka_dims: Ints = ()
+    hard_negatives: Steps = 0  # per query, from its `hard_negatives` column, added to InfoNCE's negatives; 0 = off
 
 
 class RolloutConfig(RoleConfig):
@@ -312,9 +329,16 @@ class Config(Section):
         return self.model_dump()
 
     def flat(self) -> dict[str, Any]:
-        """``section.key`` -> value, for MLflow params."""
-        return {
-            f"{s}.{k}": (",".join(map(str, v)) if isinstance(v, tuple) else v)
-            for s, d in self.to_dict().items()
-            for k, v in d.items()
-        }
+        """``section.key`` -> value (``model.lora.rank`` in a nested section), for MLflow params."""
+        return _flat(self.to_dict())
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested sections (``model.lora``) as ``model.lora.rank``; lists as comma-separated strings."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = ",".join(map(str, v)) if isinstance(v, tuple) else v
+    return out

@@ -77,6 +77,7 @@ class LearnerGroup:
                 stage_cfg,
                 cfg.run.seed,
                 cfg.model.freeze_vision,
+                lora=cfg.model.lora.model_dump() if cfg.model.lora.rank > 0 else None,
                 **learner_options,
             )
             for i in range(lc.num_actors)

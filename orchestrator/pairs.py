@@ -1,7 +1,8 @@
 """Training pairs streamed from Ray Data, in an order that a resumed run reproduces exactly.
 
 Ray Data reads and validates the query parquet (``rime_data.pipeline``) with order preserved; a
-seeded shuffle buffer (seed, epoch) mixes rows; each query joins its positive candidate. The
+seeded shuffle buffer (seed, epoch) mixes rows; each query joins its positive candidate and, when
+``hard_negatives`` > 0, the first that many of its hard-negative candidates. The
 position is (epoch, batches consumed in that epoch), so a resume re-reads the epoch and skips what
 was already trained on, across epoch boundaries too, instead of restarting or skipping data.
 """
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.batches import Pair
+from actors.batches import Negative, Pair
 from rime_data.pipeline import CleanBatches, PipelineConfig, append_errors, clean_candidates, query_dataset
 from rime_data.schema import read_table, split_paths
 
@@ -24,20 +25,45 @@ class StreamPosition:
     offset: int = 0  # batches already trained on in this epoch
 
 
-def to_pair(q: dict, cand: dict, target_id: int) -> Pair:
-    """A (query, positive) training pair from a checked query row and its positive candidate row."""
+def _cand_item(cand: dict) -> dict:
+    return {"text": cand.get("cand_text"), "image": cand.get("cand_image"), "instruction": cand.get("cand_inst") or None}
+
+
+def _cand_rewrite(cand: dict) -> str:
+    return cand.get("rewrite") or (cand.get("cand_text") or "")
+
+
+def to_pair(q: dict, cand: dict, target_id: int, negs: tuple[Negative, ...] = ()) -> Pair:
+    """A (query, positive) training pair from a checked query row, its positive candidate row and its hard
+    negatives (``negs``, from ``negatives``)."""
     return Pair(
         q={"text": q.get("qry_text"), "image": q.get("qry_image"), "instruction": q.get("qry_inst") or None},
-        t={"text": cand.get("cand_text"), "image": cand.get("cand_image"), "instruction": cand.get("cand_inst") or None},
+        t=_cand_item(cand),
         q_rewrite=q.get("rewrite") or (q.get("qry_text") or ""),
-        t_rewrite=cand.get("rewrite") or (cand.get("cand_text") or ""),
+        t_rewrite=_cand_rewrite(cand),
         q_reasoning=[] if _missing(q.get("reasoning")) else [str(x) for x in q["reasoning"]],  # PLUME curriculum
         target_id=target_id,
         query_id=q["query_id"],
         task=q["task"],
         positive_ids=[str(x) for x in q["positive_ids"]],
         cand_ids=None if _missing(q.get("cand_ids")) else [str(x) for x in q["cand_ids"]],
+        negs=negs,
     )
+
+
+def negatives(q: dict, cands: dict[str, dict], target_ids: dict[str, int], cap: int) -> tuple[Negative, ...] | str:
+    """The first ``cap`` hard negatives of query row ``q``, or why the row is bad: every listed id must be a
+    usable candidate of the split (checked whatever ``cap``, so the same rows count as bad whether or not a
+    stage uses the column)."""
+    ids = [] if _missing(q.get("hard_negatives")) else [str(x) for x in q["hard_negatives"]]
+    unknown = [c for c in ids if c not in cands]
+    if unknown:
+        return (
+            f"hard_negatives: candidate {unknown[0]!r} is not among the split's usable candidates "
+            f"({len(unknown)} of {len(ids)} ids; a bad candidate has its own line here): remove it, or re-run "
+            "`rime data mine-negatives`"
+        )
+    return tuple(Negative(_cand_item(cands[c]), _cand_rewrite(cands[c]), target_ids[c]) for c in ids[:cap])
 
 
 def _missing(v) -> bool:
@@ -50,11 +76,18 @@ def target_id_map(cand_ids) -> dict[str, int]:
     return {cid: i for i, cid in enumerate(sorted(cand_ids))}
 
 
-def make_pairs(queries: list[dict], candidates: list[dict]) -> list[Pair]:
-    """In-memory pairs of a small split (tests, benchmarks); training streams them with ``PairStream``."""
+def make_pairs(queries: list[dict], candidates: list[dict], hard_negatives: int = 0) -> list[Pair]:
+    """In-memory pairs of a small split (tests, benchmarks); training streams them with ``PairStream``.
+    ``hard_negatives``: how many of each query's hard negatives to attach (a bad id raises ValueError)."""
     cands = {c["cand_id"]: c for c in candidates}
     ids = target_id_map(cands)
-    return [to_pair(q, cands[q["positive_ids"][0]], ids[q["positive_ids"][0]]) for q in queries]
+    out = []
+    for q in queries:
+        negs = negatives(q, cands, ids, hard_negatives)
+        if isinstance(negs, str):
+            raise ValueError(f"query {q['query_id']!r}: {negs}")
+        out.append(to_pair(q, cands[q["positive_ids"][0]], ids[q["positive_ids"][0]], negs))
+    return out
 
 
 class PairStream:
@@ -69,6 +102,7 @@ class PairStream:
         errors_file: Path,
         pipeline: PipelineConfig | None = None,
         group_by_task: bool = True,
+        hard_negatives: int = 0,
     ):
         q_path, c_path = split_paths(data_dir, split)
         self.q_path = q_path
@@ -83,6 +117,7 @@ class PairStream:
         self.pos = StreamPosition()
         self._source: CleanBatches | None = None
         self.group_by_task = group_by_task
+        self.hard_negatives = hard_negatives  # per pair, from each query's list (cma.hard_negatives); 0 = none
         self.dropped_pairs = 0
         self._it: Iterator[dict] | None = None
         self._it_epoch = -1
@@ -111,7 +146,11 @@ class PairStream:
                         ]
                     )
                     continue
-                buf.append(to_pair(q, cand, self.target_ids[cand["cand_id"]]))
+                negs = negatives(q, self.cands, self.target_ids, self.hard_negatives)
+                if isinstance(negs, str):
+                    source.log_bad([{**q, "_error": negs}])
+                    continue
+                buf.append(to_pair(q, cand, self.target_ids[cand["cand_id"]], negs))
                 if len(buf) >= self.buffer:
                     yield buf.pop(rng.randrange(len(buf)))
         rng.shuffle(buf)

@@ -3,7 +3,8 @@
 A dataset folder holds ``<split>/queries.parquet`` and ``<split>/candidates.parquet``. A query
 names its relevant candidates (``positive_ids`` with optional graded ``positive_grades`` for
 NDCG) and either its own candidate list (``cand_ids``, MMEB's per-query lists) or null, meaning
-"rank the whole task corpus" (every candidate of the same ``task``). Images are encoded bytes,
+"rank the whole task corpus" (every candidate of the same ``task``). ``hard_negatives`` (optional) lists
+candidate ids that CMA's InfoNCE adds to the in-batch negatives (``cma.hard_negatives``). Images are encoded bytes,
 decoded only when a model needs them.
 """
 
@@ -30,6 +31,7 @@ QUERY_SCHEMA = pa.schema(
         pa.field("cand_ids", pa.list_(pa.string())),  # null = the task corpus
         pa.field("rewrite", pa.string()),  # ideal rewrite (SFT target, oracle baseline)
         pa.field("reasoning", pa.list_(pa.string())),  # explicit reasoning segments (PLUME curriculum)
+        pa.field("hard_negatives", pa.list_(pa.string())),  # candidate ids (`rime data mine-negatives`); null = none
     ]
 )
 
@@ -84,6 +86,22 @@ def validate_query(row: dict[str, Any]) -> str | None:
         return "cand_ids: an id is listed twice; a duplicate would be ranked as two candidates"
     if cands is not None and not set(pos) <= set(cands):
         return "cand_ids: does not contain every positive id; add the positives to the candidate list"
+    return _hard_negatives_error(_seq(row.get("hard_negatives")), pos)
+
+
+def _hard_negatives_error(negs: list | None, pos: list) -> str | None:
+    """Why a query's hard-negative list contradicts itself or its positives, or None. Whether the ids exist
+    is checked where the candidates are known (``orchestrator.pairs.PairStream``)."""
+    if negs is None:
+        return None
+    if len(set(map(str, negs))) != len(negs):
+        return "hard_negatives: an id is listed twice; list each negative candidate once"
+    both = sorted(set(map(str, negs)) & set(map(str, pos)))
+    if both:
+        return (
+            f"hard_negatives: {both[0]!r} is also in positive_ids; a relevant candidate cannot be a negative "
+            "(remove it, or re-run `rime data mine-negatives`)"
+        )
     return None
 
 

@@ -18,3 +18,20 @@ BACKENDS: tuple[str, ...] = get_args(RolloutBackend)
 QUERY_ENCODERS: tuple[str, ...] = get_args(QueryEncoder)
 ANCHORS: tuple[str, ...] = get_args(AdapterAnchor)
 DTYPES: tuple[str, ...] = get_args(TorchDType)
+# model.lora.target_modules' default: the attention and MLP projections of Qwen2-VL / LLaMA-style language
+# models, and of the Qwen2-VL (qkv, proj, fc1, fc2) and CLIP (q/k/v_proj, out_proj, fc1, fc2) vision towers,
+# which only model.lora.vision adapts
+LORA_TARGET_MODULES: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "qkv",
+    "proj",
+    "out_proj",
+    "fc1",
+    "fc2",
+)

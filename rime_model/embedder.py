@@ -280,18 +280,19 @@ class Embedder:
         return out
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path) -> Path:
-        """Write model, tokenizer, image processor and rime's own settings to one folder."""
+    def save(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write model, tokenizer, image processor and rime's own settings to one folder. ``state_dict``:
+        the model's weights to write under the plain model's names, when the model's own are not them
+        (LoRA: the merged weights, ``rime_model.lora``)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         adapter = self.latent_adapter
         # The adapter is saved beside the model, not inside its checkpoint (stock loaders and rollout
         # engines read the checkpoint and know nothing of it).
-        state = (
-            None
-            if adapter is None
-            else {k: v for k, v in self.model.state_dict().items() if not k.startswith(ADAPTER_ATTR + ".")}
-        )
+        state = state_dict
+        if adapter is not None:
+            own = self.model.state_dict() if state is None else state
+            state = {k: v for k, v in own.items() if not k.startswith(ADAPTER_ATTR + ".")}
         self.model.save_pretrained(str(path), state_dict=state)
         self.family.save_processor(self.processor, path)
         meta = {

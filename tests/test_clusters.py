@@ -45,7 +45,7 @@ def _k8s_quantity(q) -> float:
 
 
 def _config_keys() -> set[str]:
-    return {f"{s}.{k}" for s, section in Config().to_dict().items() for k in section}
+    return set(Config().flat())  # nested sections' keys as model.lora.rank
 
 
 def _sets(entrypoint: str) -> tuple[str, list[str]]:

@@ -124,7 +124,7 @@ def test_cma_learner_checks_and_records_matryoshka_dims(tiny, tmp_path):
     from rime_model import Embedder
 
     emb = SimpleNamespace(dim=16, matryoshka_dims=())
-    learner = SimpleNamespace(emb=emb, reset_optimizer=lambda *a, **k: None)
+    learner = SimpleNamespace(emb=emb, lora=None, reset_optimizer=lambda *a, **k: None)
     with pytest.raises(ValueError, match=r"cma\.matryoshka_dims: \[4, 16\]: out of range: \[16\]"):
         Learner.begin_stage(learner, "cma", {"matryoshka_dims": [4, 16]}, 1e-3, 1)
     Learner.begin_stage(learner, "cma", {"matryoshka_dims": [4, 8]}, 1e-3, 1)
@@ -137,7 +137,7 @@ def test_cma_learner_checks_and_records_matryoshka_dims(tiny, tmp_path):
     assert emb.matryoshka_dims == (32,) and Embedder.saved_settings(start)["matryoshka_dims"] == [32]
 
 
-def _worker(rank: int, world: int, port: int, x_all, p0, out, dims=()):
+def _worker(rank: int, world: int, port: int, x_all, p0, out, dims=(), negs=None):
     import os
 
     import torch.distributed as dist
@@ -147,28 +147,107 @@ def _worker(rank: int, world: int, port: int, x_all, p0, out, dims=()):
     n = x_all.shape[1] // world
     proj = p0.clone().requires_grad_(True)  # one parameter replicated on every rank, as in data parallelism
     q, t = (F.normalize(x[rank * n : (rank + 1) * n] @ proj, dim=-1) for x in x_all)
-    loss = info_nce(q, t, 0.1, target_ids=[0, 1, 2] if rank == 0 else [3, 3, 5], dims=dims)
+    extra = {}
+    if negs is not None:  # (rows, ids) per rank: uneven counts, none at all on a rank too
+        rows, ids = negs[rank]
+        extra = {"neg": F.normalize(rows @ proj, dim=-1), "neg_ids": ids}
+    loss = info_nce(q, t, 0.1, target_ids=[0, 1, 2] if rank == 0 else [3, 3, 5], dims=dims, **extra)
     loss.backward()
     out[rank] = (loss.item(), proj.grad.clone())
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("dims", [(), (3,)])
-def test_gathered_negatives_across_two_ranks_give_the_full_batch_gradient(dims):
+@pytest.mark.parametrize("dims, hard", [((), False), ((3,), True)])
+def test_gathered_negatives_across_two_ranks_give_the_full_batch_gradient(dims, hard):
     """Each rank's loss is the whole-batch loss, and the data-parallel AVERAGE of the ranks' parameter
     gradients is exactly the whole-batch gradient (not 1/W of it), so the NCE:CE balance does not
-    depend on the number of learners; with Matryoshka prefix sizes too (gathered whole, then truncated)."""
+    depend on the number of learners; with Matryoshka prefix sizes too (gathered whole, then truncated).
+    ``hard``: also hard negatives, gathered unevenly (rank 0 holds three, rank 1 none; one of them is
+    rank 1's positive 5, masked for that row only)."""
     import torch.multiprocessing as mp
 
     from orchestrator.learner_group import free_port
 
     torch.manual_seed(2)
-    x_all, p0 = torch.randn(2, 6, 8), torch.randn(8, 8)
+    x_all, p0, x_neg = torch.randn(2, 6, 8), torch.randn(8, 8), torch.randn(3, 8)
+    negs = [(x_neg, [7, 5, 8]), (x_neg[:0], [])] if hard else None
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, free_port(), x_all, p0, out, dims), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), x_all, p0, out, dims, negs), nprocs=2, join=True)
     proj = p0.clone().requires_grad_(True)
     q, t = (F.normalize(x @ proj, dim=-1) for x in x_all)
-    full = info_nce(q, t, 0.1, target_ids=[0, 1, 2, 3, 3, 5], gather=False, dims=dims)
+    extra = {"neg": F.normalize(x_neg @ proj, dim=-1), "neg_ids": [7, 5, 8]} if hard else {}
+    full = info_nce(q, t, 0.1, target_ids=[0, 1, 2, 3, 3, 5], gather=False, dims=dims, **extra)
     full.backward()
     assert out[0][0] == pytest.approx(full.item(), rel=1e-5) and out[1][0] == pytest.approx(full.item(), rel=1e-5)
     torch.testing.assert_close((out[0][1] + out[1][1]) / 2, proj.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_hard_negative_adds_one_query_side_column_hand_computed():
+    """A hard negative is one more logit in each query's row (query->target only); its gradient reaches it."""
+    q = _unit([1.0, 0.0], [0.0, 1.0])
+    t = _unit([1.0, 0.0], [1.0, 1.0])
+    raw = torch.tensor([[0.6, 0.8]], requires_grad=True)  # unit length already: q0.n = 0.6, q1.n = 0.8
+    tau, s = 0.5, 1 / math.sqrt(2)
+    with_neg = info_nce(q, t, tau, target_ids=[0, 1], neg=F.normalize(raw, dim=-1), neg_ids=[2])
+    # q->t gains exp(0.6/tau) in row 0's and exp(0.8/tau) in row 1's denominator; t->q is unchanged
+    before = math.log(math.exp(1 / tau) + math.exp(s / tau)) + math.log(1 + math.exp(s / tau))
+    after = math.log(math.exp(1 / tau) + math.exp(s / tau) + math.exp(0.6 / tau)) + math.log(
+        1 + math.exp(s / tau) + math.exp(0.8 / tau)
+    )
+    want_delta = 0.5 * (after - before) / 2  # half of the bidirectional mean, averaged over 2 rows
+    assert with_neg.item() - info_nce(q, t, tau).item() == pytest.approx(want_delta, rel=1e-5)
+    with_neg.backward()
+    assert raw.grad is not None and raw.grad.abs().sum() > 0
+
+
+def test_hard_negative_that_is_another_rows_positive_is_masked_for_that_row_only():
+    """Row 0 lists candidate 11 as a hard negative; 11 is row 1's positive. For row 1 that column is its own
+    target again (masked: no false negative); rows 0 and 2 keep it as a negative."""
+    torch.manual_seed(6)
+    q, t = (F.normalize(torch.randn(3, 4), dim=-1) for _ in range(2))
+    neg = t[1:2].clone()  # the same item as row 1's target
+    tau = 0.2
+    got = info_nce(q, t, tau, target_ids=[10, 11, 12], neg=neg, neg_ids=[11])
+    logits = torch.cat([q @ t.T, q @ neg.T], dim=1) / tau  # [3, 4]: three targets, one negative
+    allowed = torch.ones(3, 4, dtype=torch.bool)
+    allowed[1, 3] = False
+    l_qt = sum(-logits[i, i] + torch.logsumexp(logits[i][allowed[i]], 0) for i in range(3)) / 3
+    tl = (q @ t.T / tau).T
+    l_tq = sum(-tl[i, i] + torch.logsumexp(tl[i], 0) for i in range(3)) / 3
+    assert got.item() == pytest.approx((0.5 * (l_qt + l_tq)).item(), rel=1e-5)
+    unmasked = info_nce(q, t, tau, target_ids=[10, 11, 12], neg=neg, neg_ids=[99])
+    assert unmasked.item() > got.item()  # row 1 would then be pushed away from its own positive
+
+
+def test_no_hard_negatives_is_the_plain_loss_and_bad_neg_ids_are_refused():
+    torch.manual_seed(7)
+    q, t = (F.normalize(torch.randn(4, 8), dim=-1) for _ in range(2))
+    plain = info_nce(q, t, 0.1, target_ids=[0, 1, 2, 3])
+    assert torch.equal(info_nce(q, t, 0.1, target_ids=[0, 1, 2, 3], neg=q[:0], neg_ids=[]), plain)
+    with pytest.raises(ValueError, match="neg_ids: give one candidate id per hard-negative row"):
+        info_nce(q, t, 0.1, target_ids=[0, 1, 2, 3], neg=q[:2])
+
+
+def test_cma_terms_embed_hard_negatives_like_targets(tiny):
+    """The CMA learner loss puts each pair's hard negatives through the targets' disc and gen passes: the NCE
+    terms change, CE (the pairs' own rewrites) does not, and the term count is logged. No DeepSpeed."""
+    from types import SimpleNamespace
+
+    from actors.stage_losses import CMALoss
+    from orchestrator.pairs import make_pairs
+    from rime_data.synth import synth_split
+
+    d = synth_split("train", 2, seed=0, tasks=("t2i",))
+    cands = [c["cand_id"] for c in d.candidates]
+    for q in d.queries:
+        q["hard_negatives"] = [c for c in cands if c not in q["positive_ids"]]
+    cfg = {"lambda_cma": 1.0, "temperature": 0.05, "ce_weight": 1.0}
+    pairs = make_pairs(d.queries, d.candidates, hard_negatives=1)
+    assert [len(p.negs) for p in pairs] == [1, 1]
+    with torch.no_grad():
+        off = CMALoss().terms(SimpleNamespace(emb=tiny, stage_cfg={**cfg, "hard_negatives": 0}), pairs)
+        on = CMALoss().terms(SimpleNamespace(emb=tiny, stage_cfg={**cfg, "hard_negatives": 1}), pairs)
+    assert "hard_negatives" not in off and on["hard_negatives"] == 2.0
+    assert on["ce"].item() == pytest.approx(off["ce"].item(), rel=1e-4)
+    for k in ("nce_disc", "nce_gen", "nce_gen_disc", "nce_disc_gen"):
+        assert on[k].item() > off[k].item()  # one more negative in every query's row

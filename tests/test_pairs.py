@@ -77,3 +77,40 @@ def test_bad_candidates_and_control_tokens_are_counted_bad_rows_not_failed_steps
     assert "cand_text: contains the model's control token '<gen_emb>'" in errors[token_text["cand_id"]]
     assert "rewrite: contains the model's control token '<|im_end|>'" in errors[token_rewrite["query_id"]]
     assert all("not among the split's usable candidates" in errors[q] for q in lost)
+
+
+def test_hard_negatives_reach_pairs_and_unknown_ids_are_bad_rows(ray_local, tmp_path):
+    """Up to ``hard_negatives`` of a query's listed negatives ride on its pair as candidate items; a query
+    naming an unknown candidate, listing one twice or listing its own positive is a counted, logged bad
+    row, and the run goes on."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from rime_data.schema import QUERY_SCHEMA, validate_query, write_table
+
+    write_synth(tmp_path / "d", {"train": 3}, seed=0, tasks=("t2i",))  # 3 queries, 3 candidates
+    q_path = tmp_path / "d/train/queries.parquet"
+    queries = pq.read_table(q_path).to_pylist()
+    cands = [c["cand_id"] for c in pq.read_table(tmp_path / "d/train/candidates.parquet").to_pylist()]
+    good, unknown, twice = queries
+    good["hard_negatives"] = [c for c in cands if c not in good["positive_ids"]]  # two ids
+    unknown["hard_negatives"] = [cands[0], "t2i/train/no-such-image"]
+    twice["hard_negatives"] = [good["positive_ids"][0]] * 2
+    assert "hard_negatives: 't2i/train/img0' is also in positive_ids" in validate_query(
+        {**good, "hard_negatives": ["t2i/train/img0"]}
+    )
+    # the good query last: the stream has met (and logged) both bad ones when it yields it
+    write_table([unknown, twice, good], QUERY_SCHEMA, q_path)
+
+    stream = PairStream(tmp_path / "d", "train", 0, 1, tmp_path / "err.jsonl", group_by_task=False, hard_negatives=1)
+    pair = stream.next_batch(1)[0]
+    stream.close()
+    by_id = {c["cand_id"]: c for c in pq.read_table(tmp_path / "d/train/candidates.parquet").to_pylist()}
+    assert pair.query_id == good["query_id"] and len(pair.negs) == 1  # capped at 1 of its 2
+    first = by_id[good["hard_negatives"][0]]
+    assert pair.negs[0].item["image"] == first["cand_image"] and pair.negs[0].target_id == stream.target_ids[first["cand_id"]]
+    assert stream.bad_rows == 2
+    errors = {e["id"]: e["error"] for e in map(json.loads, (tmp_path / "err.jsonl").read_text().splitlines())}
+    assert "hard_negatives: candidate 't2i/train/no-such-image' is not among the split's usable" in errors[unknown["query_id"]]
+    assert "hard_negatives: an id is listed twice" in errors[twice["query_id"]]

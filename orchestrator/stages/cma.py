@@ -13,6 +13,11 @@ class CMAStage(SupervisedStage):
         super().__init__(ctx)
         self.by_task = self.cfg.data.batch_by_task
 
+    def start(self) -> None:
+        """The pair stream, attaching up to ``cma.hard_negatives`` of each query's hard negatives."""
+        super().start()
+        self.stream.hard_negatives = self.cfg.cma.hard_negatives
+
     @classmethod
     def settings(cls, cfg: Config) -> StageSettings:
         c = cfg.cma
@@ -22,6 +27,7 @@ class CMAStage(SupervisedStage):
                 "temperature": c.temperature,
                 "ce_weight": c.ce_weight,
                 "matryoshka_dims": list(c.matryoshka_dims),
+                "hard_negatives": c.hard_negatives,
             },
             cfg.learners.lr,
             cfg.learners.warmup_steps,

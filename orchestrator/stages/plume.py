@@ -63,6 +63,11 @@ class PlumeStage(SupervisedStage):
             )
         if pc.experts and not 1 <= pc.top_k <= pc.experts:
             raise ConfigError(f"plume.top_k: must be in 1..plume.experts ({pc.experts}), got {pc.top_k}")
+        if cfg.learners.gradient_checkpointing:  # checkpointed layers drop the cache: the latent steps would see no prefix
+            raise ConfigError(
+                "learners.gradient_checkpointing: the plume stage trains its latent steps through the KV cache, which "
+                "checkpointed layers do not fill; set learners.gradient_checkpointing=false for runs with plume"
+            )
 
     @classmethod
     def learner_options(cls, cfg: Config) -> dict[str, Any]:
