@@ -28,6 +28,11 @@ def sets(values: dict[str, Any]) -> list[str]:
     return [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
 
 
+def set_values(argv: list[str]) -> list[str]:
+    """The ``key=value`` of every ``--set`` in ``argv``, in order (what ``load_config`` takes as overrides)."""
+    return [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+
+
 def train_cmd(config: str, tmp: Path, name: str, values: dict[str, Any], *extra: str) -> list[str]:
     """`rime train CONFIG` writing run ``name`` under ``tmp/runs`` on data in ``tmp/data``."""
     base = {"run.name": name, "run.out_dir": tmp / "runs", "data.path": tmp / "data"}

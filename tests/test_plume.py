@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from rime_cli import ROOT, clean_env, train_cmd
+from rime_cli import ROOT, clean_env, set_values, train_cmd
 
 PER_STAGE = 2
 STEPS = 5 * PER_STAGE  # 4 segments -> curriculum stages 0..4
@@ -62,7 +62,7 @@ def plume_runs(tmp_path_factory, tiny_latent_dir) -> tuple[Path, Run, Run]:
     from orchestrator.train import ensure_data
 
     argv = _cmd(tmp, "data")
-    ensure_data(load_config("configs/plume-tiny.yaml", [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]))
+    ensure_data(load_config("configs/plume-tiny.yaml", set_values(argv)))
     straight = _start(tmp, "straight")
     later = _start(
         tmp,

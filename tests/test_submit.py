@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from rime_cli import clean_env
+from rime_cli import clean_env, set_values
 from rime_cli import sets as set_args
 
 from orchestrator.config import ConfigError
@@ -53,7 +53,7 @@ def test_job_spec_joins_the_cluster_uploads_the_checkout_and_forwards_tracking(m
     )
     argv = spec.entrypoint.split()
     assert argv[:5] == ["python", "-m", "orchestrator.cli", "train", CONFIG]
-    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    sets = set_values(argv)
     assert sets.count("cluster.address=auto") == 1
     # profile first, the user's --set after it (so they win), both applied
     assert sets.index("learners.zero_stage=1") < sets.index("learners.zero_stage=2")

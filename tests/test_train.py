@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from rime_cli import ROOT, clean_env, run_cli, train_cmd
+from rime_cli import ROOT, clean_env, run_cli, set_values, train_cmd
 
 CMA_STEPS, RL_STEPS = 8, 2
 STEPS = CMA_STEPS + RL_STEPS
@@ -58,7 +58,7 @@ def _data_first(tmp: Path) -> None:
     from orchestrator.train import ensure_data, ensure_transfer_data
 
     argv = _cmd(tmp, "data")
-    cfg = load_config("configs/tiny-cpu.yaml", [argv[i + 1] for i, a in enumerate(argv) if a == "--set"])
+    cfg = load_config("configs/tiny-cpu.yaml", set_values(argv))
     ensure_data(cfg)
     ensure_transfer_data(cfg)
 
@@ -169,7 +169,7 @@ def test_a_trainer_inside_the_callers_ray_session_leaves_it_running(ray_local, z
     ray = ray_local
     node = ray.get_runtime_context().get_node_id()
     argv = _cmd(tmp_path, "inside", "--set", "learners.cpus_per_actor=8")
-    overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    overrides = set_values(argv)
     with pytest.raises(PlacementError, match="placement: the roles need"):
         Trainer(load_config("configs/tiny-cpu.yaml", overrides)).run()
     assert ray.is_initialized() and ray.get_runtime_context().get_node_id() == node  # the caller's cluster, still up
