@@ -4,7 +4,8 @@
 inference (``embed``), the reward service (``embed_with_rewrite``, teacher forced) and the learners
 (``enc.*_batch`` + ``encode`` keep gradients). Refine-RL's rollouts and log-probs live in
 ``rime_model.rollout_ops``, PLUME's explicit reasoning in ``rime_model.reasoning``, the latent pass in
-``rime_model.latent``. Embeddings are the final-layer hidden state read AT the special token (not the
+``rime_model.latent``, gen mode's one-pass read of ``<gen_emb>`` from the generation's KV cache in
+``rime_model.gen_embed``. Embeddings are the final-layer hidden state read AT the special token (not the
 position after it, UME-R1's off-by-one), L2-normalised in float32.
 """
 
@@ -26,6 +27,7 @@ from transformers.processing_utils import ProcessorMixin
 from .choices import MODES
 from .encoding import Item, ModelBatch, PromptEncoder, Rewrite
 from .families import FAMILIES, ModelFamily
+from .gen_embed import generate, generate_and_embed, one_pass_blocker
 from .latent import (
     ADAPTER_ATTR,
     AdapterConfig,
@@ -89,12 +91,20 @@ class GenerationConfig:
     top_k: int = 0  # 0 = off (transformers' generate would otherwise apply its default top_k=50)
     seed: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Gen mode reads <gen_emb> from the generation's own KV cache (generation + one token) instead of
+    # teacher-forcing prompt + rewrite again; same vectors (rime_model.gen_embed). False forces two passes.
+    one_pass: bool = True
 
     def sampling(self) -> dict[str, Any]:
         """``generate``'s sampling arguments for these settings."""
         if not self.do_sample:
             return dict(do_sample=False)
         return dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
+
+def _check_generation(g: GenerationConfig) -> None:
+    if g.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: must be >= 1, got {g.max_new_tokens}")
 
 
 def _from_encoder(name: str) -> property:
@@ -236,8 +246,25 @@ class Embedder:
             k = self.latent_steps if steps is None else steps
             vecs = [latent_pass(self.model, self.enc, c, k).gen_embedding() for c in chunks]
             return EmbeddingResult(torch.cat(vecs).cpu().numpy(), "latent")
-        rewrites = self.generate_rewrites(items, batch_size=batch_size, generation=generation)
+        g = generation or GenerationConfig()
+        if one_pass_blocker(g) is None:
+            return self._embed_gen_one_pass(items, batch_size, g)
+        rewrites = self.generate_rewrites(items, batch_size=batch_size, generation=g)
         return EmbeddingResult(self._embed_items_with_rewrites(items, [r.text for r in rewrites], batch_size), "gen", rewrites)
+
+    def _embed_gen_one_pass(self, items: list[Item], batch_size: int, g: GenerationConfig) -> EmbeddingResult:
+        """Gen mode with ``<gen_emb>`` read from each chunk's generation cache: the rewrites and (up to float
+        rounding) the vectors of the two-pass path, at the cost of the generation plus one token."""
+        _check_generation(g)
+        if g.seed is not None:
+            torch.manual_seed(g.seed)
+        rewrites: list[Rewrite] = []
+        vecs = []
+        for i in range(0, len(items), batch_size):
+            res = generate_and_embed(self.model, self.enc, items[i : i + batch_size], g)
+            rewrites.extend(res.rewrites)
+            vecs.append(res.vectors)
+        return EmbeddingResult(torch.cat(vecs).cpu().numpy(), "gen", rewrites)
 
     @torch.no_grad()
     def embed_with_rewrite(self, inputs: Iterable[Any], rewrites: Sequence[str], batch_size: int = 16) -> EmbeddingResult:
@@ -260,22 +287,13 @@ class Embedder:
     ) -> list[Rewrite]:
         """Generate ``num_samples`` rewrites per item (item-major order), left-padded batches."""
         g = generation or GenerationConfig()
-        if g.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: must be >= 1, got {g.max_new_tokens}")
+        _check_generation(g)
         if g.seed is not None:
             torch.manual_seed(g.seed)
         out: list[Rewrite] = []
         for i in range(0, len(items), batch_size):
             enc = self.enc.gen_prompt_batch(items[i : i + batch_size])
-            seqs = self.model.generate(
-                **enc,
-                max_new_tokens=g.max_new_tokens,
-                num_return_sequences=num_samples,
-                eos_token_id=self.enc.stop_ids,
-                pad_token_id=self.tokenizer.pad_token_id,
-                **g.sampling(),
-                **g.extra,
-            )
+            seqs = generate(self.model, self.enc, enc, g, num_return_sequences=num_samples)
             out.extend(self.enc.parse_rewrite(ids) for ids in seqs[:, enc["input_ids"].shape[1] :].tolist())
         return out
 

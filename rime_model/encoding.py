@@ -172,14 +172,7 @@ class PromptEncoder:
         if len(rewrites) != len(items):
             raise ValueError(f"rewrites: got {len(rewrites)} for {len(items)} inputs; give one rewrite per input")
         prompts = [self.template.gen_prompt(self.media(im), ins, txt, self.tokens) for txt, im, ins in items]
-        completions = []
-        for i, r in enumerate(rewrites):
-            if not isinstance(r, str):
-                raise ValueError(f"rewrites[{i}]: must be a string, got {type(r).__name__}")
-            tok = reserved_in(r, self.reserved)
-            if tok:
-                raise ValueError(f"rewrites[{i}]: contains the reserved control token {tok!r}; remove it")
-            completions.append(self.template.gen_completion(r.strip(), self.tokens))
+        completions = [self.gen_completion(r, i) for i, r in enumerate(rewrites)]
         enc = self.encode_texts([p + c for p, c in zip(prompts, completions)], [im for _, im, _ in items])
         ids = enc["input_ids"]
         comp_lens = [len(self.token_ids(c)) for c in completions]
@@ -187,6 +180,22 @@ class PromptEncoder:
         for b, n in enumerate(comp_lens):
             labels[b, ids.shape[1] - n :] = ids[b, ids.shape[1] - n :]
         return ModelBatch(enc, self.read_positions(ids, "gen_emb"), labels)
+
+    def gen_completion(self, rewrite: str, index: int = 0) -> str:
+        """The teacher-forced completion text of one rewrite (checked: a string without reserved tokens)."""
+        if not isinstance(rewrite, str):
+            raise ValueError(f"rewrites[{index}]: must be a string, got {type(rewrite).__name__}")
+        tok = reserved_in(rewrite, self.reserved)
+        if tok:
+            raise ValueError(f"rewrites[{index}]: contains the reserved control token {tok!r}; remove it")
+        return self.template.gen_completion(rewrite.strip(), self.tokens)
+
+    def gen_completion_ids(self, rewrite: str, index: int = 0) -> list[int]:
+        """The ids ``gen_batch`` puts after the gen prompt for ``rewrite``, up to and including the
+        ``<gen_emb>`` it reads at (what follows it cannot change that hidden state)."""
+        ids = self.token_ids(self.gen_completion(rewrite, index))
+        gen = self.token_id["gen_emb"]
+        return ids[: len(ids) - ids[::-1].index(gen)]
 
     def gen_prompt_batch(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:
         """Gen prompts the model continues after ``<rewrite>`` (generation, rollouts)."""
