@@ -1,6 +1,6 @@
-"""A JSON-driven self-test of the vLLM rollout backend, run in ``.venv-vllm`` as
-``python -m actors.rollout_vllm_selftest SPEC_JSON OUT_JSON`` by ``tests/test_rollout_vllm.py``: it takes a
-spec of generate / load jobs (greedy and sampled rollouts, object-store and streamed weight loads, refused
+"""A JSON-driven self-test of the vLLM rollout backend, run in ``.venv-vllm``: ``run_jobs`` on an existing
+engine (``tests/test_rollout_vllm.py`` runs it inside a vLLM rollout worker), or ``python -m
+actors.rollout_vllm_selftest --selftest SPEC_JSON OUT_JSON`` on a new one. It takes a spec of generate / load jobs (greedy and sampled rollouts, object-store and streamed weight loads, refused
 and failing loads) and writes what the engine returned, for the test to compare with the HF path in the
 base venv (the two venvs cannot share a process)."""
 
@@ -92,14 +92,21 @@ def _stream_load_job(backend: VllmRolloutBackend, job: dict) -> dict:
 
 
 def _run_selftest(spec: dict) -> dict:
-    """Run the jobs of ``spec`` on one engine; see tests/test_rollout_vllm.py for the format."""
+    """Run the jobs of ``spec`` on a new engine; see tests/test_rollout_vllm.py for the format."""
+    t0 = time.perf_counter()
+    backend = VllmRolloutBackend(spec["model_path"], seed=spec.get("seed", 0), max_model_len=spec.get("max_model_len", 1024))
+    out = run_jobs(backend, spec)
+    out["timings"]["engine_init_s"] = time.perf_counter() - t0
+    return out
+
+
+def run_jobs(backend: VllmRolloutBackend, spec: dict) -> dict:
+    """Run the jobs of ``spec`` on ``backend``, an engine that already exists (a rollout worker's, in the tests:
+    one engine start serves every check)."""
     import torch
     from safetensors.torch import load_file
 
     out: dict[str, Any] = {"timings": {}}
-    t0 = time.perf_counter()
-    backend = VllmRolloutBackend(spec["model_path"], seed=spec.get("seed", 0), max_model_len=spec.get("max_model_len", 1024))
-    out["timings"]["engine_init_s"] = time.perf_counter() - t0
     import vllm
 
     out["versions"] = {"vllm": vllm.__version__, "torch": torch.__version__}

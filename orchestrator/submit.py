@@ -120,7 +120,8 @@ def check_address(address: str, timeout_s: float = 5.0) -> str:
     if r.status_code in (401, 403):
         raise SubmitError(
             f"--address {address}: the dashboard refused the request (HTTP {r.status_code}): the cluster uses "
-            "token authentication; export RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) with the cluster's token"
+            "token authentication; export RAY_AUTH_MODE=token and the cluster's token as RAY_AUTH_TOKEN (or keep it in "
+            "~/.ray/auth_token, or point RAY_AUTH_TOKEN_PATH at it)"
         )
     try:
         body = r.json() if r.status_code == 200 else None

@@ -3,14 +3,13 @@
 Most tests run the orchestration with an injected backend that trains nothing (hand-made per-query
 reports): which runs train, resume and re-scoring, failures, the files and the numbers written, and
 every argument check, in seconds. The real backend is tested in pieces (the `rime train` arguments,
-a failing training, a job's logged model, scoring a saved model); end to end, for real (`rime ablate
---submit` -> `rime submit --follow` -> a Ray job that trains -> eval -> compare), in test_submit."""
+a failing training, a job's logged model, scoring a saved model); test_submit checks the `rime submit
+--follow` commands `rime ablate --submit` builds, and runs a submitted training job end to end."""
 
 from __future__ import annotations
 
 import json
 import random
-import shutil
 import socket
 import subprocess
 import threading
@@ -24,7 +23,7 @@ from orchestrator.ablate_plan import PLUME_ARMS, AblateError, make_plan, parse_a
 from orchestrator.compare import compare_files
 
 ROOT = Path(__file__).resolve().parents[1]
-# the smallest PLUME run that trains, evaluates and saves: also used by test_submit's Ray-job ablation
+# the smallest PLUME run that trains, evaluates and saves
 TRAIN_ARGS = [
     "--set",
     "data.synth_train=8",
@@ -405,22 +404,3 @@ def test_arm_overrides_split_like_a_shell_line():
         parse_arm("cur-k0=")
     with pytest.raises(AblateError, match="use NAME=OVERRIDES"):
         parse_arm("plume.curriculum")
-
-
-# ------------------------------------------------------------------------ end to end, for real
-# the reports scored up front from the start model itself: every pair's but seed 0's curriculum arm
-PRESCORED = ((1, "nocur"), (1, "cur"), (0, "nocur"))
-
-
-def prescore(tmp: Path, out: Path, start: str, runs: tuple[tuple[int, str], ...] = PRESCORED) -> None:
-    """Score ``start`` itself as the report of each (seed, arm) in ``runs`` (a real eval, no training) on
-    generated test queries in ``tmp / "test"``: an ablation then skips those runs and scores only the
-    zero-step control of a prescored curriculum arm, so an end-to-end test trains one run, not four."""
-    s = _settings(tmp)
-    ensure_test_data(s, print)
-    (out / "reports").mkdir(parents=True, exist_ok=True)
-    (seed, arm), *others = runs
-    first = out / "reports" / f"m0-seed{seed}-{arm}.json"
-    LocalBackend(s).score(_plan().run(0, seed, arm), start, first, tmp / "prescore.log", zero_steps=False)
-    for seed, arm in others:  # the same model on the same queries: the same report
-        shutil.copy(first, out / "reports" / f"m0-seed{seed}-{arm}.json")

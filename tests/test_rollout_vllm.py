@@ -1,22 +1,22 @@
 """The vLLM rollout backend (actors/rollout_vllm.py) against rime's HF path, on a REAL vLLM engine.
 
 vLLM lives in ``.venv-vllm`` (``bash scripts/setup_vllm.sh``; docs/decisions.md §1), the tests run in
-``.venv``, so the vLLM side runs in a subprocess (``python -m actors.rollout_vllm_selftest --selftest``,
-JSON in and out) or in a Ray actor with ``runtime_env={"py_executable": ...}``. Without a working
-``.venv-vllm`` every test here skips, saying how to create it.
+``.venv``, so the vLLM side runs where production runs it: in a ``RolloutWorker(backend="vllm")`` Ray
+actor started from here with the runtime_env ``orchestrator.rl_actors`` builds (``.venv-vllm``'s
+interpreter). Besides the worker's own API, the JSON-driven jobs of ``actors.rollout_vllm_selftest``
+(generate / load jobs, results out as plain data) run inside that actor on the worker's engine. Without
+a working ``.venv-vllm`` every vLLM test here skips, saying how to create it.
 
 The model is the zoo ``tiny`` Qwen2-VL, briefly fine-tuned (in a tmp dir) on the ideal rewrites of
 the test items so that, like a trained run's ``final/``, its distributions are peaked and greedy
 rewrites end with ``</rewrite><gen_emb>`` (the stop path is exercised, not only ``max_new_tokens``).
-One engine serves all jobs of a test (engine start is 25-60 s here); never two engines at once.
+One engine serves every test of the module (engine start is 25-60 s here; the vLLM tests run in file
+order, the last one leaves the engine unusable); never two engines at once.
 """
 
 from __future__ import annotations
 
 import base64
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,32 +36,44 @@ MAX_NEW = 16
 LOGPROB_ATOL = 1e-4
 
 
-def _vllm_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
 @pytest.fixture(scope="module")
-def vllm_python() -> str:
+def vllm_version(ray_local) -> str:
+    """vLLM's version, imported by the pre-flight probe of a Refine-RL run (``check_vllm_python``: the rollout
+    workers' runtime_env, inside their placement group); the module skips, saying why, without it."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from orchestrator.config import parse_config
+    from orchestrator.rl_actors import check_vllm_python
+
     if not VLLM_PY.exists():
         reason = f"{VLLM_PY} not found: the vLLM rollout backend needs .venv-vllm; {SETUP_HINT}"
         print(reason)
         pytest.skip(reason)
-    r = subprocess.run(
-        [str(VLLM_PY), "-c", "import vllm, actors.rollout_vllm"],
-        cwd=REPO,
-        env=_vllm_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if r.returncode != 0:
-        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["?"]
-        reason = f"{VLLM_PY} cannot import vllm ({tail[0]}); {SETUP_HINT}"
+    pg = placement_group([{"CPU": 0.01}])
+    try:
+        ray_local.get(pg.ready(), timeout=60)
+        return check_vllm_python(parse_config({"rollout": {"backend": "vllm"}}), pg, 0)
+    except RuntimeError as e:  # it names the interpreter and why vllm does not import there
+        reason = f"{e}; {SETUP_HINT}"
         print(reason)
         pytest.skip(reason)
-    return str(VLLM_PY)
+    finally:
+        remove_placement_group(pg)
+
+
+@pytest.fixture(scope="module")
+def vllm_worker(vllm_version, trained_path, ray_local):
+    """The production rollout worker on the trained model: ``RolloutWorker(backend="vllm")`` started from
+    this (.venv) process with the runtime_env ``orchestrator.rl_actors`` builds, so in ``.venv-vllm``. Its
+    engine is the module's only one."""
+    from actors.rollout import RolloutWorker
+    from orchestrator.config import parse_config
+    from orchestrator.rl_actors import rollout_runtime_env
+
+    env = rollout_runtime_env(parse_config({"rollout": {"backend": "vllm"}}))
+    worker = ray_local.remote(RolloutWorker).options(num_cpus=0.25, runtime_env=env).remote(str(trained_path), "vllm")
+    yield worker
+    ray_local.kill(worker)
 
 
 # ---------------------------------------------------------------------- data and model
@@ -148,10 +160,15 @@ def _hf_greedy(emb, items) -> list[list[int]]:
     ]
 
 
+def _hf_prompts(emb, items) -> list[dict]:
+    """rime's HF gen-prompt encoding of each item alone (batch 1)."""
+    return [emb.enc.gen_prompt_batch(emb.prepare(_inputs([it]))) for it in items]
+
+
 @torch.no_grad()
-def _hf_logprobs(emb, item, completion: list[int]) -> list[float]:
-    """Teacher-forced temperature-1 logprob of each completion token under the HF model (batch 1)."""
-    enc = emb.enc.gen_prompt_batch(emb.prepare(_inputs([item])))
+def _hf_logprobs(emb, enc: dict, completion: list[int]) -> list[float]:
+    """Teacher-forced temperature-1 logprob of each completion token under the HF model, after the prompt
+    ``enc`` (one item's ``_hf_prompts``)."""
     prompt_len = enc["input_ids"].shape[1]
     comp = torch.tensor([completion])
     inputs = dict(enc)
@@ -165,14 +182,6 @@ def _hf_logprobs(emb, item, completion: list[int]) -> list[float]:
     return lp.gather(1, torch.tensor(completion)[:, None])[:, 0].tolist()
 
 
-def _hf_prompt_ids(emb, items) -> list[list[int]]:
-    out = []
-    for it in items:
-        enc = emb.enc.gen_prompt_batch(emb.prepare(_inputs([it])))
-        out.append(enc["input_ids"][0].tolist())
-    return out
-
-
 def _wire(items) -> list[dict]:
     return [
         {
@@ -184,21 +193,18 @@ def _wire(items) -> list[dict]:
     ]
 
 
-def _run_vllm(python: str, spec: dict, tmp_path: Path) -> dict:
-    spec_file, out_file = tmp_path / "spec.json", tmp_path / "out.json"
-    spec_file.write_text(json.dumps(spec))
-    r = subprocess.run(
-        [python, "-m", "actors.rollout_vllm_selftest", "--selftest", str(spec_file), str(out_file)],
-        cwd=REPO,
-        env=_vllm_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if r.returncode != 0:
-        sys.stderr.write(r.stderr[-6000:])
-        raise AssertionError(f"vLLM selftest failed (rc={r.returncode}): {r.stderr.strip().splitlines()[-1:]}")
-    return json.loads(out_file.read_text())
+def _run_selftest(worker, spec: dict) -> dict:
+    """The jobs of ``spec`` (format: ``actors.rollout_vllm_selftest``) run inside ``worker`` on its engine."""
+
+    def run(self, spec):  # defined here so that Ray ships it by value (tests/ is not importable in the actor)
+        from actors.rollout_vllm_selftest import run_jobs
+
+        engine = self.backend.backend  # VllmBackendAdapter -> VllmRolloutBackend: the worker's engine, not a second one
+        return {**run_jobs(engine, spec), "engine_init_s": engine.init_seconds}
+
+    import ray
+
+    return ray.get(worker.__ray_call__.remote(run, spec), timeout=900)
 
 
 # ---------------------------------------------------------------------- tests
@@ -229,7 +235,66 @@ def test_weight_meta_covers_the_checkpoint_and_a_wrong_shape_is_refused_up_front
 
 
 @pytest.mark.slow
-def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_path, synth_items, tmp_path):
+def test_vllm_rollout_worker_in_ray_actor_from_base_venv(vllm_version, vllm_worker, trained_path, synth_items, ray_local):
+    """The production path: a .venv driver starts ``RolloutWorker(backend="vllm")`` with the runtime_env
+    ``orchestrator.rl_actors`` builds (``.venv-vllm``'s interpreter, vLLM found there by the pre-flight probe);
+    its greedy rollouts equal the HF worker's token for token, before and after a versioned weight update
+    through the object store, and after one through the collective sync (a real gloo broadcast from this
+    process, as learner rank 0 sends it, in buckets that each worker loads as they arrive). Runs before the
+    selftest below: it needs the engine fresh."""
+    from actors.rollout import RolloutWorker
+    from orchestrator.config import parse_config
+    from orchestrator.rl_actors import rollout_runtime_env
+
+    ray = ray_local  # the session's cluster: later tests keep using it, so this test must not restart it
+    greedy = {"max_new_tokens": MAX_NEW, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+    queries = _inputs(synth_items)
+    assert vllm_version.startswith("0.")  # the pre-flight probe
+    env = rollout_runtime_env(parse_config({"rollout": {"backend": "hf"}}))
+    workers = {
+        "vllm": vllm_worker,
+        "hf": ray.remote(RolloutWorker).options(num_cpus=0.25, runtime_env=env).remote(str(trained_path), "hf"),
+    }
+    try:
+        exe = ray.get(workers["vllm"].__ray_call__.remote(lambda self: sys.executable), timeout=600)
+        assert exe.startswith(str(REPO / ".venv-vllm")), exe
+
+        def ids(out):
+            return out.token_ids
+
+        outs = {b: ray.get(w.generate.remote(queries, 1, greedy), timeout=600) for b, w in workers.items()}
+        assert ids(outs["vllm"]) == ids(outs["hf"])
+        assert outs["vllm"].text == outs["hf"].text
+        # a versioned update through the object store, as the Refine-RL driver sends it
+        from actors.weight_sync import ObjectStoreWeights
+
+        ref = ray.put(ObjectStoreWeights(_perturbed_state_dict(trained_path)))  # read-only views, as the driver sends
+        for w in workers.values():
+            assert ray.get(w.update_weights.remote(1, [ref]), timeout=600)["version"] == 1
+        outs_p = {b: ray.get(w.generate.remote(queries, 1, greedy), timeout=600) for b, w in workers.items()}
+        assert ids(outs_p["vllm"]) == ids(outs_p["hf"]) != ids(outs["hf"])
+        assert outs_p["vllm"].version == outs_p["hf"].version == [1] * len(queries)
+        # a collective update: this process is rank 0 of a gloo broadcast group with both workers
+        from actors.weight_sync import BroadcastGroup, tensor_meta
+
+        sd2 = _perturbed_state_dict(trained_path, seed=2)
+        meta, bucket = tensor_meta(sd2), 256 << 10
+        store, host, port = BroadcastGroup.open_store(3, 120)
+        joins = [w.join_weight_sync.remote(host, port, i + 1, 3, 1, "gloo", 120) for i, w in enumerate(workers.values())]
+        src = BroadcastGroup(store, 0, 3, 1, "gloo", 120)
+        assert ray.get(joins, timeout=120) == [1, 1]
+        loads = [w.receive_weights.remote(2, 1, meta, bucket) for w in workers.values()]
+        sent = src.send(sd2, bucket)
+        infos = ray.get(loads, timeout=600)
+        assert [i["bytes"] for i in infos] == [sent, sent] and [i["version"] for i in infos] == [2, 2]
+        outs_c = {b: ray.get(w.generate.remote(queries, 1, greedy), timeout=600) for b, w in workers.items()}
+        assert ids(outs_c["vllm"]) == ids(outs_c["hf"]) != ids(outs_p["hf"])
+    finally:
+        ray.kill(workers["hf"])  # the vLLM worker is the module's (the test below uses its engine)
+
+
+@pytest.mark.slow
+def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_worker, trained_path, synth_items, tmp_path):
     """(a) greedy == HF greedy token for token, text and image items; (b) sampled-token logprobs ==
     HF's teacher-forced temperature-1 logprobs (also when sampled at T=0.7, top_p=0.9: raw, not
     processed); (c) after load_weights(perturbed HF state dict): greedy changes and == HF's on the
@@ -239,7 +304,8 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
     leave an engine that still runs; and a full stream of the original weights, each tensor dropped by
     the feeder once handed over, then brings back the original greedy exactly while vLLM holds only a
     few of them at any time; (f) a part-way failure whose rollback fails too raises EngineUnusableError.
-    One engine for all of it."""
+    The jobs run in the module's vLLM rollout worker, on its engine, after a streamed load of the trained
+    weights (the test above left others there); the last job leaves the engine unusable."""
     from safetensors.torch import save_file
 
     from rime_model import Embedder
@@ -249,14 +315,15 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
     perturbed = _perturbed_state_dict(trained_path)
     sd_file = tmp_path / "perturbed.safetensors"
     save_file(perturbed, str(sd_file))
-    original_file = tmp_path / "original.safetensors"
-    save_file(_perturbed_state_dict(trained_path, scale=0.0), str(original_file))
+    original_file = tmp_path / "original.safetensors"  # the HF-named state dict, independent copies (tied weights)
+    save_file({k: v.detach().clone().contiguous() for k, v in emb.model.state_dict().items()}, str(original_file))
 
     wire = _wire(synth_items)
     gen = dict(kind="generate", items=wire, max_new_tokens=MAX_NEW, stop_token_ids=stop)
     spec = {
         "model_path": str(trained_path),
         "jobs": [
+            {"kind": "load_weight_stream", "name": "stream_trained", "safetensors": str(original_file)},
             {"kind": "prompt_ids", "items": wire},
             dict(gen, name="greedy", n=1, temperature=0.0),
             dict(gen, name="sample_t1", n=3, temperature=1.0, top_p=1.0, seed=7),
@@ -297,15 +364,16 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
             },  # last: it leaves the engine unusable
         ],
     }
-    res = _run_vllm(vllm_python, spec, tmp_path)
+    res = _run_selftest(vllm_worker, spec)
     jobs = {j.get("name") or j["kind"]: j for j in res["jobs"]}
     print(
-        f"vLLM {res['versions']}, engine init {res['timings']['engine_init_s']:.1f} s, "
-        f"load_weights {jobs['load_weights']['seconds']:.2f} s"
+        f"vLLM {res['versions']}, engine init {res['engine_init_s']:.1f} s, load_weights {jobs['load_weights']['seconds']:.2f} s"
     )
+    assert jobs["stream_trained"]["error"] is None, jobs["stream_trained"]
 
     # prompts: vLLM runs exactly the ids of rime's HF processor (image pads expanded the same way)
-    assert jobs["prompt_ids"]["prompt_ids"] == _hf_prompt_ids(emb, synth_items)
+    prompts = _hf_prompts(emb, synth_items)
+    assert jobs["prompt_ids"]["prompt_ids"] == [enc["input_ids"][0].tolist() for enc in prompts]
 
     # (a) greedy equality, with the stop path exercised
     hf = _hf_greedy(emb, synth_items)
@@ -317,11 +385,11 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
     # (b) logprobs of every sampled token (greedy ones too) vs HF recomputed at temperature 1
     diffs = []
     for name in ("greedy", "sample_t1", "sample_t07"):
-        for item, per in zip(synth_items, jobs[name]["samples"]):
+        for enc, per in zip(prompts, jobs[name]["samples"]):
             for s in per:
                 assert len(s["ids"]) == len(s["logprobs"]) >= 1
                 assert len(s["ids"]) == MAX_NEW or s["ids"][-1] in stop
-                ref = _hf_logprobs(emb, item, s["ids"])
+                ref = _hf_logprobs(emb, enc, s["ids"])
                 diffs += [abs(a - b) for a, b in zip(s["logprobs"], ref)]
     print(f"logprob max |vLLM - HF| over {len(diffs)} tokens: {max(diffs):.2e}")
     assert max(diffs) < LOGPROB_ATOL
@@ -336,9 +404,9 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
     assert vl_p == hf_p
     diffs_p = [
         abs(a - b)
-        for item, per in zip(synth_items, jobs["sample_perturbed"]["samples"])
+        for enc, per in zip(prompts, jobs["sample_perturbed"]["samples"])
         for s in per
-        for a, b in zip(s["logprobs"], _hf_logprobs(emb, item, s["ids"]))
+        for a, b in zip(s["logprobs"], _hf_logprobs(emb, enc, s["ids"]))
     ]
     assert max(diffs_p) < LOGPROB_ATOL
 
@@ -368,70 +436,3 @@ def test_vllm_matches_hf_greedy_logprobs_and_weight_sync(vllm_python, trained_pa
     broken = jobs["stream_rollback_fails"]
     assert broken["error"].startswith("EngineUnusableError:") and "undoing it failed too" in broken["error"], broken
     assert "injected by the selftest" in broken["error"] and broken["pulled"] == len(perturbed) // 2
-
-
-@pytest.mark.slow
-def test_vllm_rollout_worker_in_ray_actor_from_base_venv(vllm_python, trained_path, synth_items, ray_local):
-    """The production path: a .venv driver starts ``RolloutWorker(backend="vllm")`` with the runtime_env
-    ``orchestrator.rl_actors`` builds (``.venv-vllm``'s interpreter); its greedy rollouts equal the HF
-    worker's token for token, before and after a versioned weight update through the object store, and
-    after one through the collective sync (a real gloo broadcast from this process, as learner rank 0
-    sends it, in buckets that each worker loads as they arrive)."""
-    from actors.rollout import RolloutWorker
-    from orchestrator.config import parse_config
-    from orchestrator.rl_actors import rollout_runtime_env
-
-    ray = ray_local  # the session's cluster: later tests keep using it, so this test must not restart it
-    greedy = {"max_new_tokens": MAX_NEW, "temperature": 0.0, "top_p": 1.0, "seed": 0}
-    queries = _inputs(synth_items)
-    workers = {}
-    try:
-        from ray.util.placement_group import placement_group, remove_placement_group
-
-        from orchestrator.rl_actors import check_vllm_python
-
-        pg = placement_group([{"CPU": 0.01}])
-        ray.get(pg.ready(), timeout=60)
-        assert check_vllm_python(parse_config({"rollout": {"backend": "vllm"}}), pg, 0).startswith("0.")  # the pre-flight probe
-        remove_placement_group(pg)
-        for backend in ("vllm", "hf"):
-            env = rollout_runtime_env(parse_config({"rollout": {"backend": backend}}))
-            workers[backend] = (
-                ray.remote(RolloutWorker).options(num_cpus=0.25, runtime_env=env).remote(str(trained_path), backend)
-            )
-        exe = ray.get(workers["vllm"].__ray_call__.remote(lambda self: sys.executable), timeout=600)
-        assert exe.startswith(str(REPO / ".venv-vllm")), exe
-
-        def ids(out):
-            return out.token_ids
-
-        outs = {b: ray.get(w.generate.remote(queries, 1, greedy), timeout=600) for b, w in workers.items()}
-        assert ids(outs["vllm"]) == ids(outs["hf"])
-        assert outs["vllm"].text == outs["hf"].text
-        # a versioned update through the object store, as the Refine-RL driver sends it
-        from actors.weight_sync import ObjectStoreWeights
-
-        ref = ray.put(ObjectStoreWeights(_perturbed_state_dict(trained_path)))  # read-only views, as the driver sends
-        for w in workers.values():
-            assert ray.get(w.update_weights.remote(1, [ref]), timeout=600)["version"] == 1
-        outs_p = {b: ray.get(w.generate.remote(queries, 1, greedy), timeout=600) for b, w in workers.items()}
-        assert ids(outs_p["vllm"]) == ids(outs_p["hf"]) != ids(outs["hf"])
-        assert outs_p["vllm"].version == outs_p["hf"].version == [1] * len(queries)
-        # a collective update: this process is rank 0 of a gloo broadcast group with both workers
-        from actors.weight_sync import BroadcastGroup, tensor_meta
-
-        sd2 = _perturbed_state_dict(trained_path, seed=2)
-        meta, bucket = tensor_meta(sd2), 256 << 10
-        store, host, port = BroadcastGroup.open_store(3, 120)
-        joins = [w.join_weight_sync.remote(host, port, i + 1, 3, 1, "gloo", 120) for i, w in enumerate(workers.values())]
-        src = BroadcastGroup(store, 0, 3, 1, "gloo", 120)
-        assert ray.get(joins, timeout=120) == [1, 1]
-        loads = [w.receive_weights.remote(2, 1, meta, bucket) for w in workers.values()]
-        sent = src.send(sd2, bucket)
-        infos = ray.get(loads, timeout=600)
-        assert [i["bytes"] for i in infos] == [sent, sent] and [i["version"] for i in infos] == [2, 2]
-        outs_c = {b: ray.get(w.generate.remote(queries, 1, greedy), timeout=600) for b, w in workers.items()}
-        assert ids(outs_c["vllm"]) == ids(outs_c["hf"]) != ids(outs_p["hf"])
-    finally:
-        for w in workers.values():
-            ray.kill(w)

@@ -176,6 +176,33 @@ def test_a_server_that_is_not_a_ray_dashboard_is_named_as_such():
         srv.shutdown()
 
 
+def test_a_token_cluster_is_reached_with_the_token_and_refused_without_it(tmp_path):
+    """A dashboard behind Ray's token auth (here a stand-in that wants ``Bearer sekret``): with RAY_AUTH_MODE=token
+    and the token in the environment the check passes (the Jobs SDK sends the same header); without, the
+    error says what to export. In subprocesses: Ray reads the auth mode once per process."""
+
+    class TokenDashboard(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            ok = self.headers.get("Authorization") == "Bearer sekret"
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+            self.wfile.write(json.dumps({"ray_version": "2.60.0"} if ok else {}).encode())
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TokenDashboard)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    code = f"from orchestrator.submit import check_address; print(check_address('http://127.0.0.1:{srv.server_address[1]}'))"
+    try:
+        for mode, out in (("token", "2.60.0"), ("disabled", "export RAY_AUTH_MODE=token and the cluster's token")):
+            env = {**_env(RAY_AUTH_TOKEN="sekret", HOME=str(tmp_path)), "RAY_AUTH_MODE": mode}
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+            assert out in r.stdout + r.stderr, (mode, r.stderr[-2000:])
+    finally:
+        srv.shutdown()
+
+
 def test_a_silent_address_times_out_within_the_limit():
     with socket.socket() as s:  # accepts the TCP connection (backlog) but never answers HTTP
         s.bind(("127.0.0.1", 0))
@@ -286,6 +313,107 @@ def test_mlflow_server_command_line(tmp_path, capsys):
         s.listen(1)
         assert main(["mlflow-server", "--dir", str(tmp_path / "m"), "--port", str(s.getsockname()[1])]) == 2
     assert "already in use" in capsys.readouterr().err
+
+
+def test_ablate_submit_runs_each_run_as_rime_submit_follow(tmp_path, capsys, monkeypatch):
+    """`rime ablate --submit ADDRESS -- SUBMIT_ARGS` checks the address once, before anything trains, then trains
+    every run with its own `rime submit CONFIG --address ADDRESS --follow` (here recorded, not run; what such a
+    submission does: test_a_submitted_train_job_runs_on_the_head_... below): --runs-dir and a local --start
+    made absolute (the job runs in an uploaded copy of the checkout, where a relative path points nowhere),
+    the --set before `--` and the `rime submit` arguments after it (--profile, --env, --set) passed through,
+    the arm's overrides last; with an http(s) MLFLOW_TRACKING_URI each run, and its zero-step control, is
+    scored from the models:/ URI its job printed."""
+    from test_plume_ablation import FakeBackend  # tests/ is on sys.path (pytest prepend import mode)
+
+    from orchestrator.ablate_arms import LocalBackend
+    from orchestrator.cli import build_parser, main
+
+    monkeypatch.chdir(ROOT)  # the relative paths below are relative to the checkout, as a user gives them
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    start = tmp_path / "start"
+    start.mkdir()  # a local start model (never loaded: nothing trains)
+    (tmp_path / "test" / "test").mkdir(parents=True)
+    (tmp_path / "test" / "test" / "queries.parquet").touch()  # the test queries exist: none are generated
+    reached, submitted, scored = [], [], []
+    monkeypatch.setattr("orchestrator.submit.check_address", lambda address, **kw: reached.append(address))
+    real_run = subprocess.run
+
+    def fake_run(argv, *a, stdout=None, **kw):
+        if argv[1:3] != ["-m", "orchestrator.cli"]:
+            return real_run(argv, *a, stdout=stdout, **kw)
+        assert reached, "the address is checked before the first run"
+        submitted.append(argv)
+        run = set_values(argv)[0].split("=", 1)[1]
+        stdout.write(f'job done\n{{"model_uri": "models:/m-{run}"}}\n')  # what the job's `rime train` prints last
+        return subprocess.CompletedProcess(argv, 0)
+
+    def fake_score(self, run, model, report, log, zero_steps):
+        scored.append((run.run_name, model, zero_steps))
+        FakeBackend().score(run, model, report, log, zero_steps)
+
+    monkeypatch.setattr("orchestrator.ablate_arms.subprocess.run", fake_run)
+    monkeypatch.setattr(LocalBackend, "score", fake_score)
+    runs_dir = tmp_path / "runs"
+    argv = [
+        "ablate",
+        "--name",
+        "jobs",
+        "--start",
+        os.path.relpath(start, ROOT),
+        "--seeds",
+        "0,1",
+        "--runs-dir",
+        os.path.relpath(runs_dir, ROOT),
+        "--out",
+        str(tmp_path / "out"),
+        "--test-data",
+        str(tmp_path / "test"),
+        "--test-queries",
+        "6",
+        "--submit",
+        "127.0.0.1:8265",
+        "--set",
+        f"data.path={tmp_path / 'data'}",
+        "--",
+        "--profile",
+        PROFILE,
+        "--env",
+        "RIME_CACHE=/shared/cache",
+        "--set",
+        "plume.segments=1",
+    ]
+    assert main(argv) == 0, capsys.readouterr().err[-3000:]
+    err = capsys.readouterr().err
+    address = "http://127.0.0.1:8265"
+    assert reached == [address] and f"runs train as Ray jobs on {address}, writing to {runs_dir.resolve()}" in err
+    arms = {"nocur": ["plume.curriculum=false", "plume.probe_queries_per_task=0"], "cur": []}  # the default arms
+    runs = [(f"jobs-m0-seed{seed}-{arm}", seed, overrides) for seed in (0, 1) for arm, overrides in arms.items()]
+    assert len(submitted) == len(runs) == err.count("as a Ray job")  # one submission per run
+    for argv, (name, seed, overrides) in zip(submitted, runs):
+        head = [sys.executable, "-m", "orchestrator.cli", "submit", "configs/plume-referring.yaml", "--address", address]
+        assert argv[:9] == [*head, "--follow", "--overwrite"]
+        ns = build_parser().parse_args(argv[3:])
+        assert (ns.profile, ns.env) == (PROFILE, ["RIME_CACHE=/shared/cache"])
+        assert ns.set == [
+            f"run.name={name}",
+            f"run.seed={seed}",
+            f"run.out_dir={runs_dir.resolve()}",
+            f"model.spec={start.resolve()}",
+            f"data.path={tmp_path / 'data'}",
+            "plume.segments=1",
+            *overrides,
+        ]
+        spec = build_job(ns.config, ns.set, profile=ns.profile, working_dir=ns.working_dir, env=ns.env)  # what it submits
+        assert spec.runtime_env["env_vars"] == {
+            "MLFLOW_TRACKING_URI": "http://mlflow.example:5000",
+            "RIME_CACHE": "/shared/cache",
+        }
+        assert spec.metadata["run_name"] == name and "cluster.address=auto" in set_values(spec.entrypoint.split())
+    names = [name for name, _, _ in runs]
+    assert sorted(scored) == sorted(
+        [(n, f"models:/m-{n}", False) for n in names] + [(n, f"models:/m-{n}", True) for n in names if n.endswith("-cur")]
+    )
+    assert json.loads((tmp_path / "out" / "compare.json").read_text())["summary"]["runs"] == 2
 
 
 # --------------------------------------------------------------------------- end to end
@@ -456,84 +584,48 @@ def test_jobs_stop_ends_a_running_submission(head_and_mlflow, zoo_cache, capsys)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_ablate_submits_a_run_that_trains_on_the_head_and_logs_to_the_mlflow_server(head_and_mlflow, zoo_cache, tiny, capsys):
-    """`rime ablate --submit ADDRESS` runs `rime submit --follow` per run, so this is also the end-to-end test
-    of `rime submit`: the run is a Ray job on a real head (its driver joins the cluster), starts from a local
-    model folder given by a relative path and writes its run under --runs-dir (both made absolute, since
-    the job runs in an uploaded copy of the checkout, where a relative path points nowhere), and logs
-    metrics, params and artifacts to the forwarded MLflow server (through its artifact proxy), from which
-    the eval loads the run's model (no storage shared with the cluster needed). `rime jobs` reads the same
-    job back. Three of the four runs' reports are the start model scored up front, so one run is submitted."""
-    from test_plume_ablation import TRAIN_ARGS, prescore  # tests/ is on sys.path (pytest prepend import mode)
+@pytest.mark.timeout(600)
+def test_a_submitted_train_job_runs_on_the_head_and_logs_to_the_mlflow_server(
+    head_and_mlflow, zoo_cache, tiny, capsys, monkeypatch
+):
+    """`rime submit --follow` end to end, as `rime ablate --submit` runs it per run (the command lines it builds:
+    test_ablate_submit_runs_each_run_as_rime_submit_follow): `rime train` runs as a Ray job on a real head (its
+    driver joins the cluster), starts from a local model folder given by its absolute path, writes its run
+    under an absolute run.out_dir (the job runs in an uploaded copy of the checkout, where a relative path
+    points nowhere), takes the profile with the user's --set winning, and logs metrics, params, artifacts
+    (through the server's artifact proxy) and the model to the MLflow server the submitting shell names;
+    the model loads back here from the server alone (no storage shared with the cluster needed), as
+    ablate's eval loads it. `rime jobs` reads the same job back."""
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+    from ray.job_submission import JobSubmissionClient
+
+    from orchestrator.ablate_arms import logged_model_uri
+    from orchestrator.cli import main
+    from rime_model import Embedder, load_embedder
 
     c = head_and_mlflow
-    tmp = c["tmp"] / "ablation"
+    tmp = c["tmp"] / "job"
     start = tiny.save(tmp / "start")  # a saved embedder folder, as a finished run's `final/` is
-    prescore(tmp, tmp / "out", str(start))
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "orchestrator.cli",
-            "ablate",
-            "--name",
-            "jobs",
-            "--start",
-            os.path.relpath(start, ROOT),
-            "--seeds",
-            "0,1",
-            "--runs-dir",
-            os.path.relpath(tmp / "runs", ROOT),
-            "--out",
-            str(tmp / "out"),
-            "--test-data",
-            str(tmp / "test"),
-            "--test-queries",
-            "6",
-            "--submit",
-            c["address"],
-            "--set",
-            f"data.path={tmp / 'data'}",
-            "--",
-            "--profile",
-            PROFILE,
-            "--env",
-            f"RIME_CACHE={zoo_cache}",
-            *TRAIN_ARGS,
-            "--set",
-            "tracking.log_model=true",
-        ],  # what the eval loads from the MLflow server
-        capture_output=True,
-        text=True,
-        timeout=840,
-        env=_env(MLFLOW_TRACKING_URI=c["uri"]),
-        cwd=ROOT,
+    run = "job"
+    sets = [*_tiny_sets(tmp, run, 2), *set_args({"model.spec": start, "learners.num_actors": 1, "tracking.log_model": "true"})]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", c["uri"])  # forwarded to the job from the submitting shell
+    capsys.readouterr()
+    rc = main(
+        ["submit", CONFIG, "--address", c["address"], "--follow", "--profile", PROFILE, "--env", f"RIME_CACHE={zoo_cache}", *sets]
     )
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert r.stderr.count("as a Ray job") == 1 and r.stderr.count("[ablate] scored") == 1
-    run = "jobs-m0-seed0-cur"
-    log = (tmp / "out" / "logs" / f"{run}.log").read_text()
+    log = capsys.readouterr().out  # the job's logs, followed
+    assert rc == 0, log[-4000:]
     job_id = re.search(r"submitted job (\S+) to", log).group(1)
     assert f"job {job_id}: SUCCEEDED" in log
     cfg = yaml.safe_load((tmp / "runs" / run / "config.yaml").read_text())  # written by the job, read here
-    assert cfg["cluster"]["address"] == "auto" and cfg["plume"]["curriculum"] is True
-    assert cfg["run"]["seed"] == 0 and cfg["run"]["out_dir"] == str(tmp / "runs")
-    assert cfg["model"]["spec"] == str(start.resolve())
-    report = json.loads((tmp / "out" / "reports" / "m0-seed0-cur.json").read_text())
-    assert report["model"].startswith("models:/") and report["model"] in log  # the model this job logged
-    control = json.loads((tmp / "out" / "reports" / "m0-seed0-cur-k0.json").read_text())  # its zero-step control
-    assert control["model"] == report["model"] and control["latent_steps"] == 0
-    from ray.job_submission import JobSubmissionClient
-
+    assert cfg["cluster"]["address"] == "auto" and cfg["run"]["stages"] == ["cma"]
+    assert cfg["run"]["out_dir"] == str(tmp / "runs") and cfg["model"]["spec"] == str(start.resolve())
     job = next(j for j in JobSubmissionClient(c["address"]).list_jobs() if j.submission_id == job_id)
     assert str(job.status.value) == "SUCCEEDED" and job.metadata["run_name"] == run
-    out = json.loads((tmp / "out" / "compare.json").read_text())
-    assert out["summary"]["runs"] == 2 and [x["n"] for x in out["runs"]] == [6, 6]
 
-    # the run, as the MLflow server holds it: MLFLOW_TRACKING_URI came from the submitting shell
-    from mlflow import MlflowClient
-
+    # the run, as the MLflow server holds it
     run_id = re.search(rf"\[rime\] mlflow run (\w+) at {re.escape(c['uri'])}", log).group(1)
     client = MlflowClient(tracking_uri=c["uri"])
     logged = client.get_run(run_id)
@@ -541,15 +633,21 @@ def test_ablate_submits_a_run_that_trains_on_the_head_and_logs_to_the_mlflow_ser
     assert logged.data.params["cluster.address"] == "auto" and logged.data.params["learners.num_actors"] == "1"
     steps = json.loads((tmp / "runs" / run / "summary.json").read_text())["steps"]
     hist = client.get_metric_history(run_id, "train/loss")
-    assert steps > 0 and [m.step for m in hist] == list(range(1, steps + 1)) and all(m.value > 0 for m in hist)
+    assert steps == 2 and [m.step for m in hist] == list(range(1, steps + 1)) and all(m.value > 0 for m in hist)
     assert "config.yaml" in {a.path for a in client.list_artifacts(run_id)}  # through the server's proxy
     stored = [f for f in c["artifacts"].rglob("config.yaml") if run_id in str(f)]
     assert stored and yaml.safe_load(stored[0].read_text())["cluster"]["address"] == "auto"
+    model_uri = logged_model_uri(log)  # what rime ablate scores: the models:/ URI the job printed
+    assert model_uri and model_uri.startswith("models:/")
+    try:
+        mlflow.set_tracking_uri(c["uri"])
+        served = load_embedder(model_uri)
+    finally:
+        mlflow.set_tracking_uri(None)  # the env var it exports is restored by monkeypatch
+    final = Embedder.load(tmp / "runs" / run / "final").model.state_dict()
+    assert all(torch.equal(v, final[k]) for k, v in served.model.state_dict().items())
 
     # `rime jobs` wraps the same API
-    from orchestrator.cli import main
-
-    capsys.readouterr()
     assert main(["jobs", "status", job_id, "--address", c["address"]]) == 0
     assert capsys.readouterr().out.strip().startswith(f"{job_id}: SUCCEEDED")
     assert main(["jobs", "list", "--address", c["address"]]) == 0
