@@ -44,6 +44,16 @@ class Limits:
     max_text_chars: int = 8192
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """What a request is checked against: the model's size, the Matryoshka sizes it was trained for and the
+    modes this deployment serves."""
+
+    dim: int
+    matryoshka_dims: tuple[int, ...] = ()
+    modes: tuple[str, ...] = MODES
+
+
 @dataclass
 class EmbeddingRequest:
     items: list[dict]
@@ -51,6 +61,7 @@ class EmbeddingRequest:
     encoding_format: str
     return_rewrite: bool
     model: str | None
+    dimensions: int | None = None
 
 
 def parse_body(raw: bytes, limits: Limits) -> dict:
@@ -78,13 +89,35 @@ def _image_bytes(value: Any, path: str) -> bytes | str:
         raise ApiError(400, path, f"not valid base64 ({e}); send base64 of PNG/JPEG bytes or a data: URL") from e
 
 
-def parse_request(body: dict, limits: Limits) -> EmbeddingRequest:
+def parse_dimensions(value: Any, served: ServedModel) -> int | None:
+    """OpenAI's ``dimensions``: a Matryoshka size the model was trained for (or its full size); the vectors are
+    cut to it and re-normalised. Other sizes would be truncations the model never learnt: refused."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ApiError(400, "dimensions", f"must be a positive integer, got {value!r}")
+    if value == served.dim or value in served.matryoshka_dims:
+        return None if value == served.dim else value
+    if served.matryoshka_dims:
+        sizes = sorted({*served.matryoshka_dims, served.dim})
+        raise ApiError(400, "dimensions", f"{value} is not a size this model was trained for; use one of {sizes}")
+    raise ApiError(
+        400,
+        "dimensions",
+        f"{value}: this model was not trained with Matryoshka sizes (cma.matryoshka_dims), so only its full size "
+        f"{served.dim} is available; omit dimensions",
+    )
+
+
+def parse_request(body: dict, limits: Limits, served: ServedModel) -> EmbeddingRequest:
     """Validate the body's fields; raise ``ApiError`` naming the first bad one."""
     unknown = set(body) - {"input", "model", "encoding_format", "mode", "return_rewrite", "user", "dimensions"}
     if unknown:
-        raise ApiError(400, sorted(unknown)[0], "unknown field; allowed: input, model, encoding_format, mode, return_rewrite")
-    if "dimensions" in body:
-        raise ApiError(400, "dimensions", "not supported: embeddings have the model's fixed size")
+        raise ApiError(
+            400,
+            sorted(unknown)[0],
+            "unknown field; allowed: input, model, encoding_format, mode, return_rewrite, dimensions, user",
+        )
     if "input" not in body:
         raise ApiError(400, "input", "missing; give a string, or a list of strings / {text, image, instruction} objects")
     raw = body["input"]
@@ -116,6 +149,9 @@ def parse_request(body: dict, limits: Limits) -> EmbeddingRequest:
     mode = body.get("mode", "disc")
     if mode not in MODES:
         raise ApiError(400, "mode", f"{mode!r} is not one of {MODES}")
+    if mode not in served.modes:
+        raise ApiError(400, "mode", f"{mode!r} is not served by this deployment (its modes: {list(served.modes)})")
+    dimensions = parse_dimensions(body.get("dimensions"), served)
     fmt = body.get("encoding_format", "float")
     if fmt not in ("float", "base64"):
         raise ApiError(400, "encoding_format", f"{fmt!r} is not 'float' or 'base64'")
@@ -125,7 +161,7 @@ def parse_request(body: dict, limits: Limits) -> EmbeddingRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ApiError(400, "model", "must be a string")
-    return EmbeddingRequest(items, mode, fmt, ret, model)
+    return EmbeddingRequest(items, mode, fmt, ret, model, dimensions)
 
 
 def encode_vector(vec: np.ndarray, fmt: str) -> list[float] | str:

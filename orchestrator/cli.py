@@ -194,7 +194,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .serving import run_server
 
     run_server(
-        model=args.model, config=args.config, host=args.host, port=args.port, replicas=args.replicas, block=not args.no_block
+        model=args.model,
+        config=args.config,
+        host=args.host,
+        port=args.port,
+        replicas=args.replicas,
+        block=not args.no_block,
+        model_name=args.model_name,
+        api_keys=args.api_key,
     )
     return 0
 
@@ -279,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="zoo name, hf:<repo-or-path>, saved folder or MLflow models:/ URI; overrides the config"
     )
     sv.add_argument("--config", default="configs/serve.yaml", help="Ray Serve config file")
+    sv.add_argument("--model-name", default=None, help="name reported by /v1/models and responses (default: --model as given)")
+    sv.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (repeat for several keys; also $RIME_API_KEY, comma-separated)",
+    )
     sv.add_argument("--host", default=None)
     sv.add_argument("--port", type=int, default=None)
     sv.add_argument("--replicas", type=int, default=None, help="fixed replica count instead of the config's autoscaling")

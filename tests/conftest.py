@@ -31,7 +31,13 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            _system_config={"metrics_report_interval_ms": 2000},  # metrics reach the scrape endpoint in seconds
+        )
     _SESSION_RAY["up"] = True
     yield ray
     _SESSION_RAY["up"] = False

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rime_cli import set_values
 
 from orchestrator.config import Config, ConfigError, load_config
 from orchestrator.profiles import (
@@ -52,8 +53,7 @@ def _sets(entrypoint: str) -> tuple[str, list[str]]:
     """(config path, --set values) of a `python -m orchestrator.cli train CONFIG --set …` entrypoint."""
     argv = shlex.split(entrypoint.split("&&")[-1])
     i = argv.index("train")
-    sets = [argv[j + 1] for j, a in enumerate(argv) if a == "--set"]
-    return argv[i + 1], sets
+    return argv[i + 1], set_values(argv)
 
 
 def _pods(cluster_spec: dict) -> list[tuple[str, bool, int, int, dict]]:
@@ -439,6 +439,30 @@ def test_ray_cluster_yaml_bounds_setup_and_mlflow_on_the_head():
     assert args.host == "0.0.0.0" and f":{args.port}" in head_cmds[ray_i]
     for excluded in (".venv", "runs", "data"):
         assert excluded in cfg["rsync_exclude"]
+
+
+def test_ray_cluster_yaml_turns_on_token_auth_on_every_node():
+    """The Jobs API runs whatever code it is sent: every `ray start` has RAY_AUTH_MODE=token, and the token
+    the submitting machine generated reaches every node."""
+    cfg = _launcher()
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all("export RAY_AUTH_MODE=token" in c.split("ray start")[0] for c in starts)
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    kuberay = [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "clusters" / "kuberay").glob("ray*.yaml"))]
+    clusters = [k["spec"].get("rayClusterConfig") or k["spec"].get("rayClusterSpec") for k in kuberay]
+    assert clusters and all(c["authOptions"] == {"mode": "token"} for c in clusters)
+
+
+@pytest.mark.parametrize("name", ["rayservice-1gpu.yaml", "rayservice-8gpu.yaml"])
+def test_rayservices_refuse_overload_and_read_api_keys_from_a_secret(name):
+    svc = yaml.safe_load((ROOT / "clusters" / "kuberay" / name).read_text())
+    (dep,) = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["deployments"]
+    assert dep["max_queued_requests"] > 0 and dep["backpressure_config"] == {"status_code": 429, "retry_after_s": 1}
+    spec = svc["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+    serving = pods[-1]["template"]["spec"]["containers"][0]  # the replicas' pods (the head where there are no workers)
+    (key,) = [e for e in serving["env"] if e["name"] == "RIME_API_KEY"]
+    assert key["valueFrom"]["secretKeyRef"] == {"name": "rime-api-keys", "key": "keys", "optional": True}
 
 
 def _launcher_nodes(cfg: dict) -> list[NodeGroup]:
