@@ -213,6 +213,9 @@ class RefineRLConfig(Section):
     kl_type: str = "low_var_kl"
     lambda_nce: NonNeg = 0.1
     nce_temperature: Positive = 0.02
+    # weight of the policy gradient (the clipped surrogate); 0 = the ablation that keeps only KL + λ·InfoNCE,
+    # so a held-out gain can be told apart from the contrastive term's
+    pg_weight: NonNeg = 1.0
     max_staleness: Literal[0, 1] = 0  # 1 = rollouts of step t+1 overlap the update of step t (one-step-stale)
     batch_by_task: bool = False
 

@@ -52,6 +52,7 @@ def stage_config(cfg: Config) -> dict:
             "loss_agg_mode": rl.loss_agg_mode,
             "kl_coef": rl.kl_coef,
             "kl_type": rl.kl_type,
+            "pg_weight": rl.pg_weight,
             "loss_scale_factor": cfg.rollout.max_new_tokens + 2,
         },  # + the forced </rewrite><gen_emb>
         "lambda_nce": rl.lambda_nce,

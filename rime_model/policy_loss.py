@@ -21,6 +21,7 @@ class PolicyLossConfig:
     loss_agg_mode: str = "token-mean"
     kl_coef: float = 0.04
     kl_type: str = "low_var_kl"
+    pg_weight: float = 1.0  # 0 removes the policy gradient and keeps the KL term (refine_rl.pg_weight)
     # seq-mean-token-sum-norm (Dr.GRPO) divides by a CONSTANT horizon; verl falls back to the micro-batch's
     # longest response, which weights a sample by its neighbours' lengths. The stage sets the rewrite
     # budget (rollout.max_new_tokens + the forced end markers).
@@ -52,7 +53,9 @@ def policy_loss(
     response_mask: torch.Tensor,
     cfg: PolicyLossConfig,
 ) -> tuple[torch.Tensor, dict]:
-    """Loss and metrics for rewrites [N, T] with one advantage per rewrite [N] (broadcast over its tokens)."""
+    """Loss and metrics for rewrites [N, T] with one advantage per rewrite [N] (broadcast over its tokens):
+    ``pg_weight`` x the surrogate + ``kl_coef`` x KL (each term off at 0; ``actor/pg_loss`` is the unweighted
+    surrogate)."""
     from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
 
     adv = advantages.unsqueeze(1).expand_as(log_prob) * response_mask
@@ -65,7 +68,7 @@ def policy_loss(
         config=_verl_actor_config(cfg),
     )
     metrics = {k: float(v) for k, v in metrics.items()}
-    loss = pg
+    loss = pg if cfg.pg_weight == 1.0 else cfg.pg_weight * pg
     if ref_log_prob is not None and cfg.kl_coef > 0:
         kl = agg_loss(
             kl_penalty(log_prob, ref_log_prob, cfg.kl_type),

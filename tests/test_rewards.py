@@ -209,3 +209,52 @@ def test_policy_query_encoder_follows_the_synced_weights_while_the_anchors_stay_
             assert svc.anchor_emb is not svc.query_emb
         else:
             assert after == before and svc.anchor_emb is svc.query_emb
+
+
+def test_each_refine_rl_ablation_switch_removes_exactly_its_term(tiny):
+    """refine_rl.pg_weight=0 / kl_coef=0 / lambda_nce=0 each drop their term of the learner's loss and keep
+    the others unchanged (the ablations of docs/refine-rl.md), on a hand-made scored batch: two queries x
+    two sampled rewrites, random anchors, a perturbed copy of the model as the KL reference."""
+    import types
+
+    from actors.batches import ScoredBatch
+    from actors.stage_losses import LEARNER_LOSSES
+    from orchestrator.config import load_config
+    from orchestrator.refine_rl import stage_config
+    from rime_model import GenerationConfig, load_embedder
+    from rime_model.rollout_ops import sample_rollouts
+
+    queries = [{"text": "a red circle"}, {"text": "two blue squares"}]
+    rollouts = sample_rollouts(tiny, tiny.prepare(queries), 2, GenerationConfig(max_new_tokens=5, do_sample=True, seed=1))
+    anchors = torch.nn.functional.normalize(torch.randn(4, tiny.dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    batch = ScoredBatch(
+        [q for q in queries for _ in range(2)],
+        [ids for ids, _ in rollouts],
+        [lps for _, lps in rollouts],
+        [1.0, -0.5, 0.8, 0.3],  # not zero-mean: the surrogate is -mean(A) at ratio 1
+        anchors.tolist(),
+        [0, 0, 1, 1],
+    )
+    ref = load_embedder("tiny")
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in ref.model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+
+    def loss_terms(*overrides: str) -> dict:
+        cfg = stage_config(load_config("configs/tiny-cpu.yaml", list(overrides)))
+        learner = types.SimpleNamespace(emb=tiny, ref=ref, lora=None, stage_cfg=cfg, engine=types.SimpleNamespace(device="cpu"))
+        return {
+            k: float(v.detach() if isinstance(v, torch.Tensor) else v)
+            for k, v in LEARNER_LOSSES["refine-rl"].terms(learner, batch).items()
+        }
+
+    full = loss_terms()
+    pg, kl, nce = full["pg_loss"], full["kl"], full["nce"]
+    assert abs(pg) > 1e-6 and kl > 0 and nce > 0
+    assert full["loss"] == pytest.approx(pg + 0.04 * kl + 0.1 * nce, rel=1e-5)
+    no_pg = loss_terms("refine_rl.pg_weight=0")
+    assert no_pg["loss"] == pytest.approx(0.04 * kl + 0.1 * nce, rel=1e-5) and no_pg["pg_loss"] == pytest.approx(pg)
+    no_kl = loss_terms("refine_rl.kl_coef=0")
+    assert no_kl["loss"] == pytest.approx(pg + 0.1 * nce, rel=1e-5) and "kl" not in no_kl
+    assert loss_terms("refine_rl.lambda_nce=0")["loss"] == pytest.approx(pg + 0.04 * kl, rel=1e-5)
