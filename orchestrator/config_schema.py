@@ -216,6 +216,10 @@ class RefineRLConfig(Section):
     # weight of the policy gradient (the clipped surrogate); 0 = the ablation that keeps only KL + λ·InfoNCE,
     # so a held-out gain can be told apart from the contrastive term's
     pg_weight: NonNeg = 1.0
+    # the probe (orchestrator/rl_probe.py): every probe_every steps and before the first, G rewrites of a fixed
+    # seeded set of training queries scored as in training (MLflow probe/*); 0 = off
+    probe_every: Steps = 10
+    probe_queries_per_task: Steps = 2
     max_staleness: Literal[0, 1] = 0  # 1 = rollouts of step t+1 overlap the update of step t (one-step-stale)
     batch_by_task: bool = False
 

@@ -158,11 +158,23 @@ class RefineRL:
                 outs.append(ray.get(self.actors.rollout[w].generate.remote(*pending.calls[w], self.sync.token())))
         return RolloutBatch.concat(outs, [a for a, _ in pending.chunks])
 
-    def _score(self, queries: list[Pair], rollouts: RolloutBatch) -> list[RewardResult]:
-        """One request per query, spread over the reward actors in contiguous chunks."""
+    def generate(self, queries: list[Pair], n: int, sampling: dict) -> RolloutBatch:
+        """``n`` rewrites of each query with the current weights, outside the training stream (the probe): the
+        same workers, chunking and repair as a step's rollouts; worker w samples with ``sampling["seed"] + w``."""
+        chunks = chunk_bounds(len(queries), len(self.actors.rollout))
+        calls = [
+            ([q.q for q in queries[a:b]], n, {**sampling, "seed": (sampling["seed"] + w) % (2**31)})
+            for w, (a, b) in enumerate(chunks)
+        ]
+        refs = [self.actors.rollout[w].generate.remote(*args, self.sync.token()) for w, args in enumerate(calls)]
+        return self._collect(Pending(queries, refs, chunks, StreamPosition(**asdict(self.stream.pos)), self.version, calls))
+
+    def score(self, queries: list[Pair], rollouts: RolloutBatch, group: int | None = None) -> list[RewardResult]:
+        """One request per query (its ``group`` rewrites, default rollout.group_size), spread over the reward
+        actors in contiguous chunks."""
         import ray
 
-        requests = reward_requests(queries, rollouts, self.cfg.rollout.group_size)
+        requests = reward_requests(queries, rollouts, group or self.cfg.rollout.group_size)
         chunks = chunk_bounds(len(requests), len(self.actors.reward))
         scored = ray.get([self.actors.reward[i].score.remote(requests[a:b]) for i, (a, b) in enumerate(chunks)])
         return [r for part in scored for r in part]
@@ -184,7 +196,7 @@ class RefineRL:
             self.pending = self._submit(step + 1)  # generated with weights v while the learners make v+1
 
         t = time.perf_counter()
-        results = self._score(pending.queries, rollouts)
+        results = self.score(pending.queries, rollouts)
         t_reward = time.perf_counter() - t
         terms = reward_terms(results)
         adv = group_advantages(terms["reward"], rollouts.query_index, rollouts.lengths, cfg.refine_rl.estimator)

@@ -114,3 +114,39 @@ def test_hard_negatives_reach_pairs_and_unknown_ids_are_bad_rows(ray_local, tmp_
     errors = {e["id"]: e["error"] for e in map(json.loads, (tmp_path / "err.jsonl").read_text().splitlines())}
     assert "hard_negatives: candidate 't2i/train/no-such-image' is not among the split's usable" in errors[unknown["query_id"]]
     assert "hard_negatives: an id is listed twice" in errors[twice["query_id"]]
+
+
+def test_the_rl_probe_set_is_fixed_by_data_and_seed_and_skips_bad_rows(tmp_path):
+    """Refine-RL's probe queries (orchestrator.rl_probe): the same per-task set every time the stage builds it
+    (every probe, every resume), another for another seed; a row the stream would refuse is not probed."""
+    from collections import Counter
+
+    import pyarrow.parquet as pq
+
+    from orchestrator.rl_probe import probe_pairs
+    from rime_data.pipeline import PipelineConfig
+
+    write_synth(tmp_path / "d", {"train": 6}, seed=0)  # 6 tasks x 6 queries
+    q_path = tmp_path / "d/train/queries.parquet"
+    queries = pq.read_table(q_path).to_pylist()
+    bad = queries[0]
+    bad["rewrite"] = "a rewrite <|im_end|> with a control token"
+    pq.write_table(pq.read_table(q_path).from_pylist(queries, schema=pq.read_schema(q_path)), q_path)
+    stream = PairStream(
+        tmp_path / "d",
+        "train",
+        seed=9,
+        shuffle_buffer=8,
+        errors_file=None,
+        pipeline=PipelineConfig(reserved_tokens=("<|im_end|>",)),
+    )
+
+    def probe(seed: int, per_task: int = 2) -> list[str]:
+        return [p.query_id for p in probe_pairs(stream, per_task=per_task, seed=seed)]
+
+    first = probe(0)
+    assert probe(0) == first and probe(1) != first and len(set(first)) == 12
+    tasks = {q["query_id"]: q["task"] for q in queries}
+    assert Counter(tasks[q] for q in first) == dict.fromkeys(set(tasks.values()), 2)
+    everything = probe(0, per_task=6)  # every usable query: the bad one's task has 5
+    assert bad["query_id"] not in everything and len(everything) == 35

@@ -31,6 +31,8 @@ TINY = {
     "rollout.group_size": 2,
     "rollout.num_actors": 1,  # several workers' chunks: test_refine_rl
     "rollout.max_new_tokens": 6,
+    "refine_rl.probe_every": RL_STEPS,  # the probe before the first RL step and after the last
+    "refine_rl.probe_queries_per_task": 1,
     "eval.max_queries_per_task": 3,
     "eval.max_new_tokens": 4,
     "eval.before_training": "false",
@@ -119,6 +121,11 @@ def test_run_writes_summary_eval_and_mlflow(runs):
     assert hist[CMA_STEPS - 1].value < hist[0].value  # the CMA loss went down
     rl = client.get_metric_history(summary["mlflow_run_id"], "reward/reward_mean")
     assert [m.step for m in rl] == list(range(CMA_STEPS + 1, STEPS + 1))
+    probe = _probe_history(client, summary["mlflow_run_id"])
+    assert [step for step, _ in probe["probe/reward_mean"]] == [CMA_STEPS, STEPS]  # the stage's start, and its end
+    assert set(probe) >= {"probe/acc", "probe/zero_variance_groups", "probe_greedy/acc", "probe/t2i/reward_mean"}
+    assert all(step == [CMA_STEPS, STEPS] for step in ([s for s, _ in h] for h in probe.values()))
+    assert [v for _, v in probe["probe/queries"]] == [6.0, 6.0]  # one per task, the same set both times
     assert [m.value for m in client.get_metric_history(summary["mlflow_run_id"], "sync/version")] == [
         float(v) for v in range(1, RL_STEPS + 1)
     ]
@@ -133,6 +140,12 @@ def test_run_writes_summary_eval_and_mlflow(runs):
     assert "eval/gen_to_disc/hit@1".replace("@", "_at_") in run.data.metrics
 
 
+def _probe_history(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Every probe/* and probe_greedy/* metric of a run: (step, value) in step order."""
+    keys = [k for k in client.get_run(run_id).data.metrics if k.startswith(("probe/", "probe_greedy/"))]
+    return {k: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)] for k in keys}
+
+
 def test_killed_driver_resumes_to_same_step_run_and_weights(runs):
     killed_at, r = runs.killed_at, runs.resume
     assert killed_at["step"] < STEPS and not killed_at["finished"]
@@ -144,6 +157,16 @@ def test_killed_driver_resumes_to_same_step_run_and_weights(runs):
     assert done["finished"] and done["step"] == STEPS
     assert done["mlflow_run_id"] == killed_at["mlflow_run_id"] == summary["mlflow_run_id"]
     assert summary["checksums"] == pytest.approx(runs.summary["checksums"], rel=1e-9)  # exact resume: same data, same state
+    import mlflow
+
+    # the probe after a resume: the same queries and sampling seed on the same weights, so the same numbers
+    straight_db, killed_db = runs.tmp / "runs" / "straight" / "mlflow.db", run_dir / "mlflow.db"
+    straight = _probe_history(mlflow.MlflowClient(f"sqlite:///{straight_db}"), runs.summary["mlflow_run_id"])
+    resumed = _probe_history(mlflow.MlflowClient(f"sqlite:///{killed_db}"), summary["mlflow_run_id"])
+    assert straight and resumed.keys() == straight.keys()
+    for key, hist in straight.items():
+        assert [s for s, _ in resumed[key]] == [s for s, _ in hist], key
+        assert [v for _, v in resumed[key]] == pytest.approx([v for _, v in hist], rel=1e-6, abs=1e-6), key
     assert json.loads((run_dir / "final" / "rime_embedder.json").read_text())["matryoshka_dims"] == [64]
 
 

@@ -3,11 +3,14 @@ learners (one step: ``orchestrator.refine_rl.RefineRL``)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ..config import Config, ConfigError
 from ..placement import DATA_TASK_CPUS, RoleRequest
 from .base import Stage, StageSettings, register_stage
+
+log = logging.getLogger(__name__)
 
 
 @register_stage("refine-rl")
@@ -56,10 +59,30 @@ class RefineRLStage(Stage):
         self.rl = RefineRL(self.cfg, self.ctx.learners, self.stream, self.ctx.start_model, reserve_cpus=DATA_TASK_CPUS)
         self.history: list[float] = []
         self.rl.sync_weights(self.ctx.state.stage_step)  # a resumed stage starts from the learners' weights, not the folder's
+        rl = self.cfg.refine_rl
+        self.probe = None
+        if rl.probe_every and rl.probe_queries_per_task:
+            from ..rl_probe import RLProbe, probe_pairs
+
+            self.probe = RLProbe(self.rl, probe_pairs(self.stream, rl.probe_queries_per_task, self.cfg.run.seed))
+            if self.ctx.state.stage_step == 0:  # the curve starts at the stage's start model
+                self.ctx.log_metrics(self._probe(), self.ctx.state.step)
+
+    def _probe(self) -> dict[str, float]:
+        m = self.probe.run()
+        log.info(
+            f"refine-rl probe ({int(m['probe/queries'])} queries): reward {m['probe/reward_mean']:.3f}, acc "
+            f"{m['probe/acc']:.2f}, zero-variance groups {m.get('probe/zero_variance_groups', 0.0):.2f}, greedy acc "
+            f"{m['probe_greedy/acc']:.2f}"
+        )
+        return m
 
     def step(self, i: int) -> dict[str, float]:
         metrics = self.rl.step(i)
         self.history.append(metrics["reward/reward_mean"])
+        done = i + 1
+        if self.probe is not None and (done % self.cfg.refine_rl.probe_every == 0 or done == self.cfg.refine_rl.steps):
+            metrics.update(self._probe())
         return metrics
 
     @property
