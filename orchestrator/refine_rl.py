@@ -122,23 +122,32 @@ class RefineRL:
         return self.sync.push(version)
 
     # ------------------------------------------------------------------ rollouts
-    def _submit(self, step: int) -> Pending:
+    def sampling(self, seed: int) -> dict:
+        """The rollout config's sampling settings with ``seed`` (worker w of a call samples with seed + w)."""
         ro = self.cfg.rollout
+        return {
+            "max_new_tokens": ro.max_new_tokens,
+            "temperature": ro.temperature,
+            "top_p": ro.top_p,
+            "top_k": ro.top_k,
+            "seed": seed,
+        }
+
+    def _dispatch(self, queries: list[Pair], n: int, sampling: dict, pos_before: StreamPosition) -> Pending:
+        """``n`` rewrites of each query, in contiguous chunks over the rollout workers (worker w: seed + w)."""
+        chunks = chunk_bounds(len(queries), len(self.actors.rollout))
+        calls = [
+            ([q.q for q in queries[a:b]], n, {**sampling, "seed": (sampling["seed"] + w) % (2**31)})
+            for w, (a, b) in enumerate(chunks)
+        ]
+        refs = [self.actors.rollout[w].generate.remote(*args, self.sync.token()) for w, args in enumerate(calls)]
+        return Pending(queries, refs, chunks, pos_before, self.version, calls)
+
+    def _submit(self, step: int) -> Pending:
         pos_before = StreamPosition(**asdict(self.stream.pos))
         queries = self.stream.next_batch(self.cfg.refine_rl.queries_per_step)
-        chunks = chunk_bounds(len(queries), len(self.actors.rollout))
-        calls = []
-        for w, (a, b) in enumerate(chunks):
-            sampling = {
-                "max_new_tokens": ro.max_new_tokens,
-                "temperature": ro.temperature,
-                "top_p": ro.top_p,
-                "top_k": ro.top_k,
-                "seed": (self.cfg.run.seed * 1_000_003 + step * 101 + w) % (2**31),
-            }
-            calls.append(([q.q for q in queries[a:b]], ro.group_size, sampling))
-        refs = [self.actors.rollout[w].generate.remote(*args, self.sync.token()) for w, args in enumerate(calls)]
-        pending = Pending(queries, refs, chunks, pos_before, self.version, calls)
+        seed = self.cfg.run.seed * 1_000_003 + step * 101
+        pending = self._dispatch(queries, self.cfg.rollout.group_size, self.sampling(seed), pos_before)
         if self.on_rollouts_submitted is not None:
             self.on_rollouts_submitted(self, pending)
         return pending
@@ -160,14 +169,8 @@ class RefineRL:
 
     def generate(self, queries: list[Pair], n: int, sampling: dict) -> RolloutBatch:
         """``n`` rewrites of each query with the current weights, outside the training stream (the probe): the
-        same workers, chunking and repair as a step's rollouts; worker w samples with ``sampling["seed"] + w``."""
-        chunks = chunk_bounds(len(queries), len(self.actors.rollout))
-        calls = [
-            ([q.q for q in queries[a:b]], n, {**sampling, "seed": (sampling["seed"] + w) % (2**31)})
-            for w, (a, b) in enumerate(chunks)
-        ]
-        refs = [self.actors.rollout[w].generate.remote(*args, self.sync.token()) for w, args in enumerate(calls)]
-        return self._collect(Pending(queries, refs, chunks, StreamPosition(**asdict(self.stream.pos)), self.version, calls))
+        same workers, chunking and repair as a step's rollouts."""
+        return self._collect(self._dispatch(queries, n, sampling, StreamPosition(**asdict(self.stream.pos))))
 
     def score(self, queries: list[Pair], rollouts: RolloutBatch, group: int | None = None) -> list[RewardResult]:
         """One request per query (its ``group`` rewrites, default rollout.group_size), spread over the reward

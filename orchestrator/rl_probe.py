@@ -92,12 +92,11 @@ class RLProbe:
     def run(self) -> dict[str, float]:
         """``probe/*`` (G sampled rewrites per query, as training samples them) and ``probe_greedy/*`` (one
         greedy rewrite per query) for the current weights."""
-        ro = self.rl.cfg.rollout
-        sampled = {"max_new_tokens": ro.max_new_tokens, "temperature": ro.temperature, "top_p": ro.top_p, "top_k": ro.top_k}
+        sampled = self.rl.sampling(PROBE_SAMPLING_SEED)
         out: dict[str, float] = {}
         for prefix, n, sampling in (
-            ("probe", ro.group_size, {**sampled, "seed": PROBE_SAMPLING_SEED}),
-            ("probe_greedy", 1, {**sampled, "temperature": 0.0, "seed": PROBE_SAMPLING_SEED}),
+            ("probe", self.rl.cfg.rollout.group_size, sampled),
+            ("probe_greedy", 1, {**sampled, "temperature": 0.0}),
         ):
             rollouts = self.rl.generate(self.pairs, n, sampling)
             results = self.rl.score(self.pairs, rollouts, n)
