@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from rime_model import Embedder
+from rime_model.choices import PRECISION_DTYPE
 from rime_model.latent import AdapterConfig
 from rime_model.lora import LoraAdapter, LoraSettings, attach_lora
 
@@ -36,6 +37,8 @@ def deepspeed_config(lc: dict, world_size: int) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # rime owns the boundary: any number of backward calls (micro-batches, GradCache chunks), then one step
+        "managed_gradient_accumulation": False,
     }
     if lc["offload_optimizer"]:
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
@@ -86,7 +89,9 @@ class Learner:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         self.rank, self.world_size, self.lc, self.stage_cfg = rank, world_size, learner_cfg, stage_cfg
         self.sync_group = None  # rank 0 under collective weight sync: the BroadcastGroup it sends in
-        self.emb = Embedder.load(model_path)
+        # loaded in the training precision: a bf16 run never holds an fp32 copy (DeepSpeed keeps fp32 masters
+        # of what trains, the optimizer's business)
+        self.emb = Embedder.load(model_path, dtype=getattr(torch, PRECISION_DTYPE[learner_cfg["precision"]]))
         if latent_adapter is not None:
             # Before deepspeed.initialize, so ZeRO partitions, trains and checkpoints it with the rest.
             self.emb.use_latent_adapter(AdapterConfig(hidden_size=self.emb.dim, **latent_adapter), seed=seed)
@@ -186,11 +191,10 @@ class Learner:
         loss = LEARNER_LOSSES[self.stage]
         sums: dict[str, float] = {}
         for mb in micro_batches:
-            terms = loss.terms(self, mb, **step_args)
-            self.engine.backward(terms["loss"])
-            self.engine.step()
+            terms = loss.backward(self, mb, self.engine.backward, **step_args)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
+        self.engine.step()  # the one accumulation boundary (managed_gradient_accumulation off: deepspeed_config)
         self.step += 1
         out = {k: v / len(micro_batches) for k, v in sums.items()}
         gn = self.engine.get_global_grad_norm()
@@ -251,6 +255,17 @@ class Learner:
 
         sd = self.export_weights()
         return None if sd is None else ObjectStoreWeights(sd)
+
+    def export_adapter_to_object_store(self):
+        """The LoRA adapter alone (``LoraAdapter.adapter_state_dict``) packed for the object store on rank 0,
+        None elsewhere: ``rollout.weight_sync: lora_adapter``."""
+        from .weight_sync import ObjectStoreWeights
+
+        if self.lora is None:
+            raise ValueError("rollout.weight_sync: lora_adapter sends a LoRA adapter, and model.lora.rank is 0")
+        if self.rank != 0:
+            return None
+        return ObjectStoreWeights({k: v.detach().cpu().clone() for k, v in self.lora.adapter_state_dict().items()})
 
     # ------------------------------------------------------------------ collective weight sync (rank 0 = source)
     def open_weight_sync(self, world: int, epoch: int, backend: str, timeout_s: float) -> tuple[str, int] | None:

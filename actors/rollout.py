@@ -103,11 +103,17 @@ def drain(buckets: Iterable) -> None:
 class HfRolloutBackend:
     """transformers ``generate`` on the embedder's own model (rows batched, ``n`` samples per row)."""
 
-    def __init__(self, model_path: str, batch_size: int = 16):
+    def __init__(self, model_path: str, batch_size: int = 16, lora: dict | None = None, dtype: str = "float32"):
+        """``lora`` (``model.lora`` of the run, under ``rollout.weight_sync: lora_adapter``): the learners'
+        adapter attached to the start model, so each sync loads only the adapter (``load_adapter``).
+        ``dtype`` (``model.dtype``): what the sampling copy is held in."""
         from rime_model import Embedder
+        from rime_model.lora import LoraSettings, attach_lora
 
-        self.emb = Embedder.load(model_path, device="cuda" if torch.cuda.is_available() else None)
+        device = "cuda" if torch.cuda.is_available() else None
+        self.emb = Embedder.load(model_path, dtype=getattr(torch, dtype), device=device)
         self.batch_size = batch_size
+        self.lora = attach_lora(self.emb, LoraSettings(**lora)) if lora else None
 
     def generate(self, items: list, n: int, sampling: Sampling) -> list[tuple[list[int], list[float]]]:
         from rime_model import GenerationConfig
@@ -125,6 +131,21 @@ class HfRolloutBackend:
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         load_exported(self.emb.model, state_dict)
+
+    def load_adapter(self, state_dict: dict[str, torch.Tensor]) -> None:
+        if self.lora is None:
+            raise WeightMismatchError("rollout worker: sent a LoRA adapter, but it was started without model.lora")
+        try:
+            self.lora.load_adapter_state_dict(state_dict)
+        except ValueError as e:
+            raise WeightMismatchError(str(e)) from None
+
+    def checksum(self) -> float:
+        """Sum of the weights in float64: with an adapter, of the merged ones (the learners' ``param_checksum``)."""
+        with torch.no_grad():
+            if self.lora is not None:
+                return float(sum(v.double().sum() for v in self.lora.merged_state_dict().values()))
+            return float(sum(p.detach().double().sum() for p in self.emb.model.parameters()))
 
     def check_weight_meta(self, meta: WeightMeta) -> None:
         check_export(self.emb.model, meta)
@@ -181,6 +202,9 @@ class VllmBackendAdapter:
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.backend.load_weights(state_dict)
 
+    def load_adapter(self, state_dict: dict[str, torch.Tensor]) -> None:
+        raise WeightMismatchError("rollout.weight_sync: lora_adapter is not wired to vLLM's LoRA loading yet; use object_store")
+
     def check_weight_meta(self, meta: WeightMeta) -> None:
         self.backend.check_weight_meta(meta)
 
@@ -207,14 +231,23 @@ class RolloutWorker:
     """A Ray actor (created by ``orchestrator.rollout_group``) sampling rewrites for query batches."""
 
     def __init__(
-        self, model_path: str, backend: str = "hf", torch_threads: int = 1, batch_size: int = 16, vllm_engine: dict | None = None
+        self,
+        model_path: str,
+        backend: str = "hf",
+        torch_threads: int = 1,
+        batch_size: int = 16,
+        vllm_engine: dict | None = None,
+        lora: dict | None = None,
+        dtype: str = "float32",
     ):
         if backend not in BACKENDS:
             raise ValueError(f"rollout.backend: {backend!r} is not one of {BACKENDS}")
+        if lora and backend != "hf":
+            raise ValueError("rollout.weight_sync: lora_adapter needs rollout.backend=hf; use object_store with vllm")
         torch.set_num_threads(torch_threads)
         self.backend_name = backend
         if backend == "hf":
-            self.backend = HfRolloutBackend(model_path, batch_size)
+            self.backend = HfRolloutBackend(model_path, batch_size, lora, dtype)
             self.emb = self.backend.emb  # parameters
             self.prompts = self.emb.enc  # prepare / parse_rewrite
         else:
@@ -225,19 +258,20 @@ class RolloutWorker:
         self.sync_group = None  # collective weight sync: the BroadcastGroup this worker is a member of
 
     # ------------------------------------------------------------------ weights
-    def update_weights(self, version: int, weights: Any) -> dict:
-        """Load weights ``version`` (see ``weight_sync.fetch_weights`` for what ``weights`` may be)."""
+    def update_weights(self, version: int, weights: Any, adapter: bool = False) -> dict:
+        """Load weights ``version`` (see ``weight_sync.fetch_weights`` for what ``weights`` may be); ``adapter``:
+        they are a LoRA adapter for the start model (``rollout.weight_sync: lora_adapter``)."""
         from .weight_sync import fetch_weights
 
         t = time.perf_counter()
         sd = fetch_weights(weights)
-        return self._load(version, sd, t)
+        return self._load(version, sd, t, adapter)
 
-    def _load(self, version: int, sd: dict, t_start: float) -> dict:
+    def _load(self, version: int, sd: dict, t_start: float, adapter: bool = False) -> dict:
         """Load fetched weights into the backend and record the version, bytes and fetch/load times."""
         t_fetch = time.perf_counter() - t_start
         try:
-            self.backend.load_weights(sd)
+            (self.backend.load_adapter if adapter else self.backend.load_weights)(sd)
         except Exception as e:
             self._load_failed(e)
             raise
@@ -312,10 +346,7 @@ class RolloutWorker:
     def weights_checksum(self) -> float | None:
         """Sum of all parameters in float64 (equals the learners' after a sync); None on vLLM, whose
         engine holds repacked weights (its tests compare outputs with HF instead)."""
-        if self.backend_name != "hf":
-            return None
-        with torch.no_grad():
-            return float(sum(p.detach().double().sum() for p in self.emb.model.parameters()))
+        return self.backend.checksum() if self.backend_name == "hf" else None
 
     def info(self) -> dict:
         import ray
@@ -332,15 +363,15 @@ class RolloutWorker:
     # ------------------------------------------------------------------ sampling
     def generate(self, queries: list[dict], n: int, sampling: dict, weights: dict | None = None) -> RolloutBatch:
         """``n`` rewrites per query. ``weights`` (the weight-sync strategy's token, ``WeightSync.token``) =
-        {"version": v, "ref": [ObjectRef] or None}: loaded first if this actor holds another version (after a
-        restart); with the collective sync (ref None) the call fails with ``StaleWeightsError`` instead and
-        the driver re-broadcasts. Returns the samples plus timing for the step metrics."""
+        {"version": v, "ref": [ObjectRef] or None, "adapter": True under lora_adapter}: loaded first if this
+        actor holds another version (after a restart); with the collective sync (ref None) the call fails with
+        ``StaleWeightsError`` instead and the driver re-broadcasts. Returns the samples plus timing for the step metrics."""
         if weights is not None and weights["version"] != self.version:
             if weights["ref"] is None:  # collective sync: the driver re-broadcasts, then re-issues this call
                 from .weight_sync import StaleWeightsError
 
                 raise StaleWeightsError(f"rollout worker holds weights v{self.version}, the call needs v{weights['version']}")
-            self.update_weights(weights["version"], weights["ref"])
+            self.update_weights(weights["version"], weights["ref"], weights.get("adapter", False))
         s = Sampling(**sampling)
         t = time.perf_counter()
         items = self.prompts.prepare(queries)

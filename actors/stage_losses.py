@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from rime_model.curriculum import Phase, continuation_text, split_segments
+from rime_model.grad_cache import ChunkOutput, grad_cache_backward
 from rime_model.latent import balance_loss, latent_pass
 from rime_model.losses import check_prefix_dims, cma_loss, completion_ce, info_nce, plume_loss
 from rime_model.policy_loss import PolicyLossConfig, policy_loss
@@ -46,6 +47,13 @@ class StageLoss:
     def terms(self, learner: Learner, batch: Any, **step_args: Any) -> dict[str, Any]:
         raise NotImplementedError
 
+    def backward(self, learner: Learner, batch: Any, backward: Callable[[torch.Tensor], Any], **step_args: Any) -> dict[str, Any]:
+        """Back-propagate one micro-batch's loss through ``backward`` (the engine's: it accumulates until the
+        step); returns the terms. One ``backward`` of ``terms``' loss, unless the stage splits its passes."""
+        terms = self.terms(learner, batch, **step_args)
+        backward(terms["loss"])
+        return terms
+
 
 LEARNER_LOSSES: dict[str, StageLoss] = {}
 
@@ -70,21 +78,68 @@ class CMALoss(StageLoss):
 
     def terms(self, learner: Learner, pairs: list[Pair]) -> dict[str, Any]:
         emb, cfg = learner.emb, learner.stage_cfg
-        cap = int(cfg.get("hard_negatives", 0))  # the same on every rank: all join the negatives' gather, or none
-        negs = [x for p in pairs for x in p.negs[:cap]]
-        q_items = emb.prepare([p.q for p in pairs])
-        t_items = emb.prepare([p.t for p in pairs])
-        n_items = emb.prepare([x.item for x in negs]) if negs else []
-        # hard negatives ride in the targets' passes: the same disc and teacher-forced gen embedding as a target
-        disc = emb.enc.disc_batch(q_items + t_items + n_items)
-        d = emb.encode(disc)
-        rewrites = [p.q_rewrite for p in pairs] + [p.t_rewrite for p in pairs] + [x.rewrite for x in negs]
-        gen = emb.enc.gen_batch(q_items + t_items + n_items, rewrites)
-        h = emb.hidden_states(gen)
-        g = emb.encode(gen, hidden=h)
+        rows = _CMARows(emb, pairs, int(cfg.get("hard_negatives", 0)))
+        d, g, h, labels = rows.embed(slice(0, rows.size))
         n = len(pairs)
         # CE stays on the pair's own rewrites: turning hard negatives on adds negatives, not CE text
-        ce = completion_ce(h[: 2 * n], gen.labels[: 2 * n], emb.model.get_output_embeddings())
+        ce = completion_ce(h[: 2 * n], labels[: 2 * n], emb.model.get_output_embeddings())
+        return rows.loss(cfg, d, g, ce)
+
+    def backward(self, learner: Learner, pairs: list[Pair], backward: Callable[[torch.Tensor], Any]) -> dict[str, Any]:
+        """With ``grad_cache_chunk`` > 0: GradCache (``rime_model.grad_cache``), the rows (queries, targets,
+        hard negatives) embedded ``grad_cache_chunk`` at a time, the NCE terms on the cached embeddings, CE
+        per chunk; the same gradient as ``terms``' full pass at one chunk's activation memory."""
+        cfg = learner.stage_cfg
+        size = int(cfg.get("grad_cache_chunk", 0))
+        if size <= 0:
+            return super().backward(learner, pairs, backward)
+        emb, n = learner.emb, len(pairs)
+        rows = _CMARows(emb, pairs, int(cfg.get("hard_negatives", 0)))
+        lm_head = emb.model.get_output_embeddings()
+        tokens = [0]  # CE's denominator: the labelled tokens of all rows, counted in the no-grad pass
+
+        def embed_chunk(part: slice) -> ChunkOutput:
+            d, g, h, labels = rows.embed(part)
+            ce_rows = max(0, min(part.stop, 2 * n) - part.start)  # this chunk's query and target rows
+            n_tok = int((labels[:ce_rows, 1:] != -100).sum())
+            if not torch.is_grad_enabled():
+                tokens[0] += n_tok
+                return ChunkOutput({"d": d, "g": g})
+            if not ce_rows:  # hard negatives only: no CE text
+                return ChunkOutput({"d": d, "g": g})
+            # the chunk's share of the micro-batch's mean CE: its mean x its share of the labelled tokens
+            share = completion_ce(h[:ce_rows], labels[:ce_rows], lm_head) * (n_tok / max(1, tokens[0]))
+            return ChunkOutput({"d": d, "g": g}, cfg["ce_weight"] * share, {"ce": float(share.detach())})
+
+        def coupled(e: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return rows.loss(cfg, e["d"], e["g"], e["d"].new_zeros(()))
+
+        return grad_cache_backward(embed_chunk, rows.size, size, coupled, backward)
+
+
+class _CMARows:
+    """One CMA micro-batch's rows: queries, targets, then up to ``cap`` hard negatives per pair, each embedded
+    in both modes (hard negatives ride in the targets' passes: the same disc and teacher-forced gen embedding
+    as a target). ``embed`` takes any row range, so GradCache can embed the rows a chunk at a time."""
+
+    def __init__(self, emb: Embedder, pairs: list[Pair], cap: int):
+        self.emb, self.pairs, self.cap = emb, pairs, cap  # cap: the same on every rank (all join the gather, or none)
+        self.negs = [x for p in pairs for x in p.negs[:cap]]
+        self.items = emb.prepare([p.q for p in pairs] + [p.t for p in pairs] + [x.item for x in self.negs])
+        self.rewrites = [p.q_rewrite for p in pairs] + [p.t_rewrite for p in pairs] + [x.rewrite for x in self.negs]
+        self.size = len(self.items)
+
+    def embed(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(disc embeddings, gen embeddings, gen hidden states, gen labels) of ``rows``."""
+        emb = self.emb
+        d = emb.encode(emb.enc.disc_batch(self.items[rows]))
+        gen = emb.enc.gen_batch(self.items[rows], self.rewrites[rows])
+        h = emb.hidden_states(gen)
+        return d, emb.encode(gen, hidden=h), h, gen.labels
+
+    def loss(self, cfg: dict[str, Any], d: torch.Tensor, g: torch.Tensor, ce: torch.Tensor) -> dict[str, Any]:
+        """``cma_loss`` over all rows' embeddings, hard negatives as extra targets."""
+        n, cap = len(self.pairs), self.cap
         terms = cma_loss(
             d[:n],
             d[n : 2 * n],
@@ -94,14 +149,14 @@ class CMALoss(StageLoss):
             lambda_cma=cfg["lambda_cma"],
             temperature=cfg["temperature"],
             ce_weight=cfg["ce_weight"],
-            target_ids=[p.target_id for p in pairs],
+            target_ids=[p.target_id for p in self.pairs],
             dims=cfg.get("matryoshka_dims", ()),
             d_neg=d[2 * n :] if cap else None,
             g_neg=g[2 * n :] if cap else None,
-            neg_ids=[x.target_id for x in negs] if cap else None,
+            neg_ids=[x.target_id for x in self.negs] if cap else None,
         )
         if cap:
-            terms["hard_negatives"] = float(len(negs))  # per micro-batch on this rank
+            terms["hard_negatives"] = float(len(self.negs))  # per micro-batch on this rank
         return terms
 
 
@@ -177,7 +232,8 @@ class GRPOLoss(StageLoss):
             return
         if start_model is None:
             raise ValueError("begin_stage('refine-rl'): kl_coef > 0 needs ref_path (the stage's starting model)")
-        learner.ref = Embedder.load(start_model, device=str(learner.engine.device))
+        dtype = next(learner.emb.model.parameters()).dtype  # the policy's precision: a bf16 run keeps no fp32 copy
+        learner.ref = Embedder.load(start_model, dtype=dtype, device=str(learner.engine.device))
         learner.ref.model.requires_grad_(False)
 
     def terms(self, learner: Learner, batch: ScoredBatch) -> dict[str, Any]:

@@ -1,6 +1,5 @@
-"""Bytes one weight sync sends per version under LoRA: the merged full weights (what rime sends today, the
-``object_store`` / ``collective`` strategies) against the adapter alone (what an adapter-only strategy would
-send), for the tiny zoo model and for Qwen2-VL-2B's architecture built on the meta device (no memory, no
+"""Bytes one weight sync sends per version under LoRA: the merged full weights (the ``object_store`` /
+``collective`` strategies) against the adapter alone (``lora_adapter``), for the tiny zoo model and for Qwen2-VL-2B's architecture built on the meta device (no memory, no
 weights: only the shapes count). Sizes are state-dict bytes; the ratio is merged / adapter.
 Usage: python bench/lora_sync_bytes.py [--rank 8]
 """

@@ -75,12 +75,18 @@ def _cmd_data(args: argparse.Namespace) -> int:
         )
         print(json.dumps({"out": args.out, "style": args.split_style, "splits": counts}))
         return 0
-    from rime_data.mmeb import import_mmeb
+    if args.data_command == "import-train":
+        from rime_data.train_import import import_train
 
-    summary = import_mmeb(args.files, args.image_root, args.out, split=args.split)
+        summary = import_train(args.files, args.image_root, args.out, split=args.split, task=args.task)
+    else:
+        from rime_data.mmeb import import_mmeb
+
+        summary = import_mmeb(args.files, args.image_root, args.out, split=args.split)
     print(json.dumps(summary))
     if summary["errors"]:
-        print(f"rime data import-mmeb: {summary['errors']} row(s) skipped; reasons in {summary['errors_file']}", file=sys.stderr)
+        msg = f"{summary['errors']} row(s) skipped; reasons in {summary['errors_file']}"
+        print(f"rime data {args.data_command}: {msg}", file=sys.stderr)
     return 0
 
 
@@ -299,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--no-block", action="store_true", help="deploy and return (for scripts)")
     sv.set_defaults(func=_cmd_serve)
 
-    d = sub.add_parser("data", help="make datasets: procedural benchmark, MMEB-V2 import, hard negatives")
+    d = sub.add_parser("data", help="make datasets: procedural benchmark, MMEB-V2 and training-pair import, hard negatives")
     dsub = d.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("synth", help="generate the procedural benchmark (train/val/test parquet)")
     s.add_argument("--out", required=True)
@@ -330,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--image-root", required=True)
     m.add_argument("--out", required=True)
     m.add_argument("--split", default="test")
+    it = dsub.add_parser("import-train", help="convert training pairs (VLM2Vec or query/positive) into rime's schema")
+    it.add_argument("files", nargs="+")
+    it.add_argument("--image-root", required=True, help="folder the rows' image paths are relative to")
+    it.add_argument("--out", required=True)
+    it.add_argument("--split", default="train")
+    it.add_argument("--task", default=None, help="task of rows without a task column (default: the file's name)")
     from .mine_cli import add_parser as add_mine_parser
 
     d.set_defaults(func=_cmd_data)

@@ -206,6 +206,12 @@ def _check_lora(cfg: Config) -> None:
     """``model.lora`` against itself and the learners (whether the names match the model is checked when
     the learners wrap it: ``rime_model.lora.target_linears``)."""
     lora = cfg.model.lora
+    if cfg.rollout.weight_sync == "lora_adapter" and (lora.rank == 0 or cfg.rollout.backend != "hf"):
+        why = "there is no adapter (model.lora.rank is 0)" if lora.rank == 0 else "only HF rollout workers load one"
+        raise ConfigError(
+            f"rollout.weight_sync: lora_adapter sends the LoRA adapter alone, and {why}; "
+            "use rollout.weight_sync=object_store (the merged weights)"
+        )
     if lora.rank == 0:
         return
     if not 0 <= lora.dropout < 1:

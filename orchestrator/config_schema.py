@@ -79,9 +79,37 @@ class LoraConfig(Section):
 
 class ModelConfig(Section):
     spec: str = "tiny"  # zoo name, hf:<repo-or-path>, or a saved embedder folder
+    # what the frozen and sampling copies hold the model in (reward anchors, HF rollout workers; bfloat16
+    # halves them); the learners load it in learners.precision, vLLM in rollout.vllm_dtype
     dtype: TorchDType = "float32"
     freeze_vision: bool = False  # on real checkpoints the vision tower is usually frozen
     lora: LoraConfig = LoraConfig()
+
+
+def _mix(v: Any) -> Any:
+    """``data.mix`` entries as a tuple; an entry may also be one "path:weight" (or "path") string, so
+    ``--set data.mix=data/a:2,data/b:1`` works beside the YAML list of {path, weight} mappings."""
+    if isinstance(v, str):
+        v = [x.strip() for x in v.split(",") if x.strip()]
+    if not isinstance(v, (list, tuple)):
+        return v
+    out = []
+    for x in v:
+        if isinstance(x, str):
+            path, _, weight = x.rpartition(":")
+            try:
+                x = {"path": path, "weight": float(weight)}
+            except ValueError:  # no weight (or a colon inside the path): weight 1
+                x = {"path": x}
+        out.append(x)
+    return tuple(out)
+
+
+class MixPart(Section):
+    """One dataset of ``data.mix``: a rime dataset folder and its sampling weight."""
+
+    path: str
+    weight: Positive = 1.0
 
 
 class DataConfig(Section):
@@ -100,6 +128,10 @@ class DataConfig(Section):
     eval_split: str = "test"
     shuffle_buffer: int = 512  # 1 = no shuffling
     batch_by_task: bool = True  # one task per batch: hard in-batch negatives (VLM2Vec-style sampling)
+    # Training datasets mixed by weight (orchestrator.pair_mix): each a rime dataset folder whose train_split
+    # is read (e.g. made by `rime data import-train`); every batch comes from one of them, drawn with
+    # probability weight / sum. Evaluation stays on data.path's eval_split. [] = train on data.path alone
+    mix: Annotated[tuple[MixPart, ...], BeforeValidator(_mix)] = ()
 
 
 class ClusterConfig(Section):
@@ -151,6 +183,10 @@ class CMAConfig(Section):
     # them and the full size, and the saved model records them (`embed(dims=)`, `rime eval --dims`). [] = off
     matryoshka_dims: Ints = ()
     hard_negatives: Steps = 0  # per query, from its `hard_negatives` column, added to InfoNCE's negatives; 0 = off
+    # GradCache: embed each micro-batch's rows (queries, targets, hard negatives) this many at a time without
+    # a graph, take the NCE terms on the cached embeddings, back-propagate chunk by chunk: the same gradient
+    # at one chunk's activation memory, for ~1 more forward pass. 0 = off (one pass over the micro-batch)
+    grad_cache_chunk: Steps = 0
 
 
 class RolloutConfig(RoleConfig):
@@ -177,8 +213,8 @@ class RolloutConfig(RoleConfig):
     torch_threads: Count = 1
     max_restarts: Steps = 3  # Ray restarts a dead worker and re-issues its rollouts
     # Learner -> rollout weight sync, a registered strategy (orchestrator.sync): object_store (ray.put once,
-    # every worker fetches) or collective (learner rank 0 broadcasts in a group with the workers: NCCL when
-    # both sides have GPUs, else gloo).
+    # every worker fetches), collective (learner rank 0 broadcasts in a group with the workers: NCCL when
+    # both sides have GPUs, else gloo) or lora_adapter (model.lora, hf workers: the adapter alone).
     weight_sync: str = "object_store"
     sync_bucket_mb: Count = 256  # collective: flat buffers of at most this size per broadcast call
     sync_timeout_s: Positive = 120.0  # collective: a member that stops answering fails the sync after this
@@ -340,6 +376,11 @@ class Config(Section):
         return _flat(self.to_dict())
 
 
+def _flat_item(x: Any) -> str:
+    """A list element as a param string: a mapping (a ``data.mix`` entry) as its values joined by ":"."""
+    return ":".join(f"{v:g}" if isinstance(v, float) else str(v) for v in x.values()) if isinstance(x, dict) else str(x)
+
+
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     """Nested sections (``model.lora``) as ``model.lora.rank``; lists as comma-separated strings."""
     out: dict[str, Any] = {}
@@ -347,5 +388,5 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
         if isinstance(v, dict):
             out.update(_flat(v, f"{prefix}{k}."))
         else:
-            out[f"{prefix}{k}"] = ",".join(map(str, v)) if isinstance(v, tuple) else v
+            out[f"{prefix}{k}"] = ",".join(map(_flat_item, v)) if isinstance(v, tuple) else v
     return out

@@ -22,7 +22,8 @@ from rime_data.schema import read_table, split_paths
 @dataclass
 class StreamPosition:
     epoch: int = 0
-    offset: int = 0  # batches already trained on in this epoch
+    offset: int = 0  # batches already trained on in this epoch (a mixture: batches drawn in all)
+    parts: list[list[int]] | None = None  # a mixture (data.mix): [epoch, offset] of each dataset, in its order
 
 
 def _cand_item(cand: dict) -> dict:
@@ -155,6 +156,15 @@ class PairStream:
                     yield buf.pop(rng.randrange(len(buf)))
         rng.shuffle(buf)
         yield from buf
+
+    def mix_metrics(self) -> dict[str, float]:
+        """One dataset: no mixture metrics (``pair_mix.MixedPairStream`` has them)."""
+        return {}
+
+    @property
+    def q_paths(self) -> list[Path]:
+        """The query tables this stream reads (one; a mixture's: each dataset's)."""
+        return [Path(self.q_path)]
 
     def close(self) -> None:
         """Stop the Ray Data iterator now (not at garbage collection, after Ray may be gone)."""

@@ -225,6 +225,7 @@ class RefineRL:
                 "perf/samples_per_s": len(batch) / dt,
                 "data/bad_rows": self.stream.bad_rows,
                 "data/epoch": self.stream.pos.epoch,
+                **self.stream.mix_metrics(),
             }
         )
         metrics.update(sync)

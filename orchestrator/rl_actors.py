@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rime_model.choices import PRECISION_DTYPE
+
 from .config import Config
 from .placement import RoleRequest, reserve, run_in_bundle
 
@@ -45,9 +47,6 @@ def rollout_runtime_env(cfg: Config) -> dict:
             env["py_executable"] = str(py)
             env["env_vars"]["PYTHONPATH"] = str(VLLM_VENV.parent)  # this checkout's rime, for that venv
     return env
-
-
-PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def vllm_engine_options(cfg: Config) -> dict:
@@ -128,6 +127,8 @@ class RLActors:
                 ro.torch_threads,
                 ro.batch_size,
                 vllm_engine_options(cfg) if ro.backend == "vllm" else None,
+                cfg.model.lora.model_dump() if ro.weight_sync == "lora_adapter" else None,
+                cfg.model.dtype,
             )
             for i in range(ro.num_actors)
         ]
@@ -143,7 +144,7 @@ class RLActors:
                 max_task_retries=rw.max_restarts,
                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}},
             )
-            .remote(model_path, self.candidates_ref, reward_cfg, rw.query_encoder, torch_threads=threads)
+            .remote(model_path, self.candidates_ref, reward_cfg, rw.query_encoder, torch_threads=threads, dtype=cfg.model.dtype)
             for i in range(rw.num_actors)
         ]
         ray.get([a.info.remote() for a in self.rollout] + [a.cache_info.remote() for a in self.reward])

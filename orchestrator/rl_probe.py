@@ -33,7 +33,7 @@ def probe_pairs(stream: PairStream, per_task: int, seed: int) -> list[Pair]:
     """``per_task`` usable training queries of each task, in an order seeded by ``seed`` alone: the same data
     and seed give the same set, at every probe and after a resume. Rows the stream would refuse are
     passed over (the stream counts and logs them)."""
-    table = ds.dataset(str(stream.q_path), format="parquet")
+    table = ds.dataset([str(p) for p in stream.q_paths], format="parquet")
     tasks = table.to_table(columns=["task"]).column("task").to_pylist()
     order = list(range(len(tasks)))
     random.Random(f"rl-probe:{seed}").shuffle(order)

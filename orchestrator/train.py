@@ -9,6 +9,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from rime_data.pipeline import PipelineConfig
 
 from .config import Config, dump_config
 from .logs import PACKAGES, attach_run_log, detach_run_log, quiet_ray_data
+from .pair_mix import MixedPairStream
 from .pairs import PairStream, StreamPosition
 from .run_state import CheckpointMeta, RunDirError, RunState, prepare_run_dir, write_json_atomic
 from .stages import STAGES, Stage, StageContext
@@ -43,20 +45,35 @@ def _style_of(split_dir: Path) -> str:
 
 
 def ensure_data(cfg: Config) -> Path:
-    """The dataset folder; generated with ``rime data synth`` settings when missing."""
+    """The dataset folder; generated with ``rime data synth`` settings when missing. With ``data.mix`` the
+    training data comes from the mixture's folders (each must hold the train split) and data.path needs
+    only the eval split."""
     from rime_data.synth import write_synth
 
     dc = cfg.data
     path = Path(dc.path)
-    needed = [dc.train_split, dc.eval_split]
+    for m in dc.mix:
+        if not (Path(m.path) / dc.train_split / "queries.parquet").is_file():
+            raise FileNotFoundError(
+                f"data.mix: {m.path} has no {dc.train_split}/queries.parquet; point it at a rime dataset folder "
+                "(`rime data import-train`, `rime data synth`)"
+            )
+    needed = [dc.eval_split] if dc.mix else [dc.train_split, dc.eval_split]
     if all((path / s / "queries.parquet").is_file() for s in needed):
-        have = _style_of(path / dc.train_split)
+        have = _style_of(path / dc.train_split) if not dc.mix else dc.synth_style
         if have != dc.synth_style and dc.train_split == "train":
             raise FileExistsError(
                 f"data.path: {path} holds {have} synth data but data.synth_style is {dc.synth_style}; "
                 "point data.path at another folder or delete this one to regenerate it"
             )
         return path
+    present = sorted(p.parent.name for p in path.glob("*/queries.parquet"))
+    if present:  # the user's data: never generate over it
+        raise FileNotFoundError(
+            f"data.path: {path} holds splits {present} but lacks {[s for s in needed if s not in present]}; "
+            "add them (`rime data import-mmeb --split test`, `rime data import-train`), set data.train_split / "
+            "data.eval_split to splits it has, or train on it through data.mix with another data.path to evaluate on"
+        )
     sizes = {"train": dc.synth_train, "val": dc.synth_val, "test": dc.synth_test}
     if not all(sizes.get(s, 0) > 0 for s in needed):
         raise FileNotFoundError(
@@ -197,7 +214,7 @@ class Trainer:
         st = self.state
         tag = f"step{st.step}"
         t = time.perf_counter()
-        meta = CheckpointMeta(st.step, st.stage or "", st.stage_step, StreamPosition(position.epoch, position.offset))
+        meta = CheckpointMeta(st.step, st.stage or "", st.stage_step, copy.deepcopy(position))
         group.call("save_checkpoint", str(self.ckpt_dir), tag, asdict(meta))
         st.checkpoint, st.checkpoint_meta, st.position = tag, meta, meta.position
         self._save_state()
@@ -360,20 +377,25 @@ class Trainer:
             f"{self.state.stage_step}), data position {client['position']}"
         )
 
-    def _stream(self, by_task: bool) -> PairStream:
+    def _stream(self, by_task: bool) -> PairStream | MixedPairStream:
+        """The training pairs at the run's data position: data.path's train split, or the data.mix mixture."""
         from rime_model import Embedder
 
         pipeline = PipelineConfig(reserved_tokens=Embedder.reserved_tokens_of(self.model_path))
-        stream = PairStream(
-            self.data_dir,
-            self.cfg.data.train_split,
-            self.cfg.run.seed,
-            self.cfg.data.shuffle_buffer,
-            self.run_dir / "data_errors.jsonl",
-            pipeline=pipeline,
-            group_by_task=by_task,
-        )
-        stream.pos = StreamPosition(self.state.position.epoch, self.state.position.offset)
+        dc = self.cfg.data
+
+        def one(path: str | Path) -> PairStream:
+            errors = self.run_dir / "data_errors.jsonl"
+            args = (dc.train_split, self.cfg.run.seed, dc.shuffle_buffer, errors)
+            return PairStream(path, *args, pipeline=pipeline, group_by_task=by_task)
+
+        stream: PairStream | MixedPairStream
+        if dc.mix:
+            parts = [one(m.path) for m in dc.mix]
+            stream = MixedPairStream(parts, [m.weight for m in dc.mix], self.cfg.run.seed, [m.path for m in dc.mix])
+        else:
+            stream = one(self.data_dir)
+        stream.pos = copy.deepcopy(self.state.position)
         return stream
 
     def _after_step(self, group, metrics: dict, position: StreamPosition, steps: int) -> None:

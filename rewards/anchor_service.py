@@ -38,7 +38,9 @@ class AnchorRewardService:
         query_encoder: str = "frozen",
         torch_threads: int = 1,
         batch_size: int = 32,
+        dtype: str = "float32",
     ):
+        """``dtype`` (``model.dtype``): what the frozen anchor copy is held in (bfloat16 halves it)."""
         from rime_model import Embedder
 
         if query_encoder not in QUERY_ENCODERS:
@@ -46,8 +48,9 @@ class AnchorRewardService:
         torch.set_num_threads(torch_threads)
         self.cfg = RewardConfig(**reward_cfg)
         device = "cuda" if torch.cuda.is_available() else None  # the actor's own GPU, never the learners'
-        self.anchor_emb = Embedder.load(model_path, device=device)
-        self.query_emb = Embedder.load(model_path, device=device) if query_encoder == "policy" else self.anchor_emb
+        dt = getattr(torch, dtype)
+        self.anchor_emb = Embedder.load(model_path, dtype=dt, device=device)
+        self.query_emb = Embedder.load(model_path, dtype=dt, device=device) if query_encoder == "policy" else self.anchor_emb
         for e in {id(self.anchor_emb): self.anchor_emb, id(self.query_emb): self.query_emb}.values():
             e.model.requires_grad_(False)
         # already checked by the stream: a corrupt candidate is not here, and queries whose positive it was

@@ -18,6 +18,7 @@ BACKENDS: tuple[str, ...] = get_args(RolloutBackend)
 QUERY_ENCODERS: tuple[str, ...] = get_args(QueryEncoder)
 ANCHORS: tuple[str, ...] = get_args(AdapterAnchor)
 DTYPES: tuple[str, ...] = get_args(TorchDType)
+PRECISION_DTYPE: dict[str, TorchDType] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # learners.precision
 # model.lora.target_modules' default: the attention and MLP projections of Qwen2-VL / LLaMA-style language
 # models, and of the Qwen2-VL (qkv, proj, fc1, fc2) and CLIP (q/k/v_proj, out_proj, fc1, fc2) vision towers,
 # which only model.lora.vision adapts

@@ -19,9 +19,10 @@ How the pieces fit (issue #31):
   Refine-RL in one run: Refine-RL's reference is CMA's result, as without LoRA.
 * ``merged_state_dict`` is the state dict of the plain model (its names, the LoRA deltas and token rows
   merged in, tied tensors once): weight sync, checksums and saves take it as they take a full model's.
-  That is the merged-weights sync strategy, which every rollout backend loads. An adapter-only strategy
-  (HF ``PeftModel`` or vLLM's LoRA requests on the rollout side) would send ``adapter_state_dict()`` instead
-  through a weight-sync strategy of its own (``orchestrator.sync``); not built yet.
+  That is what the default weight sync sends, and every rollout backend loads it. The ``lora_adapter``
+  strategy (``orchestrator.sync.lora_adapter``) sends ``adapter_state_dict()`` instead: HF rollout workers
+  hold the stage's start model with the same adapter attached and ``load_adapter_state_dict`` it (vLLM's
+  LoRA requests are not wired up yet).
 * ``save`` writes the merged model as the usual embedder folder (serving, eval and MLflow load it as any
   other) and the peft adapter beside it in ``<folder>/lora_adapter/``, relative to the stage's start model
   (its ``adapter_config.json`` names that folder as ``base_model_name_or_path``).
@@ -195,10 +196,29 @@ class LoraAdapter:
         return out
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter alone, in peft's format (what an adapter-only weight sync would send)."""
+        """The adapter alone (LoRA A and B, rime's token rows) in peft's format: what the ``lora_adapter``
+        weight sync sends, a few MB where the merged model is GBs."""
         from peft import get_peft_model_state_dict
 
         return get_peft_model_state_dict(self.peft)
+
+    @torch.no_grad()
+    def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load an ``adapter_state_dict`` of a learner with the same ``model.lora`` settings (a rollout worker
+        under ``rollout.weight_sync: lora_adapter``): the model is then the learner's merged model, with the
+        adapter applied at each forward. ValueError naming the keys when the two adapters differ, before any
+        tensor is loaded."""
+        from peft import set_peft_model_state_dict
+
+        mine = self.adapter_state_dict()
+        missing, extra = sorted(set(mine) - set(state_dict)), sorted(set(state_dict) - set(mine))
+        shapes = [k for k in mine.keys() & state_dict.keys() if mine[k].shape != state_dict[k].shape]
+        if missing or extra or shapes:
+            raise ValueError(
+                f"LoRA adapter: the sent adapter does not fit this model's (missing {missing[:3]}, unexpected "
+                f"{extra[:3]}, other shapes {shapes[:3]}); learners and rollout workers need the same model.lora"
+            )
+        set_peft_model_state_dict(self.peft, state_dict)
 
     def save(self, emb: Embedder, path: str | Path, start_model: str | None = None) -> Path:
         """The merged model as an ordinary embedder folder, and the adapter in ``<path>/lora_adapter/``

@@ -92,6 +92,50 @@ def test_embedding_lr_is_its_own_param_group(learners):
     assert group.call("train_step", per_rank=shards)[0]["lr_embeddings"] == pytest.approx(5e-4)
 
 
+def test_grad_cache_steps_like_the_full_pass_on_gathered_negatives(learners):
+    """``cma.grad_cache_chunk`` on 2 learners, each rank's InfoNCE over both ranks' rows: at lr 0 a step leaves
+    the weights alone, so one step with and one without GradCache compare the loss terms and DeepSpeed's global
+    gradient norm (after its reduction over ranks); under ZeRO-1 every parameter's gradient is also compared
+    inside the learners (plain autograd, both ranks at once: the gather is collective)."""
+    import ray
+
+    zero_stage, group = learners
+    if zero_stage == 3:  # refused at config load (orchestrator.stages.cma): a learner died in the chunked passes
+        pytest.skip("GradCache under ZeRO-3 is not supported yet: refused at config load, tested in test_grad_cache")
+    stage = {"lambda_cma": 1.0, "temperature": 0.05, "ce_weight": 1.0, "matryoshka_dims": [16]}
+    pairs = _pairs(8)
+    shards = [([pairs[:4]],), ([pairs[4:]],)]
+    group.call("begin_stage", "cma", stage, 0.0, 1, None)
+    plain = group.call("train_step", per_rank=shards)
+    group.call("begin_stage", "cma", {**stage, "grad_cache_chunk": 3}, 0.0, 1, None)
+    cached = group.call("train_step", per_rank=shards)
+    for p, c in zip(plain, cached):
+        assert c.keys() == p.keys()
+        for k in ("loss", "ce", "nce_disc", "nce_gen", "nce_gen_disc", "nce_disc_gen", "grad_norm"):
+            assert c[k] == pytest.approx(p[k], rel=1e-5), k
+
+    def grads(learner, shard, chunk):
+        """Runs inside a learner actor: this rank's parameter gradients of the CMA loss."""
+        from types import SimpleNamespace
+
+        from actors.stage_losses import CMALoss
+
+        learner.emb.model.zero_grad(set_to_none=True)
+        view = SimpleNamespace(emb=learner.emb, stage_cfg={**stage, "grad_cache_chunk": chunk})
+        CMALoss().backward(view, shard, lambda loss: loss.backward())
+        out = {k: p.grad.clone() for k, p in learner.emb.model.named_parameters() if p.grad is not None}
+        learner.emb.model.zero_grad(set_to_none=True)
+        return out
+
+    def both(chunk):
+        return ray.get([a.__ray_call__.remote(grads, s[0][0], chunk) for a, s in zip(group.actors, shards)])
+
+    for full, chunked in zip(both(0), both(3)):
+        assert full.keys() == chunked.keys() and full
+        for k, g in full.items():
+            assert (chunked[k] - g).abs().max() <= 1e-5 * g.abs().max(), k
+
+
 def test_impossible_placement_fails_fast():
     with pytest.raises(PlacementError, match=r"need 16 CPU .*learner: 4 x 4.*has 2.*num_actors"):
         check_fits([RoleRequest("learner", 4, 4.0)], {"CPU": 2.0})

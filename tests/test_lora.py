@@ -184,6 +184,11 @@ def test_lora_config_is_a_nested_section_with_checked_keys():
         ({"model": {"lora": {"rank": 8, "target_modules": []}}}, r"model\.lora\.target_modules: \[\] adapts nothing"),
         ({"model": {"lora": {"rank": 8}}, "learners": {"zero_stage": 3}}, r"model\.lora: .*zero_stage 3 is not supported"),
         ({"model": {"freeze_vision": True, "lora": {"rank": 8, "vision": True}}}, r"model\.lora\.vision: true .* freeze"),
+        ({"rollout": {"weight_sync": "lora_adapter"}}, r"rollout\.weight_sync: lora_adapter .*model\.lora\.rank is 0"),
+        (
+            {"model": {"lora": {"rank": 8}}, "rollout": {"weight_sync": "lora_adapter", "backend": "vllm"}},
+            r"rollout\.weight_sync: lora_adapter .*only HF rollout workers load one; use rollout\.weight_sync=object_store",
+        ),
     ]:
         with pytest.raises(ConfigError, match=match):
             parse_config(raw)
@@ -192,7 +197,8 @@ def test_lora_config_is_a_nested_section_with_checked_keys():
 def test_lora_cma_then_refine_rl_on_learners_with_a_synced_rollout_worker(ray_local, zoo_cache, tmp_path):
     """One learner with LoRA: a CMA step, the merged save, Refine-RL from it. The stage start keeps the model;
     the first Refine-RL step's KL is 0 (the reference, the adapter disabled, is the stage's start model, which
-    the policy still is); after each sync the rollout worker holds the learner's merged weights; a DeepSpeed
+    the policy still is); the adapter-only weight sync (``lora_adapter``) sends a fraction of the merged
+    model's bytes, and after each sync the rollout worker holds the learner's merged weights; a DeepSpeed
     checkpoint of the adapted model round-trips."""
     import ray
 
@@ -209,7 +215,13 @@ def test_lora_cma_then_refine_rl_on_learners_with_a_synced_rollout_worker(ray_lo
             "run": {"stages": ["cma", "refine-rl"]},
             "model": {"lora": {"rank": 4}},
             "learners": {"num_actors": 1, "micro_batch_size": 4, "cpus_per_actor": 0.4, "lr": 1e-3, "warmup_steps": 1},
-            "rollout": {"num_actors": 1, "group_size": 2, "max_new_tokens": 4, "cpus_per_actor": 0.05},
+            "rollout": {
+                "num_actors": 1,
+                "group_size": 2,
+                "max_new_tokens": 4,
+                "cpus_per_actor": 0.05,
+                "weight_sync": "lora_adapter",
+            },
             "reward": {"num_actors": 1},
             "refine_rl": {"queries_per_step": 2, "lr": 1e-3},
         }
@@ -237,11 +249,14 @@ def test_lora_cma_then_refine_rl_on_learners_with_a_synced_rollout_worker(ray_lo
         stream = PairStream(tmp_path / "data", "train", 0, 64, tmp_path / "errors.jsonl", group_by_task=False)
         rl = RefineRL(cfg, group, stream, cma_dir, reserve_cpus=DATA_TASK_CPUS)
         rl.sync_weights(0)
+        merged_bytes = sum(v.numel() * v.element_size() for v in group.call("export_weights")[0].values())
         for step in range(3):
             m = rl.step(step)
             learner = group.call("param_checksum")[0]
             (worker,) = ray.get([w.weights_checksum.remote() for w in rl.actors.rollout])
             assert worker == pytest.approx(learner, rel=1e-12) and m["sync/version"] == step + 1
+            assert m["sync/bytes"] < merged_bytes / 5
+            print(f"sync bytes: adapter {m['sync/bytes']:.0f}, merged model {merged_bytes}")
             if step == 0:
                 assert m["train/kl"] == pytest.approx(0.0, abs=1e-7)  # the reference is the policy's start model
                 assert learner == trained

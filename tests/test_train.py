@@ -1,5 +1,6 @@
-"""`rime train` end to end (cma then refine-rl): a driver killed mid-run resumes to the same final
-step, same MLflow run, and the same weights as an uninterrupted run."""
+"""`rime train` end to end (cma then refine-rl) on a mixture of two training datasets (``data.mix``; the
+mixture's own resume test is test_pair_mix): a driver killed mid-run resumes to the same final step, same
+MLflow run, and the same weights as an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -40,8 +41,14 @@ TINY = {
 }
 
 
+MIX = {"mix-a": ("t2i", "i2t", "cls"), "mix-b": ("vqa", "composed", "referring")}  # weights 2:1
+
+
 def _cmd(tmp: Path, name: str, *extra: str) -> list[str]:
-    return train_cmd("configs/tiny-cpu.yaml", tmp, name, {**TINY, "data.transfer_path": tmp / "transfer"}, *extra)
+    mix = f"{tmp / 'mix-a'}:2,{tmp / 'mix-b'}:1"  # training data; data.path (tmp/data) is evaluated on
+    return train_cmd(
+        "configs/tiny-cpu.yaml", tmp, name, {**TINY, "data.transfer_path": tmp / "transfer", "data.mix": mix}, *extra
+    )
 
 
 @dataclass
@@ -58,7 +65,10 @@ def _data_first(tmp: Path) -> None:
     """Generate the runs' data before either starts, so two runs never write the same folder at once."""
     from orchestrator.config import load_config
     from orchestrator.train import ensure_data, ensure_transfer_data
+    from rime_data.synth import write_synth
 
+    for i, (name, tasks) in enumerate(MIX.items()):
+        write_synth(tmp / name, {"train": int(TINY["data.synth_train"])}, seed=i, tasks=tasks)
     argv = _cmd(tmp, "data")
     cfg = load_config("configs/tiny-cpu.yaml", set_values(argv))
     ensure_data(cfg)
@@ -138,6 +148,8 @@ def test_run_writes_summary_eval_and_mlflow(runs):
     assert [a.path for a in client.list_artifacts(run.info.run_id) if a.path == "config.yaml"] == ["config.yaml"]
     assert list((run_dir / "mlartifacts").rglob("config.yaml")), "the logged config is not in the run dir"
     assert "eval/gen_to_disc/hit@1".replace("@", "_at_") in run.data.metrics
+    assert {"data/mix/0/share", "data/mix/1/share"} <= set(run.data.metrics)  # both stages drew from the mixture
+    assert run.data.params["data.mix"].endswith("mix-a:2," + str(tmp / "mix-b") + ":1")
 
 
 def _probe_history(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
@@ -191,7 +203,7 @@ def test_a_trainer_inside_the_callers_ray_session_leaves_it_running(ray_local, z
 
     ray = ray_local
     node = ray.get_runtime_context().get_node_id()
-    argv = _cmd(tmp_path, "inside", "--set", "learners.cpus_per_actor=8")
+    argv = _cmd(tmp_path, "inside", "--set", "learners.cpus_per_actor=8", "--set", "data.mix=[]")  # data.path alone
     overrides = set_values(argv)
     with pytest.raises(PlacementError, match="placement: the roles need"):
         Trainer(load_config("configs/tiny-cpu.yaml", overrides)).run()

@@ -28,6 +28,7 @@ class CMAStage(SupervisedStage):
                 "ce_weight": c.ce_weight,
                 "matryoshka_dims": list(c.matryoshka_dims),
                 "hard_negatives": c.hard_negatives,
+                "grad_cache_chunk": c.grad_cache_chunk,
             },
             cfg.learners.lr,
             cfg.learners.warmup_steps,
@@ -39,6 +40,11 @@ class CMAStage(SupervisedStage):
     def check_config(cls, cfg: Config) -> None:
         """Prefix sizes that mean something whatever the model: >= 1 and distinct (each must also be below
         the model's embedding size: ``check_start_model``, once the start model is known)."""
+        if cfg.cma.grad_cache_chunk and cfg.learners.zero_stage == 3:
+            raise ConfigError(
+                "cma.grad_cache_chunk: GradCache with learners.zero_stage 3 is not supported yet (a learner died "
+                "in the chunked backward passes); use zero_stage 0, 1 or 2, or cma.grad_cache_chunk=0"
+            )
         dims = cfg.cma.matryoshka_dims
         bad = [d for d in dims if d < 1]
         twice = sorted({d for d in dims if dims.count(d) > 1})

@@ -43,6 +43,7 @@ class SupervisedStage(Stage):
                 "data/bad_rows": self.stream.bad_rows,
                 "data/epoch": self.stream.pos.epoch,
                 "data/dropped_remainder_pairs": self.stream.dropped_pairs,
+                **self.stream.mix_metrics(),
             }
         )
         self.final_loss = metrics["train/loss"]

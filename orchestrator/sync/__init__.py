@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import collective, object_store  # noqa: F401  (registry lines)
+from . import collective, lora_adapter, object_store  # noqa: F401  (registry lines)
 from .base import WEIGHT_SYNCS, WeightSync, register_weight_sync
 
 
