@@ -121,7 +121,9 @@ def test_the_loop_continues_from_the_stage_step_a_resume_restored(toy_stage, tmp
 def test_unknown_stage_and_sync_names_fail_with_the_registered_choices():
     with pytest.raises(ConfigError, match=r"run\.stages: unknown stage 'distill'; available: \('cma', 'plume', 'refine-rl'\)"):
         parse_config({"run": {"stages": ["distill"]}})
-    with pytest.raises(ConfigError, match=r"rollout\.weight_sync: 'lora' is not one of \('collective', 'object_store'\)"):
+    with pytest.raises(
+        ConfigError, match=r"rollout\.weight_sync: 'lora' is not one of \('collective', 'lora_adapter', 'object_store'\)"
+    ):
         parse_config({"rollout": {"weight_sync": "lora"}})
 
 
