@@ -131,7 +131,7 @@ def _registered() -> tuple[dict, tuple[str, ...]]:
     from .stages import STAGES
     from .sync import WEIGHT_SYNCS
 
-    return STAGES, tuple(WEIGHT_SYNCS)
+    return STAGES, tuple(sorted(WEIGHT_SYNCS))  # sorted: the listed choices do not depend on import order
 
 
 def _check(cfg: Config) -> None:

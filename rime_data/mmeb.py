@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,12 +100,18 @@ def import_mmeb(files: list[str | Path], image_root: str | Path, out: str | Path
             queries.append(q)
             for c in row_cands:
                 cands.setdefault(c["cand_id"], c)
-    out_dir = Path(out) / split
+    err_file = write_split(Path(out) / split, queries, cands.values(), errors)
+    return {"queries": len(queries), "candidates": len(cands), "errors": len(errors), "errors_file": str(err_file)}
+
+
+def write_split(out_dir: Path, queries: list[dict], cands: Iterable[dict], errors: list[dict]) -> Path:
+    """An imported split: ``queries.parquet``, ``candidates.parquet`` and the skipped rows in ``errors.jsonl``
+    (its path is returned); shared by the MMEB and training-pair importers."""
     write_table(queries, QUERY_SCHEMA, out_dir / "queries.parquet")
-    write_table(cands.values(), CANDIDATE_SCHEMA, out_dir / "candidates.parquet")
+    write_table(cands, CANDIDATE_SCHEMA, out_dir / "candidates.parquet")
     err_file = out_dir / "errors.jsonl"
     err_file.write_text("".join(json.dumps(e) + "\n" for e in errors))
-    return {"queries": len(queries), "candidates": len(cands), "errors": len(errors), "errors_file": str(err_file)}
+    return err_file
 
 
 def _convert(row: dict, file: Path, n: int, root: Path) -> tuple[dict, list[dict]]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from .mmeb import _clean, _image, _rows, default_task
-from .schema import CANDIDATE_SCHEMA, QUERY_SCHEMA, write_table
+from .mmeb import _clean, _image, _rows, default_task, write_split
 
 
 @dataclass(frozen=True)
@@ -89,11 +87,7 @@ def import_train(
             dropped += same
             for c in row_cands:
                 cands.setdefault(c["cand_id"], c)
-    out_dir = Path(out) / split
-    write_table(queries, QUERY_SCHEMA, out_dir / "queries.parquet")
-    write_table(cands.values(), CANDIDATE_SCHEMA, out_dir / "candidates.parquet")
-    err_file = out_dir / "errors.jsonl"
-    err_file.write_text("".join(json.dumps(e) + "\n" for e in errors))
+    err_file = write_split(Path(out) / split, queries, cands.values(), errors)
     return {
         "queries": len(queries),
         "candidates": len(cands),

@@ -14,7 +14,7 @@ from .base import WEIGHT_SYNCS, WeightSync, register_weight_sync
 def make_weight_sync(name: str, *args: Any, **kwargs: Any) -> WeightSync:
     """The strategy registered as ``name``; an unknown name names the config key and the choices."""
     if name not in WEIGHT_SYNCS:
-        raise ValueError(f"rollout.weight_sync: {name!r} is not one of {tuple(WEIGHT_SYNCS)}")
+        raise ValueError(f"rollout.weight_sync: {name!r} is not one of {tuple(sorted(WEIGHT_SYNCS))}")
     return WEIGHT_SYNCS[name](*args, **kwargs)
 
 

@@ -16,18 +16,24 @@ from .base import WeightSync, register_weight_sync
 
 @register_weight_sync("object_store")
 class ObjectStoreSync(WeightSync):
+    adapter = False  # what the export holds: the full (merged) weights; ``lora_adapter``: the adapter alone
+
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.ref: Any = None  # rank 0's export of ``version``, kept alive while workers may need it
+
+    def _export(self) -> Any:
+        """Rank 0's object-store ref of what the workers load."""
+        return self._export_refs()[0]
 
     def push(self, version: int) -> dict[str, float]:
         import ray
 
         t = time.perf_counter()
-        self.ref = self._export_refs()[0]
+        self.ref = self._export()
         t_export = time.perf_counter() - t
-        loads = ray.get([w.update_weights.remote(version, [self.ref]) for w in self.rollout])
-        self._update_reward_encoders(version, self.ref)
+        loads = ray.get([w.update_weights.remote(version, [self.ref], adapter=self.adapter) for w in self.rollout])
+        self._update_reward_encoders(version, None if self.adapter else self.ref)  # an adapter is no encoder's weights
         self.version = version
         return {
             "sync/time_s": time.perf_counter() - t,
@@ -38,4 +44,6 @@ class ObjectStoreSync(WeightSync):
         }
 
     def token(self) -> dict | None:
-        return {"version": self.version, "ref": [self.ref]} if self.ref is not None else None
+        if self.ref is None:
+            return None
+        return {"version": self.version, "ref": [self.ref], **({"adapter": True} if self.adapter else {})}
