@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from actors.batches import Negative, Pair
-from rime_data.pipeline import CleanBatches, PipelineConfig, append_errors, clean_candidates, query_dataset
-from rime_data.schema import read_table, split_paths
+from rime_data.pipeline import CleanBatches, PipelineConfig, append_errors, query_dataset, read_candidates
+from rime_data.schema import split_paths
 
 
 @dataclass
@@ -109,7 +109,7 @@ class PairStream:
         self.q_path = q_path
         self.seed, self.buffer, self.errors_file = seed, max(1, shuffle_buffer), errors_file
         self.pipeline = pipeline or PipelineConfig()
-        good, bad = clean_candidates(read_table(c_path).to_pylist(), self.pipeline)
+        good, bad = read_candidates(c_path, self.pipeline)  # images decoded in Ray Data map tasks
         self.cands = {c["cand_id"]: c for c in good}
         self.bad_candidates = len(bad)  # reported beside the bad query rows; logged once, here
         if bad and errors_file is not None:

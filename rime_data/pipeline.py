@@ -96,22 +96,55 @@ def validate_and_normalise(batch: pd.DataFrame, cfg: PipelineConfig) -> pd.DataF
 CAND_TEXT_COLUMNS = ("cand_text", "cand_inst", "rewrite")
 
 
+def check_candidate(row: dict, cfg: PipelineConfig) -> tuple[dict, str | None]:
+    """(the row with its image normalised, why it is bad or None): the same rules as queries."""
+    why = validate_candidate(row) or reserved_token_error(row, CAND_TEXT_COLUMNS, cfg.reserved_tokens)
+    if why is None and isinstance(row.get("cand_image"), (bytes, bytearray)):
+        try:
+            row = {**row, "cand_image": normalise_image(row["cand_image"], cfg.max_image_side)}
+        except InputError as e:
+            why = f"cand_image: {str(e).split(': ', 1)[1]}"
+    return row, why
+
+
 def clean_candidates(rows: list[dict], cfg: PipelineConfig) -> tuple[list[dict], list[dict]]:
-    """(usable candidates with normalised images, bad ones tagged with ``_error``). Training joins
-    candidates to queries by id, so they are read whole and checked here, once, by the same rules as
-    queries: a bad candidate becomes a counted bad row, not a failed learner step."""
+    """(usable candidates with normalised images, bad ones tagged with ``_error``), checked in this process
+    (a batch inside a Ray Data task; a split's whole table goes through ``read_candidates``)."""
     good, bad = [], []
     for r in rows:
-        why = validate_candidate(r) or reserved_token_error(r, CAND_TEXT_COLUMNS, cfg.reserved_tokens)
-        if why is None and isinstance(r.get("cand_image"), (bytes, bytearray)):
-            try:
-                r = {**r, "cand_image": normalise_image(r["cand_image"], cfg.max_image_side)}
-            except InputError as e:
-                why = f"cand_image: {str(e).split(': ', 1)[1]}"
+        r, why = check_candidate(r, cfg)
         if why is None:
             good.append(r)
         else:
             bad.append({**r, ERROR_COL: why})
+    return good, bad
+
+
+def tag_candidates(batch: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
+    """Ray Data map function for candidate rows: normalised images and ``_error`` per row, order kept."""
+    checked = [check_candidate(r, cfg) for r in batch.to_dict("records")]
+    out = pd.DataFrame([r for r, _ in checked], columns=batch.columns)
+    out[ERROR_COL] = [why for _, why in checked]
+    return out
+
+
+def read_candidates(path: str | Path, cfg: PipelineConfig) -> tuple[list[dict], list[dict]]:
+    """A split's candidates, read whole (training joins them to queries by id) and checked by the rules
+    of ``clean_candidates``, with their images decoded and resized in Ray Data map tasks beside the
+    driver rather than in it: (usable rows, bad rows tagged with ``_error``)."""
+    import ray
+
+    ds = ray.data.read_parquet(str(path), num_cpus=cfg.task_cpus).map_batches(
+        tag_candidates, fn_kwargs={"cfg": cfg}, batch_format="pandas", batch_size=cfg.map_batch_size, num_cpus=cfg.task_cpus
+    )
+    good, bad = [], []
+    for df in ds.iter_batches(batch_size=cfg.map_batch_size, batch_format="pandas"):
+        for r in df.to_dict("records"):
+            why = r.pop(ERROR_COL, None)
+            if why:
+                bad.append({**r, ERROR_COL: why})
+            else:
+                good.append(r)
     return good, bad
 
 

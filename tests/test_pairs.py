@@ -150,3 +150,38 @@ def test_the_rl_probe_set_is_fixed_by_data_and_seed_and_skips_bad_rows(tmp_path)
     assert Counter(tasks[q] for q in first) == dict.fromkeys(set(tasks.values()), 2)
     everything = probe(0, per_task=6)  # every usable query: the bad one's task has 5
     assert bad["query_id"] not in everything and len(everything) == 35
+
+
+def test_real_size_candidate_jpegs_are_resized_in_ray_data_tasks_not_the_driver(ray_local, tmp_path, monkeypatch):
+    """Candidates of real size (a 640x480 JPEG) reach the pairs as PNGs within ``max_image_side``, decoded
+    by Ray Data map tasks: the driver's own image decoder is made to fail, and nothing notices."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    import rime_data.pipeline as pipeline
+    from rime_data.pipeline import PipelineConfig
+
+    write_synth(tmp_path / "d", {"train": 2}, seed=0, tasks=("t2i",))  # 2 queries, 2 image candidates
+    c_path = tmp_path / "d/train/candidates.parquet"
+    table = pq.read_table(c_path)
+    rows = table.to_pylist()
+    for i, r in enumerate(rows):
+        buf = io.BytesIO()
+        Image.new("RGB", (640, 480), (40 * i, 100, 200)).save(buf, format="JPEG", quality=90)
+        r["cand_image"] = buf.getvalue()
+    pq.write_table(table.from_pylist(rows, schema=table.schema), c_path)
+
+    def not_here(*_a, **_k):
+        raise AssertionError("a candidate image was decoded in the driver")
+
+    monkeypatch.setattr(pipeline, "normalise_image", not_here)  # Ray's worker processes keep the real one
+    cfg = PipelineConfig(max_image_side=128)
+    stream = PairStream(tmp_path / "d", "train", 0, 1, tmp_path / "err.jsonl", pipeline=cfg, group_by_task=False)
+    pairs = stream.next_batch(2)
+    stream.close()
+    assert stream.bad_rows == 0
+    for p in pairs:
+        img = Image.open(io.BytesIO(p.t["image"]))
+        assert img.format == "PNG" and img.size == (128, 96)
