@@ -30,7 +30,8 @@ from .schema import CANDIDATE_SCHEMA, QUERY_SCHEMA, write_table
 IMAGE_MARKERS = re.compile(r"<\|image_\d+\|>|<image>")
 
 
-def _rows(path: Path) -> Iterator[dict[str, Any]]:
+def read_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """A .jsonl or .parquet file's rows; a line that is not JSON becomes a row carrying ``__error__``."""
     if path.suffix == ".jsonl":
         with path.open() as f:
             for line in f:
@@ -45,6 +46,11 @@ def _rows(path: Path) -> Iterator[dict[str, Any]]:
         raise ValueError(f"data: {path} has suffix {path.suffix!r}; MMEB files must be .jsonl or .parquet")
 
 
+def candidate_id(task: str, inst: str, text: str, image_path: str) -> str:
+    """A candidate's id from its content: the same target met in many rows is stored once."""
+    return f"{task}/" + hashlib.sha1(f"{task}\0{inst}\0{text}\0{image_path}".encode()).hexdigest()[:16]
+
+
 SPLIT_STEM = re.compile(r"^(test|train|val|validation|dev|eval|data)([-_.].*)?$", re.IGNORECASE)
 
 
@@ -54,7 +60,8 @@ def default_task(file: Path) -> str:
     return file.parent.name if SPLIT_STEM.match(file.stem) and file.parent.name else file.stem
 
 
-def _clean(text: Any, field: str = "text") -> str:
+def clean_text(text: Any, field: str = "text") -> str:
+    """The text without MMEB's image markers; a non-string is a bad row naming ``field``."""
     if text is not None and not isinstance(text, str):
         raise ValueError(f"{field}: expected a string, got {type(text).__name__}")
     return IMAGE_MARKERS.sub("", text or "").strip()
@@ -66,7 +73,8 @@ def _as_list(v: Any) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
-def _image(root: Path, rel: Any, field: str) -> bytes | None:
+def read_image(root: Path, rel: Any, field: str) -> bytes | None:
+    """The bytes of the image at ``root/rel`` (None without a path); a missing file is a bad row naming ``field``."""
     if not rel:
         return None
     if not isinstance(rel, str):
@@ -85,7 +93,7 @@ def import_mmeb(files: list[str | Path], image_root: str | Path, out: str | Path
     errors: list[dict] = []
     seen: dict[str, str] = {}  # query_id -> the file that gave it
     for file in map(Path, files):
-        for n, row in enumerate(_rows(file)):
+        for n, row in enumerate(read_rows(file)):
             try:
                 q, row_cands = _convert(row, file, n, root)
                 if q["query_id"] in seen:
@@ -131,24 +139,31 @@ def _convert(row: dict, file: Path, n: int, root: Path) -> tuple[dict, list[dict
         raise ValueError("tgt_text/tgt_img_path: both empty; the positive target must come first")
     k = max(len(texts), len(paths))
     texts, paths = texts + [""] * (k - len(texts)), paths + [""] * (k - len(paths))
-    tgt_inst = _clean(row.get("tgt_inst"), "tgt_inst")
+    tgt_inst = clean_text(row.get("tgt_inst"), "tgt_inst")
     row_cands = []
     for j, (t, p) in enumerate(zip(texts, paths)):
-        img = _image(root, p, f"tgt_img_path[{j}]")
-        text = _clean(t, f"tgt_text[{j}]")
+        img = read_image(root, p, f"tgt_img_path[{j}]")
+        text = clean_text(t, f"tgt_text[{j}]")
         if not text and img is None:
             raise ValueError(f"tgt_text[{j}]/tgt_img_path[{j}]: both empty")
-        digest = hashlib.sha1(f"{task}\0{tgt_inst}\0{text}\0{p}".encode()).hexdigest()[:16]
-        row_cands.append(dict(cand_id=f"{task}/{digest}", task=task, cand_inst=tgt_inst, cand_text=text or None, cand_image=img))
-    qry_img = _image(root, row.get("qry_img_path"), "qry_img_path")
-    qry_text = _clean(row.get("qry_text"), "qry_text")
+        row_cands.append(
+            dict(
+                cand_id=candidate_id(task, tgt_inst, text, p),
+                task=task,
+                cand_inst=tgt_inst,
+                cand_text=text or None,
+                cand_image=img,
+            )
+        )
+    qry_img = read_image(root, row.get("qry_img_path"), "qry_img_path")
+    qry_text = clean_text(row.get("qry_text"), "qry_text")
     if not qry_text and qry_img is None:
         raise ValueError("qry_text/qry_img_path: both empty")
     ids = list(dict.fromkeys(c["cand_id"] for c in row_cands))  # keep order, drop in-row duplicates
     query = dict(
         query_id=f"{task}/{file.stem}/{n}",
         task=task,
-        qry_inst=_clean(row.get("qry_inst"), "qry_inst"),
+        qry_inst=clean_text(row.get("qry_inst"), "qry_inst"),
         qry_text=qry_text or None,
         qry_image=qry_img,
         positive_ids=[ids[0]],

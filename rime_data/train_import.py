@@ -19,7 +19,6 @@ written with its row number and reason to ``errors.jsonl``; it never stops the i
 
 from __future__ import annotations
 
-import hashlib
 import io
 from collections import Counter
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from .mmeb import _clean, _image, _rows, default_task, write_split
+from .mmeb import candidate_id, clean_text, default_task, read_image, read_rows, write_split
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ def import_train(
     layouts: Counter[str] = Counter({lay.name: 0 for lay in LAYOUTS})
     dropped = 0
     for file in map(Path, files):
-        for n, row in enumerate(_rows(file)):
+        for n, row in enumerate(read_rows(file)):
             try:
                 layout, q, row_cands, same = _convert(row, file, n, root, task)
                 _check_new(q["query_id"], seen)
@@ -134,7 +133,7 @@ def _convert(row: Any, file: Path, n: int, root: Path, task: str | None) -> tupl
     q_text, q_img = _side(row, layout.query, root)
     if not q_text and q_img is None:
         raise ValueError(f"{layout.query[0]}/{layout.query[1]}: both empty; a query needs text, an image, or both")
-    inst = _clean(row.get(layout.cand_inst), layout.cand_inst) if layout.cand_inst else ""
+    inst = clean_text(row.get(layout.cand_inst), layout.cand_inst) if layout.cand_inst else ""
     pos = _candidate(row, layout.positive, root, name, inst)
     if pos is None:
         raise ValueError(f"{layout.positive[0]}/{layout.positive[1]}: both empty; a positive needs text, an image, or both")
@@ -144,7 +143,7 @@ def _convert(row: Any, file: Path, n: int, root: Path, task: str | None) -> tupl
     query = dict(
         query_id=f"{name}/{file.stem}/{n}",
         task=name,
-        qry_inst=_clean(row.get(layout.query_inst), layout.query_inst) if layout.query_inst else "",
+        qry_inst=clean_text(row.get(layout.query_inst), layout.query_inst) if layout.query_inst else "",
         qry_text=q_text or None,
         qry_image=q_img,
         positive_ids=[pos["cand_id"]],
@@ -165,14 +164,14 @@ def _task(row: dict, file: Path, task: str | None) -> str:
 def _side(row: dict, cols: tuple[str, str], root: Path) -> tuple[str, bytes | None]:
     """(cleaned text, image bytes or None) of one side of a row."""
     text_col, image_col = cols
-    return _clean(row.get(text_col), text_col), _read_image(root, row.get(image_col), image_col)
+    return clean_text(row.get(text_col), text_col), _read_image(root, row.get(image_col), image_col)
 
 
 def _read_image(root: Path, rel: Any, field: str) -> bytes | None:
     """The file's bytes, after checking that PIL can read its header: a broken file is refused at its row
     here, not rows later in a training job."""
     try:
-        data = _image(root, rel, field)
+        data = read_image(root, rel, field)
     except OSError as e:
         raise ValueError(f"{field}: cannot read {root / rel} ({e.strerror or e}); fix its permissions or the path") from e
     if data is None:
@@ -190,5 +189,4 @@ def _candidate(row: dict, cols: tuple[str, str], root: Path, task: str, inst: st
     if not text and img is None:
         return None
     path = row.get(cols[1]) or ""
-    digest = hashlib.sha1(f"{task}\0{inst}\0{text}\0{path}".encode()).hexdigest()[:16]  # mmeb's formula
-    return dict(cand_id=f"{task}/{digest}", task=task, cand_inst=inst, cand_text=text or None, cand_image=img)
+    return dict(cand_id=candidate_id(task, inst, text, path), task=task, cand_inst=inst, cand_text=text or None, cand_image=img)
