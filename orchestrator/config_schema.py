@@ -241,6 +241,9 @@ class RefineRLConfig(Section):
     embedding_lr: NonNeg = 0.0  # 0 = lr
     warmup_steps: Steps = 5
     estimator: str = "grpo"  # any name in verl's advantage registry (grpo, rloo, reinforce_plus_plus, …)
+    # GRPO's scaling of a group's centred rewards: group = its own std (GRPO), none = unscaled (Dr. GRPO),
+    # task = the std over the step's rewrites of the same task (rewards/advantages.py)
+    adv_norm: Literal["group", "none", "task"] = "group"
     policy_loss: str = "vanilla"  # any name in verl's policy-loss registry (vanilla = clipped surrogate, gspo, …)
     clip_ratio_low: NonNeg = 0.2
     clip_ratio_high: NonNeg = 0.28

@@ -202,7 +202,9 @@ class RefineRL:
         results = self.score(pending.queries, rollouts)
         t_reward = time.perf_counter() - t
         terms = reward_terms(results)
-        adv = group_advantages(terms["reward"], rollouts.query_index, rollouts.lengths, cfg.refine_rl.estimator)
+        rl = cfg.refine_rl
+        tasks = [pending.queries[q].task for q in rollouts.query_index]
+        adv = group_advantages(terms["reward"], rollouts.query_index, rollouts.lengths, rl.estimator, rl.adv_norm, tasks)
         batch = ScoredBatch.build(pending.queries, rollouts, results, adv.tolist())
 
         # learners: equal shards (InfoNCE all-gathers equal row counts), grad_accum micro-batches each

@@ -13,12 +13,38 @@ import inspect
 import numpy as np
 import torch
 
+ADV_NORMS = ("group", "none", "task")  # refine_rl.adv_norm; the last two are GRPO's only
+
 
 def group_advantages(
-    rewards: torch.Tensor, group_ids: list, response_lengths: list[int], estimator: str = "grpo", **kwargs
+    rewards: torch.Tensor,
+    group_ids: list,
+    response_lengths: list[int],
+    estimator: str = "grpo",
+    adv_norm: str = "group",
+    tasks: list[str] | None = None,
+    **kwargs,
 ) -> torch.Tensor:
-    """Per-rewrite advantages [N] from scalar rewards [N], rewrites of one query sharing a group id."""
+    """Per-rewrite advantages [N] from scalar rewards [N], rewrites of one query sharing a group id.
+
+    ``adv_norm`` (GRPO): ``group`` divides each group's centred rewards by the group's std (GRPO);
+    ``none`` only centres them (Dr. GRPO, verl's ``norm_adv_by_std_in_grpo: false``), so a group whose
+    rewrites barely differ gets a small signal rather than one blown up to unit scale; ``task`` centres
+    per group, then divides by the std of the centred rewards over the batch's rewrites of the same task
+    (``tasks``, one per rewrite), so tasks whose rewards live on different scales weigh alike."""
     from verl.trainer.ppo.core_algos import get_adv_estimator_fn
+
+    if adv_norm not in ADV_NORMS:
+        raise ValueError(f"refine_rl.adv_norm: {adv_norm!r}; use one of {', '.join(ADV_NORMS)}")
+    if adv_norm != "group":
+        if estimator != "grpo":
+            raise ValueError(
+                f"refine_rl.adv_norm: {adv_norm!r} applies to the grpo estimator, not {estimator!r}; "
+                "set refine_rl.estimator: grpo or refine_rl.adv_norm: group"
+            )
+        kwargs["norm_adv_by_std_in_grpo"] = False
+    if adv_norm == "task" and (tasks is None or len(tasks) != rewards.shape[0]):
+        raise ValueError("group_advantages: adv_norm 'task' needs one task per rewrite")
 
     n = rewards.shape[0]
     if len(group_ids) != n or len(response_lengths) != n:
@@ -41,12 +67,20 @@ def group_advantages(
 
         kwargs["config"] = AlgoConfig(gamma=1.0, lam=1.0)
     adv, _ = fn(token_level_rewards=token_rewards, response_mask=mask, index=np.asarray(group_ids, dtype=object), **kwargs)
-    return adv[:, 0]
+    adv = adv[:, 0]
+    if adv_norm == "task":
+        adv = adv.clone()
+        for task in set(tasks):
+            rows = torch.tensor([i for i, t in enumerate(tasks) if t == task])
+            adv[rows] = adv[rows] / (adv[rows].std(unbiased=False) + 1e-6)
+    return adv
 
 
-def check_estimator(estimator: str) -> None:
+def check_estimator(estimator: str, adv_norm: str = "group") -> None:
     """Run ``estimator`` on two hand-made groups, so a name verl lists but rime cannot feed (gae needs a
     critic, remax a greedy baseline) fails with the key named before any actor starts, not at step 0."""
+    if adv_norm != "group":  # its own refusal (the estimator's name and the fix), not the one below
+        group_advantages(torch.tensor([1.0, 0.0]), [0, 0], [1, 1], estimator, adv_norm, ["t", "t"])
     try:
         adv = group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.2]), [0, 0, 1, 1], [2, 3, 1, 2], estimator)
     except Exception as e:  # noqa: BLE001 - verl raises TypeError/AssertionError for inputs it needs

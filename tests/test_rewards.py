@@ -258,3 +258,30 @@ def test_each_refine_rl_ablation_switch_removes_exactly_its_term(tiny):
     no_kl = loss_terms("refine_rl.kl_coef=0")
     assert no_kl["loss"] == pytest.approx(pg + 0.1 * nce, rel=1e-5) and "kl" not in no_kl
     assert loss_terms("refine_rl.lambda_nce=0")["loss"] == pytest.approx(pg + 0.04 * kl, rel=1e-5)
+
+
+def test_adv_norm_none_only_centres_and_task_scales_each_task_alike():
+    """refine_rl.adv_norm on hand-made groups: group = GRPO (each group's std), none = centred only (Dr.
+    GRPO), task = centred, then unit std over each task's rewrites; other estimators refuse the switch."""
+    from orchestrator.config import ConfigError, load_config
+    from orchestrator.stages.refine_rl import check_rl_objective
+
+    r = torch.tensor([1.0, 0.0, 0.6, 0.4, 10.0, 0.0, 2.0, 2.0])  # groups of 2; task b's rewards 10x larger
+    groups, lengths = [0, 0, 1, 1, 2, 2, 3, 3], [1] * 8
+    tasks = ["a"] * 4 + ["b"] * 4
+    grpo = group_advantages(r, groups, lengths, "grpo")
+    assert grpo[2].item() == pytest.approx(grpo[0].item(), rel=1e-4)  # the small gap blown up to the large one's size
+    none = group_advantages(r, groups, lengths, "grpo", "none")
+    torch.testing.assert_close(none, torch.tensor([0.5, -0.5, 0.1, -0.1, 5.0, -5.0, 0.0, 0.0]))
+    task = group_advantages(r, groups, lengths, "grpo", "task", tasks)
+    for rows in (slice(0, 4), slice(4, 8)):
+        assert task[rows].std(unbiased=False).item() == pytest.approx(1.0, rel=1e-4)
+    torch.testing.assert_close(task[:4] / task[0], none[:4] / none[0])  # the order within a task is kept
+    assert task[6].item() == 0.0 and abs(task[4].item()) < 1.5 and abs(none[4].item()) == 5.0  # b's scale is gone
+    with pytest.raises(ValueError, match="one task per rewrite"):
+        group_advantages(r, groups, lengths, "grpo", "task")
+    with pytest.raises(ConfigError, match="refine_rl.adv_norm: 'none' applies to the grpo estimator, not 'rloo'"):
+        check_rl_objective(load_config("configs/tiny-cpu.yaml", ["refine_rl.estimator=rloo", "refine_rl.adv_norm=none"]))
+    check_rl_objective(load_config("configs/tiny-cpu.yaml", ["refine_rl.adv_norm=task"]))
+    with pytest.raises(ConfigError, match="refine_rl.adv_norm"):
+        load_config("configs/tiny-cpu.yaml", ["refine_rl.adv_norm=batch"])

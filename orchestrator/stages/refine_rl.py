@@ -124,7 +124,7 @@ def check_rl_objective(cfg: Config) -> None:
 
     rl = cfg.refine_rl
     try:
-        check_estimator(rl.estimator)
+        check_estimator(rl.estimator, rl.adv_norm)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     lp = torch.zeros(2, 3)
