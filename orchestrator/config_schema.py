@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from rime_model.choices import LORA_TARGET_MODULES, AdapterAnchor, QueryEncoder, RolloutBackend, TorchDType
+from rime_model.choices import LORA_TARGET_MODULES, AdapterAnchor, AdvNorm, QueryEncoder, RolloutBackend, TorchDType
 
 if TYPE_CHECKING:  # annotations only: validation stays torch-free and imports the schedule lazily
     from rime_model.curriculum import CurriculumSchedule
@@ -243,7 +243,7 @@ class RefineRLConfig(Section):
     estimator: str = "grpo"  # any name in verl's advantage registry (grpo, rloo, reinforce_plus_plus, …)
     # GRPO's scaling of a group's centred rewards: group = its own std (GRPO), none = unscaled (Dr. GRPO),
     # task = the std over the step's rewrites of the same task (rewards/advantages.py)
-    adv_norm: Literal["group", "none", "task"] = "group"
+    adv_norm: AdvNorm = "group"
     policy_loss: str = "vanilla"  # any name in verl's policy-loss registry (vanilla = clipped surrogate, gspo, …)
     clip_ratio_low: NonNeg = 0.2
     clip_ratio_high: NonNeg = 0.28

@@ -13,7 +13,7 @@ import inspect
 import numpy as np
 import torch
 
-ADV_NORMS = ("group", "none", "task")  # refine_rl.adv_norm; the last two are GRPO's only
+from rime_model.choices import ADV_NORMS
 
 
 def group_advantages(

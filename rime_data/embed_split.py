@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .pipeline import ERROR_COL, PipelineConfig, clean_candidates, validate_and_normalise
+from .pipeline import ERROR_COL, PipelineConfig, tag_candidates, validate_and_normalise
 
 COLUMN = "hard_negatives"  # the queries' column mining writes; ignored by the checks here
 # the common shape of both tables on their way to the embedders (one actor pool serves both)
@@ -60,9 +60,8 @@ def query_items(batch: pd.DataFrame, cfg: PipelineConfig) -> pa.Table:
 
 def cand_items(batch: pd.DataFrame, cfg: PipelineConfig) -> pa.Table:
     """Checked candidate rows as items (normalised images; bad ones carry the reason)."""
-    good, bad = clean_candidates(batch.to_dict("records"), cfg)
-    rows = good + bad
-    return _item_table("cand", [r.get("cand_id") for r in rows], rows, "cand", [r.get(ERROR_COL) for r in rows])
+    rows = tag_candidates(batch, cfg).to_dict("records")
+    return _item_table("cand", [r.get("cand_id") for r in rows], rows, "cand", [r[ERROR_COL] for r in rows])
 
 
 class DiscEmbedder:

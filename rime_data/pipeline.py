@@ -69,6 +69,12 @@ def normalise_image(data: bytes, max_side: int) -> bytes:
     return buf.getvalue()
 
 
+def error_column(errors: list[str | None], index: pd.Index) -> pd.Series:
+    """``_error`` as an object column: pandas would store a mix of reasons and None as its string dtype,
+    turning None into NaN, which is truthy, so a good row read back in-process would look bad."""
+    return pd.Series(errors, index=index, dtype=object)
+
+
 def validate_and_normalise(batch: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
     """Ray Data map function: per row, a reason in ``_error`` (None if fine) and normalised images."""
     errors: list[str | None] = []
@@ -89,7 +95,7 @@ def validate_and_normalise(batch: pd.DataFrame, cfg: PipelineConfig) -> pd.DataF
     out = batch.copy()
     for col, vals in images.items():
         out[col] = vals
-    out[ERROR_COL] = errors
+    out[ERROR_COL] = error_column(errors, out.index)
     return out
 
 
@@ -107,30 +113,17 @@ def check_candidate(row: dict, cfg: PipelineConfig) -> tuple[dict, str | None]:
     return row, why
 
 
-def clean_candidates(rows: list[dict], cfg: PipelineConfig) -> tuple[list[dict], list[dict]]:
-    """(usable candidates with normalised images, bad ones tagged with ``_error``), checked in this process
-    (a batch inside a Ray Data task; a split's whole table goes through ``read_candidates``)."""
-    good, bad = [], []
-    for r in rows:
-        r, why = check_candidate(r, cfg)
-        if why is None:
-            good.append(r)
-        else:
-            bad.append({**r, ERROR_COL: why})
-    return good, bad
-
-
 def tag_candidates(batch: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
     """Ray Data map function for candidate rows: normalised images and ``_error`` per row, order kept."""
     checked = [check_candidate(r, cfg) for r in batch.to_dict("records")]
     out = pd.DataFrame([r for r, _ in checked], columns=batch.columns)
-    out[ERROR_COL] = [why for _, why in checked]
+    out[ERROR_COL] = error_column([why for _, why in checked], out.index)
     return out
 
 
 def read_candidates(path: str | Path, cfg: PipelineConfig) -> tuple[list[dict], list[dict]]:
-    """A split's candidates, read whole (training joins them to queries by id) and checked by the rules
-    of ``clean_candidates``, with their images decoded and resized in Ray Data map tasks beside the
+    """A split's candidates, read whole (training joins them to queries by id) and checked by
+    ``check_candidate``, a bad one becoming a counted bad row rather than a failed learner step, with their images decoded and resized in Ray Data map tasks beside the
     driver rather than in it: (usable rows, bad rows tagged with ``_error``)."""
     import ray
 
