@@ -9,13 +9,14 @@ a dict with a differentiable ``loss`` plus scalar terms for MLflow (``train/<ter
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from rime_model.curriculum import Phase, continuation_text, split_segments
 from rime_model.grad_cache import ChunkOutput, grad_cache_backward
-from rime_model.latent import balance_loss, latent_pass
+from rime_model.latent import balance_from_usage, latent_pass
 from rime_model.losses import check_prefix_dims, cma_loss, completion_ce, info_nce, plume_loss
 from rime_model.policy_loss import PolicyLossConfig, policy_loss
 from rime_model.rollout_ops import action_logprobs
@@ -168,50 +169,122 @@ class PlumeLoss(StageLoss):
     (``latent``). Gen embeddings at ``<gen_emb>``, disc anchors at ``<disc_emb>`` of the same prefix passes."""
 
     def terms(self, learner: Learner, pairs: list[Pair], phase: dict | None = None) -> dict[str, Any]:
+        rows = _PlumeRows(learner.emb, pairs, learner.stage_cfg, phase)
+        out = rows.embed(slice(0, rows.size))
+        lm_head = learner.emb.model.get_output_embeddings()
+        terms = rows.loss(out.embeddings, completion_ce(out.hidden, out.labels, lm_head))
+        terms["text_tokens"] = float((out.labels[:, 1:] != -100).sum())
+        return terms
+
+    def backward(
+        self, learner: Learner, pairs: list[Pair], backward: Callable[[torch.Tensor], Any], phase: dict | None = None
+    ) -> dict[str, Any]:
+        """With ``grad_cache_chunk`` > 0: GradCache over the pairs, ``grad_cache_chunk`` pairs (query and
+        target passes) at a time; the NCE terms and the router balance, which couple every row, on the cached
+        embeddings and per-pair router sums, CE per chunk. The same gradient as ``terms``' full pass."""
+        cfg = learner.stage_cfg
+        size = int(cfg.get("grad_cache_chunk", 0))
+        if size <= 0:
+            return super().backward(learner, pairs, backward, phase=phase)
+        rows = _PlumeRows(learner.emb, pairs, cfg, phase)
+        lm_head = learner.emb.model.get_output_embeddings()
+        tokens = [0]  # CE's denominator: the labelled tokens of all rows, counted in the no-grad pass
+
+        def embed_chunk(part: slice) -> ChunkOutput:
+            out = rows.embed(part)
+            n_tok = int((out.labels[:, 1:] != -100).sum())
+            if not torch.is_grad_enabled():
+                tokens[0] += n_tok
+                return ChunkOutput(out.embeddings)
+            share = completion_ce(out.hidden, out.labels, lm_head) * (n_tok / max(1, tokens[0]))
+            logs = {"ce": float(share.detach()), "text_tokens": float(n_tok)}
+            return ChunkOutput(out.embeddings, cfg["ce_weight"] * share, logs)
+
+        def coupled(e: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return rows.loss(e, e["g_q"].new_zeros(()))
+
+        return grad_cache_backward(embed_chunk, rows.size, size, coupled, backward)
+
+
+@dataclass
+class _PlumeChunk:
+    """One range of pairs after its latent passes: the embeddings the coupled loss reads (``g_q``, ``g_t``,
+    ``c_q``, ``c_t``, and ``router``: each pair's router probabilities summed over its query's and target's
+    latent steps, when the adapter has experts), and the CE rows' hidden states and labels."""
+
+    embeddings: dict[str, torch.Tensor]
+    hidden: torch.Tensor
+    labels: torch.Tensor
+
+
+class _PlumeRows:
+    """One PLUME micro-batch under one curriculum phase. ``embed`` takes any range of pairs (a pair's query
+    and target stay in one chunk), so GradCache can run the latent passes a chunk at a time."""
+
+    def __init__(self, emb: Embedder, pairs: list[Pair], cfg: dict[str, Any], phase: dict | None):
         if phase is None:
             raise ValueError("train_step: the plume stage needs phase= (the curriculum phase of this step)")
-        ph = Phase(**phase)
-        emb, cfg = learner.emb, learner.stage_cfg
-        q_items = emb.prepare([p.q for p in pairs])
-        t_items = emb.prepare([p.t for p in pairs])
-        texts = [
-            continuation_text(emb.template, emb.tokens, split_segments(p.q_reasoning, cfg["segments"])[0], ph, p.q_rewrite)
-            for p in pairs
-        ]
-        lm_head, n = emb.model.get_output_embeddings(), len(pairs)
-        if cfg["target_layout"] == "phase":  # targets follow the query's phase: one pass for both sides
-            texts += [continuation_text(emb.template, emb.tokens, [], ph, p.t_rewrite) for p in pairs]
-            conts = [emb.enc.token_ids(t) for t in texts]
-            outs = [latent_pass(emb.model, emb.enc, q_items + t_items, ph.latent_steps, conts)]
-            g, c = outs[0].gen_embedding(), outs[0].disc_embedding()
-        else:  # "latent": targets are embedded exactly as at inference (K latent steps, no text)
-            conts = [emb.enc.token_ids(t) for t in texts]
+        self.emb, self.pairs, self.cfg, self.ph = emb, pairs, cfg, Phase(**phase)
+        self.size = len(pairs)
+        self.q_items = emb.prepare([p.q for p in pairs])
+        self.t_items = emb.prepare([p.t for p in pairs])
+        tok = emb.enc.token_ids
+
+        def text(segments: list[str], answer: str) -> list[int]:
+            return tok(continuation_text(emb.template, emb.tokens, segments, self.ph, answer))
+
+        self.q_conts = [text(split_segments(p.q_reasoning, cfg["segments"])[0], p.q_rewrite) for p in pairs]
+        self.phase_targets = cfg["target_layout"] == "phase"  # else "latent": targets as at inference
+        self.t_conts = [text([], p.t_rewrite) for p in pairs] if self.phase_targets else []
+        # router probability vectors per pair, over which the balance loss averages (query + target steps)
+        self.steps_per_pair = 2 * self.ph.latent_steps if self.phase_targets else self.ph.latent_steps + cfg["latent_steps"]
+
+    def embed(self, rows: slice) -> _PlumeChunk:
+        emb, m = self.emb, len(self.q_items[rows])
+        if self.phase_targets:  # targets follow the query's phase: one pass for both sides, CE on both
             outs = [
-                latent_pass(emb.model, emb.enc, q_items, ph.latent_steps, conts),
-                latent_pass(emb.model, emb.enc, t_items, cfg["latent_steps"]),
+                latent_pass(
+                    emb.model,
+                    emb.enc,
+                    self.q_items[rows] + self.t_items[rows],
+                    self.ph.latent_steps,
+                    self.q_conts[rows] + self.t_conts[rows],
+                )
+            ]
+            g, c = outs[0].gen_embedding(), outs[0].disc_embedding()
+        else:
+            outs = [
+                latent_pass(emb.model, emb.enc, self.q_items[rows], self.ph.latent_steps, self.q_conts[rows]),
+                latent_pass(emb.model, emb.enc, self.t_items[rows], self.cfg["latent_steps"]),
             ]
             g = torch.cat([o.gen_embedding() for o in outs])
             c = torch.cat([o.disc_embedding() for o in outs])
-        ce = completion_ce(outs[0].hidden, outs[0].labels, lm_head)
-        probs = [p for o in outs for p in o.router_probs]
-        bal = balance_loss(probs) if probs else None
+        e = {"g_q": g[:m], "g_t": g[m:], "c_q": c[:m], "c_t": c[m:]}
+        sums = [torch.stack(o.router_probs).sum(0) for o in outs if o.router_probs]  # [rows of that pass, M]
+        if sums:
+            per_row = torch.cat(sums)  # queries' rows, then targets' (only passes that ran a step)
+            e["router"] = per_row[:m] + per_row[m:] if per_row.shape[0] == 2 * m else per_row
+        return _PlumeChunk(e, outs[0].hidden, outs[0].labels)
+
+    def loss(self, e: dict[str, torch.Tensor], ce: torch.Tensor) -> dict[str, Any]:
+        """``plume_loss`` over all pairs' embeddings, the balance loss from the per-pair router sums."""
+        cfg = self.cfg
+        usage = e["router"].sum(0) / (self.size * self.steps_per_pair) if "router" in e else None
         terms: dict[str, Any] = plume_loss(
-            g[:n],
-            g[n:],
-            c[:n],
-            c[n:],
+            e["g_q"],
+            e["g_t"],
+            e["c_q"],
+            e["c_t"],
             ce,
-            bal,
+            balance_from_usage(usage) if usage is not None else None,
             temperature=cfg["temperature"],
             ce_weight=cfg["ce_weight"],
             disc_weight=cfg["disc_weight"],
             lambda_bal=cfg["lambda_bal"],
-            target_ids=[p.target_id for p in pairs],
+            target_ids=[p.target_id for p in self.pairs],
         )
-        if probs:
-            usage = torch.cat(probs).detach().mean(0)
-            terms.update({f"router_p{m}": float(v) for m, v in enumerate(usage)})
-        terms["text_tokens"] = float((outs[0].labels[:, 1:] != -100).sum())
+        if usage is not None:
+            terms.update({f"router_p{m}": float(v) for m, v in enumerate(usage.detach())})
         return terms
 
 

@@ -297,6 +297,10 @@ class PlumeConfig(Section):
     target_layout: Literal["latent", "phase"] = "latent"
     renormalize: bool = False
     batch_by_task: bool = True
+    # GradCache, as cma.grad_cache_chunk: this many pairs' latent passes (query and target) at a time without
+    # a graph, the NCE terms and the router balance on the cached embeddings and per-pair router sums, then
+    # back-propagation chunk by chunk; the same gradient at one chunk's activation memory. 0 = off
+    grad_cache_chunk: Steps = 0
     # At the end of curriculum stage 0: greedy explicit reasoning on this many eval queries per task,
     # scored against the records (plume/explicit_*): can the model write what the curriculum distils? 0 = off
     probe_queries_per_task: Steps = 32

@@ -141,8 +141,13 @@ def balance_loss(probs: Sequence[torch.Tensor]) -> torch.Tensor:
     """``mean_m (π̄_m − 1/M)²``, π̄ the router probability averaged over every row and latent step."""
     if not probs:
         raise ValueError("balance_loss: no router probabilities (the adapter has no experts or no step ran)")
-    p = torch.cat(list(probs), dim=0)
-    return ((p.mean(0) - 1.0 / p.shape[-1]) ** 2).mean()
+    return balance_from_usage(torch.cat(list(probs), dim=0).mean(0))
+
+
+def balance_from_usage(usage: torch.Tensor) -> torch.Tensor:
+    """``mean_m (π̄_m − 1/M)²`` from ``π̄`` [M] itself: GradCache computes π̄ from per-row router sums
+    cached chunk by chunk, since the average couples every row of the batch."""
+    return ((usage - 1.0 / usage.shape[-1]) ** 2).mean()
 
 
 # ----------------------------------------------------------------------------- persistence

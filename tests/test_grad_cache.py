@@ -1,6 +1,7 @@
-"""GradCache (``cma.grad_cache_chunk``): the CMA gradient of a micro-batch embedded a chunk at a time equals the
-full pass's, with hard negatives and Matryoshka prefixes; dropout is replayed. Two learners with gathered
-negatives: tests/test_learners.py."""
+"""GradCache (``cma.grad_cache_chunk``, ``plume.grad_cache_chunk``): the gradient of a micro-batch embedded a
+chunk at a time equals the full pass's, for CMA with hard negatives and Matryoshka prefixes and for PLUME's
+latent passes with the router balance; dropout is replayed. Two learners with gathered negatives:
+tests/test_learners.py."""
 
 from __future__ import annotations
 
@@ -15,12 +16,17 @@ from rime_model.grad_cache import ChunkOutput, chunks, grad_cache_backward
 CMA = {"lambda_cma": 1.0, "temperature": 0.05, "ce_weight": 0.7, "matryoshka_dims": [16], "hard_negatives": 1}
 
 
-def test_grad_cache_with_zero3_is_refused_at_load_naming_the_key():
+@pytest.mark.parametrize("section", ["cma", "plume"])
+def test_grad_cache_with_zero3_is_refused_at_load_naming_the_key(section):
     from orchestrator.config import ConfigError, parse_config
 
-    with pytest.raises(ConfigError, match=r"cma\.grad_cache_chunk: GradCache with learners\.zero_stage 3 is not supported"):
-        parse_config({"cma": {"grad_cache_chunk": 4}, "learners": {"zero_stage": 3}})
-    assert parse_config({"cma": {"grad_cache_chunk": 4}, "learners": {"zero_stage": 2}}).cma.grad_cache_chunk == 4
+    stages = {"run": {"stages": [section]}}
+    with pytest.raises(
+        ConfigError, match=rf"{section}\.grad_cache_chunk: GradCache with learners\.zero_stage 3 is not supported"
+    ):
+        parse_config({**stages, section: {"grad_cache_chunk": 4}, "learners": {"zero_stage": 3}})
+    cfg = parse_config({**stages, section: {"grad_cache_chunk": 4}, "learners": {"zero_stage": 2}})
+    assert getattr(cfg, section).grad_cache_chunk == 4
 
 
 def test_chunks_cover_the_rows_in_order():
@@ -104,5 +110,49 @@ def test_cma_grad_cache_gives_the_full_batch_gradient(tiny, chunk):
     for k, v in plain_terms.items():
         assert cached_terms[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
     assert cached.keys() == plain.keys() and any("visual" in k for k in plain)
+    for k in plain:  # float rounding only: chunks pad differently and sum in another order
+        assert (cached[k] - plain[k]).abs().max() <= 1e-5 * plain[k].abs().max(), k
+
+
+PLUME = {"segments": 4, "temperature": 0.05, "ce_weight": 0.7, "disc_weight": 0.5, "lambda_bal": 0.3, "latent_steps": 3}
+
+
+def plume_gradients(emb, pairs, cfg: dict, phase: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """PlumeLoss.backward's terms (plus how many backward calls) and parameter gradients on ``emb``'s model."""
+    from actors.stage_losses import PlumeLoss
+
+    emb.model.zero_grad(set_to_none=True)
+    calls = []
+    view = SimpleNamespace(emb=emb, stage_cfg=cfg)
+    terms = PlumeLoss().backward(view, pairs, lambda loss: calls.append(loss.backward()), phase=phase)
+    grads = {k: p.grad.clone() for k, p in emb.model.named_parameters() if p.grad is not None}
+    emb.model.zero_grad(set_to_none=True)
+    return {k: float(torch.as_tensor(v).detach()) for k, v in terms.items()} | {"backward_calls": len(calls)}, grads
+
+
+@pytest.mark.parametrize(("layout", "latent_steps", "chunk"), [("latent", 2, 2), ("phase", 2, 3), ("latent", 0, 2)])
+def test_plume_grad_cache_gives_the_full_batch_gradient(tiny_latent, layout, latent_steps, chunk):
+    """5 pairs in chunks of 2 or 3, the query's latent steps then its remaining reasoning and answer under CE,
+    targets as at inference (``latent``) or in the query's phase: the same terms, router usage included, and
+    the same gradients of the language model and of the transition adapter (router and experts). With 0
+    query latent steps only the targets' steps feed the balance loss."""
+    from rime_model.curriculum import Phase
+    from rime_model.latent import ADAPTER_ATTR
+
+    emb = copy.copy(tiny_latent)
+    emb.model = copy.deepcopy(tiny_latent.model).train()
+    pairs = _pairs(5)
+    assert all(p.q_reasoning for p in pairs)
+    phase = Phase(stage=1, latent_steps=latent_steps, replaced=1, keep_answer=True).to_dict()
+    cfg = {**PLUME, "target_layout": layout}
+    plain_terms, plain = plume_gradients(emb, pairs, {**cfg, "grad_cache_chunk": 0}, phase)
+    cached_terms, cached = plume_gradients(emb, pairs, {**cfg, "grad_cache_chunk": chunk}, phase)
+    assert plain_terms.pop("backward_calls") == 1 and cached_terms.pop("backward_calls") == -(-5 // chunk)
+    assert cached_terms.keys() == plain_terms.keys() and "router_p3" in plain_terms
+    assert plain_terms["balance"] > 0 and plain_terms["text_tokens"] > 0
+    for k, v in plain_terms.items():
+        assert cached_terms[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    assert cached.keys() == plain.keys()
+    assert any(f"{ADAPTER_ATTR}.router" in k for k in plain) and any("visual" in k for k in plain)
     for k in plain:  # float rounding only: chunks pad differently and sum in another order
         assert (cached[k] - plain[k]).abs().max() <= 1e-5 * plain[k].abs().max(), k

@@ -56,7 +56,9 @@ def _finish(tmp: Path, name: str, proc: subprocess.Popen) -> Run:
 def plume_runs(tmp_path_factory, tiny_latent_dir) -> tuple[Path, Run, Run]:
     """The two runs of this module, side by side (one run keeps the 2 cores ~75% busy): the straight
     curriculum on 2 learners, and a run from a saved PLUME model (``tiny_latent_dir``: the tiny model
-    with a 4-expert adapter) that starts at curriculum stage 3 with a single-MLP adapter on 1 learner."""
+    with a 4-expert adapter) that starts at curriculum stage 3 with a single-MLP adapter on 1 learner, its
+    micro-batches through GradCache (``plume.grad_cache_chunk``: 2 chunks of 2 pairs; the gradient equality
+    itself is tests/test_grad_cache.py's)."""
     tmp = tmp_path_factory.mktemp("plume")
     from orchestrator.config import load_config
     from orchestrator.train import ensure_data
@@ -69,6 +71,7 @@ def plume_runs(tmp_path_factory, tiny_latent_dir) -> tuple[Path, Run, Run]:
         "from-stage3",
         *("--set", f"model.spec={tiny_latent_dir}", "--set", "plume.first_stage=3", "--set", "plume.experts=0"),
         *("--set", "learners.num_actors=1", "--set", "eval.query_modes=[latent]", "--set", "eval.cand_modes=[latent]"),
+        *("--set", "plume.grad_cache_chunk=2"),
     )
     try:
         return tmp, _finish(tmp, "straight", straight), _finish(tmp, "from-stage3", later)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import Config, ConfigError
 from .base import StageSettings, register_stage
-from .supervised import SupervisedStage
+from .supervised import SupervisedStage, check_grad_cache
 
 
 @register_stage("cma")
@@ -40,11 +40,7 @@ class CMAStage(SupervisedStage):
     def check_config(cls, cfg: Config) -> None:
         """Prefix sizes that mean something whatever the model: >= 1 and distinct (each must also be below
         the model's embedding size: ``check_start_model``, once the start model is known)."""
-        if cfg.cma.grad_cache_chunk and cfg.learners.zero_stage == 3:
-            raise ConfigError(
-                "cma.grad_cache_chunk: GradCache with learners.zero_stage 3 is not supported yet (a learner died "
-                "in the chunked backward passes); use zero_stage 0, 1 or 2, or cma.grad_cache_chunk=0"
-            )
+        check_grad_cache(cfg, "cma", cfg.cma.grad_cache_chunk)
         dims = cfg.cma.matryoshka_dims
         bad = [d for d in dims if d < 1]
         twice = sorted({d for d in dims if dims.count(d) > 1})

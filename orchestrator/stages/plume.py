@@ -16,7 +16,7 @@ from actors.batches import Pair
 
 from ..config import Config, ConfigError
 from .base import StageSettings, register_stage
-from .supervised import SupervisedStage
+from .supervised import SupervisedStage, check_grad_cache
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class PlumeStage(SupervisedStage):
                 "lambda_bal": pc.lambda_bal,
                 "target_layout": pc.target_layout,
                 "latent_steps": pc.latent_steps,
+                "grad_cache_chunk": pc.grad_cache_chunk,
             },
             pc.lr,
             pc.warmup_steps,
@@ -53,6 +54,7 @@ class PlumeStage(SupervisedStage):
         """The curriculum checks are the schedule's own (``rime_model.curriculum`` is torch-free); the
         adapter's sizes are checked here, by config key."""
         pc = cfg.plume
+        check_grad_cache(cfg, "plume", pc.grad_cache_chunk)
         try:
             pc.schedule()
         except ValueError as e:

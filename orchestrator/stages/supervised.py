@@ -8,7 +8,18 @@ from typing import Any
 
 from actors.batches import Pair, shard
 
+from ..config import Config, ConfigError
 from .base import Stage
+
+
+def check_grad_cache(cfg: Config, section: str, chunk: int) -> None:
+    """``<section>.grad_cache_chunk`` is refused under ZeRO-3 (a learner died in its chunked backward
+    passes: each chunk's backward re-gathers the partitioned weights), naming the key and the way out."""
+    if chunk and cfg.learners.zero_stage == 3:
+        raise ConfigError(
+            f"{section}.grad_cache_chunk: GradCache with learners.zero_stage 3 is not supported yet (a learner died "
+            f"in the chunked backward passes); use zero_stage 0, 1 or 2, or {section}.grad_cache_chunk=0"
+        )
 
 
 class SupervisedStage(Stage):
