@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from rime_model.choices import LORA_TARGET_MODULES, AdapterAnchor, AdvNorm, QueryEncoder, RolloutBackend, TorchDType
+from rime_model.choices import (
+    LORA_TARGET_MODULES,
+    AdapterAnchor,
+    AdvNorm,
+    QueryEncoder,
+    RewardOutcome,
+    RolloutBackend,
+    TorchDType,
+)
 
 if TYPE_CHECKING:  # annotations only: validation stays torch-free and imports the schedule lazily
     from rime_model.curriculum import CurriculumSchedule
@@ -226,6 +234,9 @@ class RewardConfig(RoleConfig):
     query_encoder: QueryEncoder = "frozen"  # which weights embed (query, rewrite)
     top_k: Count = 1  # acc = positive within the top k of the candidates
     neg_temperature: Positive = 0.05  # softmax over hard negatives
+    # the outcome term: gated_margin = acc@top_k x margin over the softmax-weighted negatives (METHOD.md);
+    # margin = the margin ungated (a near miss earns more than a far one); rank = 1 / rank of the positive
+    outcome: RewardOutcome = "gated_margin"
     format_weight: Num = 0.1
     length_weight: Num = 0.0
     length_target: Count = 24

@@ -132,7 +132,9 @@ class RLActors:
             )
             for i in range(ro.num_actors)
         ]
-        reward_cfg = {k: getattr(rw, k) for k in ("top_k", "neg_temperature", "format_weight", "length_weight", "length_target")}
+        reward_cfg = {
+            k: getattr(rw, k) for k in ("top_k", "neg_temperature", "format_weight", "length_weight", "length_target", "outcome")
+        }
         threads = max(1, int(rw.cpus_per_actor))  # the CPUs Ray reserved for the actor; a fraction gets one thread
         self.reward = [
             ray.remote(AnchorRewardService)

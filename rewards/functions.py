@@ -4,7 +4,12 @@ The outcome reward follows METHOD.md (Embed-RL's form): with ``g`` a rewrite's g
 the candidates' frozen disc embeddings as anchors,
 ``r = acc@k · (cos(g, d+) − Σ_j softmax_τ(cos(g, d_j−)) · cos(g, d_j−))``: a rewrite earns reward
 only if it already retrieves the positive in the top k, and then by its margin over the hard
-negatives, weighted towards the hardest ones.
+negatives, weighted towards the hardest ones (``outcome="gated_margin"``).
+
+Gated, a group whose G rewrites all miss the top k gets the same outcome (0) for each: no advantage,
+no gradient. Two denser outcomes separate such rewrites: ``margin`` (the margin without the gate: a
+near miss earns more than a far one) and ``rank`` (``1 / rank`` of the positive among all candidates,
+MRR's per-query term: bounded in (0, 1], blind to how far apart the scores are).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from rime_model.choices import REWARD_OUTCOMES as OUTCOMES
 
 
 @dataclass(frozen=True)
@@ -23,30 +30,41 @@ class RewardConfig:
     format_weight: float = 0.1  # bonus for a well-formed `<rewrite>…</rewrite><gen_emb>`
     length_weight: float = 0.0  # 0 = no length penalty
     length_target: int = 24  # tokens; only the excess is penalised
+    outcome: str = "gated_margin"  # gated_margin (METHOD.md) | margin | rank: see the module docstring
 
 
 def anchor_outcome_reward(
-    g: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, top_k: int = 1, neg_temperature: float = 0.05
+    g: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor,
+    top_k: int = 1,
+    neg_temperature: float = 0.05,
+    outcome: str = "gated_margin",
 ) -> dict[str, torch.Tensor]:
     """Per-rewrite outcome reward terms.
 
     g: [N, D] L2-normalised gen embeddings (N rewrites of one query); positive: [D] the positive's
     disc anchor; negatives: [M, D] the other candidates' disc anchors (M may be 0).
-    Returns ``acc`` (positive in top-k), ``margin`` and ``reward`` = acc · margin, each [N].
+    Returns ``acc`` (positive in top-k), ``margin``, ``rank`` (of the positive, 1 = first) and ``reward``
+    (acc · margin, the margin, or 1 / rank, by ``outcome``), each [N].
     """
+    if outcome not in OUTCOMES:
+        raise ValueError(f"reward.outcome: {outcome!r} is not one of {', '.join(OUTCOMES)}")
     if g.dim() != 2 or positive.dim() != 1 or g.shape[1] != positive.shape[0]:
         raise ValueError(f"anchor_outcome_reward: g {tuple(g.shape)} and positive {tuple(positive.shape)} do not match")
     pos = g @ positive  # [N]
     if negatives.numel() == 0:
-        zero = torch.zeros_like(pos)
-        return {"acc": torch.ones_like(pos), "margin": pos, "reward": pos, "pos_sim": pos, "neg_sim": zero}
+        zero, one = torch.zeros_like(pos), torch.ones_like(pos)
+        reward = one if outcome == "rank" else pos
+        return {"acc": one, "margin": pos, "rank": one, "reward": reward, "pos_sim": pos, "neg_sim": zero}
     neg = g @ negatives.T  # [N, M]
     rank = 1 + (neg > pos.unsqueeze(1)).sum(dim=1)  # ties count for the rewrite
     acc = (rank <= top_k).to(g.dtype)
     weights = torch.softmax(neg / neg_temperature, dim=1)
     neg_term = (weights * neg).sum(dim=1)
     margin = pos - neg_term
-    return {"acc": acc, "margin": margin, "reward": acc * margin, "pos_sim": pos, "neg_sim": neg_term}
+    reward = {"gated_margin": acc * margin, "margin": margin, "rank": 1.0 / rank.to(g.dtype)}[outcome]
+    return {"acc": acc, "margin": margin, "rank": rank.to(g.dtype), "reward": reward, "pos_sim": pos, "neg_sim": neg_term}
 
 
 def format_reward(well_formed: torch.Tensor, weight: float) -> torch.Tensor:
@@ -71,7 +89,7 @@ def total_reward(
     cfg: RewardConfig,
 ) -> dict[str, torch.Tensor]:
     """All terms plus ``reward`` = outcome + format + length, per rewrite."""
-    terms = anchor_outcome_reward(g, positive, negatives, cfg.top_k, cfg.neg_temperature)
+    terms = anchor_outcome_reward(g, positive, negatives, cfg.top_k, cfg.neg_temperature, cfg.outcome)
     terms["outcome"] = terms.pop("reward")
     terms["format"] = format_reward(well_formed, cfg.format_weight)
     terms["length"] = length_penalty(num_tokens, cfg.length_weight, cfg.length_target)

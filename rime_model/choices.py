@@ -12,6 +12,7 @@ QueryEncoder = Literal["frozen", "policy"]  # which weights embed (query, rewrit
 AdapterAnchor = Literal["disc", "none"]  # what guides PLUME's router besides z
 TorchDType = Literal["float32", "bfloat16", "float16"]
 AdvNorm = Literal["group", "none", "task"]  # refine_rl.adv_norm (rewards.advantages); none and task: grpo only
+RewardOutcome = Literal["gated_margin", "margin", "rank"]  # reward.outcome (rewards.functions)
 
 MODES: tuple[str, ...] = get_args(Mode)
 QUERY_MODES: tuple[str, ...] = get_args(QueryMode)
@@ -20,6 +21,7 @@ QUERY_ENCODERS: tuple[str, ...] = get_args(QueryEncoder)
 ANCHORS: tuple[str, ...] = get_args(AdapterAnchor)
 DTYPES: tuple[str, ...] = get_args(TorchDType)
 ADV_NORMS: tuple[str, ...] = get_args(AdvNorm)
+REWARD_OUTCOMES: tuple[str, ...] = get_args(RewardOutcome)
 PRECISION_DTYPE: dict[str, TorchDType] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # learners.precision
 # model.lora.target_modules' default: the attention and MLP projections of Qwen2-VL / LLaMA-style language
 # models, and of the Qwen2-VL (qkv, proj, fc1, fc2) and CLIP (q/k/v_proj, out_proj, fc1, fc2) vision towers,

@@ -30,6 +30,38 @@ def test_outcome_reward_hand_computed():
     assert out["margin"][1].item() < 0
 
 
+def test_denser_outcomes_separate_rewrites_that_all_miss():
+    """``reward.outcome``: with every rewrite of a group outside the top 1, the gated reward gives each 0 (a
+    zero-variance group: no advantage), ``margin`` ranks the near miss above the far one, and ``rank`` gives
+    1 / (the positive's rank) for each; a hit gets 1 under ``rank``."""
+    pos = torch.tensor([1.0, 0.0, 0.0])
+    negs = F.normalize(torch.tensor([[0.6, 0.8, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), dim=-1)
+    g = F.normalize(torch.tensor([[0.8, 0.6, 0.0], [0.1, 1.0, 0.9], [1.0, 0.1, 0.0]]), dim=-1)
+    # rewrite 0: positive 2nd (behind neg 0); rewrite 1: positive last (4th); rewrite 2: a hit
+    gated = anchor_outcome_reward(g, pos, negs, neg_temperature=0.5)
+    assert gated["rank"].tolist() == [2.0, 4.0, 1.0] and gated["acc"].tolist() == [0.0, 0.0, 1.0]
+    assert gated["reward"][:2].tolist() == [0.0, 0.0]
+    margin = anchor_outcome_reward(g, pos, negs, neg_temperature=0.5, outcome="margin")
+    assert margin["reward"].tolist() == pytest.approx(gated["margin"].tolist())
+    assert margin["reward"][0] > margin["reward"][1]  # the near miss earns more
+    rank = anchor_outcome_reward(g, pos, negs, neg_temperature=0.5, outcome="rank")
+    assert rank["reward"].tolist() == pytest.approx([0.5, 0.25, 1.0])
+    assert anchor_outcome_reward(g, pos, torch.zeros(0, 3), outcome="rank")["reward"].tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match=r"reward\.outcome: 'mrr' is not one of gated_margin, margin, rank"):
+        anchor_outcome_reward(g, pos, negs, outcome="mrr")
+    cfg = RewardConfig(outcome="rank", format_weight=0.0)
+    total = total_reward(g, pos, negs, torch.ones(3, dtype=torch.bool), torch.full((3,), 5), cfg)
+    assert total["reward"].tolist() == pytest.approx([0.5, 0.25, 1.0])
+
+
+def test_reward_outcome_is_checked_at_config_load():
+    from orchestrator.config import ConfigError, parse_config
+
+    assert parse_config({"reward": {"outcome": "rank"}}).reward.outcome == "rank"
+    with pytest.raises(ConfigError, match=r"reward\.outcome"):
+        parse_config({"reward": {"outcome": "mrr"}})
+
+
 def test_top_k_and_no_negatives():
     pos = torch.tensor([1.0, 0.0])
     negs = torch.tensor([[0.0, 1.0]])
