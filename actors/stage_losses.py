@@ -260,10 +260,11 @@ class _PlumeRows:
             g = torch.cat([o.gen_embedding() for o in outs])
             c = torch.cat([o.disc_embedding() for o in outs])
         e = {"g_q": g[:m], "g_t": g[m:], "c_q": c[:m], "c_t": c[m:]}
-        sums = [torch.stack(o.router_probs).sum(0) for o in outs if o.router_probs]  # [rows of that pass, M]
+        # each pass's router probabilities summed over its steps, folded onto the pairs: a pass holds the
+        # chunk's queries, its targets, or both one after the other ([q; t], the phase layout)
+        sums = [torch.stack(o.router_probs).sum(0) for o in outs if o.router_probs]
         if sums:
-            per_row = torch.cat(sums)  # queries' rows, then targets' (only passes that ran a step)
-            e["router"] = per_row[:m] + per_row[m:] if per_row.shape[0] == 2 * m else per_row
+            e["router"] = sum(s.reshape(-1, m, s.shape[-1]).sum(0) for s in sums)
         return _PlumeChunk(e, outs[0].hidden, outs[0].labels)
 
     def loss(self, e: dict[str, torch.Tensor], ce: torch.Tensor) -> dict[str, Any]:

@@ -63,8 +63,9 @@ def anchor_outcome_reward(
     weights = torch.softmax(neg / neg_temperature, dim=1)
     neg_term = (weights * neg).sum(dim=1)
     margin = pos - neg_term
-    reward = {"gated_margin": acc * margin, "margin": margin, "rank": 1.0 / rank.to(g.dtype)}[outcome]
-    return {"acc": acc, "margin": margin, "rank": rank.to(g.dtype), "reward": reward, "pos_sim": pos, "neg_sim": neg_term}
+    rank_f = rank.to(g.dtype)
+    reward = {"gated_margin": acc * margin, "margin": margin, "rank": 1.0 / rank_f}[outcome]
+    return {"acc": acc, "margin": margin, "rank": rank_f, "reward": reward, "pos_sim": pos, "neg_sim": neg_term}
 
 
 def format_reward(well_formed: torch.Tensor, weight: float) -> torch.Tensor:

@@ -123,8 +123,9 @@ def tag_candidates(batch: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
 
 def read_candidates(path: str | Path, cfg: PipelineConfig) -> tuple[list[dict], list[dict]]:
     """A split's candidates, read whole (training joins them to queries by id) and checked by
-    ``check_candidate``, a bad one becoming a counted bad row rather than a failed learner step, with their images decoded and resized in Ray Data map tasks beside the
-    driver rather than in it: (usable rows, bad rows tagged with ``_error``)."""
+    ``check_candidate`` (a bad one becomes a counted bad row, not a failed learner step), their images
+    decoded and resized in Ray Data map tasks beside the driver rather than in it: (usable rows, bad
+    rows tagged with ``_error``)."""
     import ray
 
     ds = ray.data.read_parquet(str(path), num_cpus=cfg.task_cpus).map_batches(

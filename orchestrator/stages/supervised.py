@@ -13,8 +13,8 @@ from .base import Stage
 
 
 def check_grad_cache(cfg: Config, section: str, chunk: int) -> None:
-    """``<section>.grad_cache_chunk`` is refused under ZeRO-3 (a learner died in its chunked backward
-    passes: each chunk's backward re-gathers the partitioned weights), naming the key and the way out."""
+    """``<section>.grad_cache_chunk`` is refused under ZeRO-3, naming the key and the way out: a learner died
+    in the chunked backward passes (several backwards per step on partitioned weights; cause not pinned)."""
     if chunk and cfg.learners.zero_stage == 3:
         raise ConfigError(
             f"{section}.grad_cache_chunk: GradCache with learners.zero_stage 3 is not supported yet (a learner died "
