@@ -17,7 +17,7 @@ import torch
 from rime_model.curriculum import Phase, continuation_text, split_segments
 from rime_model.grad_cache import ChunkOutput, grad_cache_backward
 from rime_model.latent import balance_from_usage, latent_pass
-from rime_model.losses import check_prefix_dims, cma_loss, completion_ce, info_nce, plume_loss
+from rime_model.losses import check_prefix_dims, cma_loss, completion_ce, info_nce, labelled_tokens, plume_loss
 from rime_model.policy_loss import PolicyLossConfig, policy_loss
 from rime_model.rollout_ops import action_logprobs
 
@@ -102,7 +102,7 @@ class CMALoss(StageLoss):
         def embed_chunk(part: slice) -> ChunkOutput:
             d, g, h, labels = rows.embed(part)
             ce_rows = max(0, min(part.stop, 2 * n) - part.start)  # this chunk's query and target rows
-            n_tok = int((labels[:ce_rows, 1:] != -100).sum())
+            n_tok = labelled_tokens(labels[:ce_rows])
             if not torch.is_grad_enabled():
                 tokens[0] += n_tok
                 return ChunkOutput({"d": d, "g": g})
@@ -173,7 +173,7 @@ class PlumeLoss(StageLoss):
         out = rows.embed(slice(0, rows.size))
         lm_head = learner.emb.model.get_output_embeddings()
         terms = rows.loss(out.embeddings, completion_ce(out.hidden, out.labels, lm_head))
-        terms["text_tokens"] = float((out.labels[:, 1:] != -100).sum())
+        terms["text_tokens"] = float(labelled_tokens(out.labels))
         return terms
 
     def backward(
@@ -192,7 +192,7 @@ class PlumeLoss(StageLoss):
 
         def embed_chunk(part: slice) -> ChunkOutput:
             out = rows.embed(part)
-            n_tok = int((out.labels[:, 1:] != -100).sum())
+            n_tok = labelled_tokens(out.labels)
             if not torch.is_grad_enabled():
                 tokens[0] += n_tok
                 return ChunkOutput(out.embeddings)

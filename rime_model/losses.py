@@ -179,6 +179,12 @@ def info_nce(
     return loss * world - loss.detach() * (world - 1) if world > 1 else loss  # value unchanged, gradient x W
 
 
+def labelled_tokens(labels: torch.Tensor) -> int:
+    """The tokens ``completion_ce`` averages over (next-token labels not -100): GradCache weights each
+    chunk's CE by its share of these, so the chunked loss equals the full batch's token mean."""
+    return int((labels[:, 1:] != -100).sum())
+
+
 def completion_ce(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
     """Next-token CE on labelled positions only (the lm head runs on those rows, not the full vocab grid)."""
     shift_labels = labels[:, 1:]
