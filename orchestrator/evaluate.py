@@ -375,7 +375,28 @@ def _rewrite_report(queries: list[dict], produced: list, per_task: int = 3) -> t
         "empty_frac": sum(not r.text.strip() for r in produced) / n,
         "well_formed_frac": sum(r.well_formed for r in produced) / n,
     }
+    stats.update(_ideal_match(queries, produced))
     return samples, stats
+
+
+def _normalised(text: str) -> str:
+    return " ".join(text.lower().split()).rstrip(".")
+
+
+def _ideal_match(queries: list[dict], produced: list) -> dict[str, float]:
+    """The share of greedy rewrites that equal the data's ideal rewrite (case, spacing and a final full stop
+    ignored), overall and per task, over the queries that have one: whether Refine-RL changed what the model
+    writes, which Hit@1 alone cannot tell apart from a moved embedding."""
+    hits: dict[str, list[bool]] = {}
+    for q, r in zip(queries, produced):
+        if q.get("rewrite"):
+            hits.setdefault(q["task"], []).append(_normalised(r.text) == _normalised(q["rewrite"]))
+    if not hits:
+        return {}
+    every = [h for task in hits.values() for h in task]
+    return {"ideal_match_frac": sum(every) / len(every)} | {
+        f"ideal_match_frac/{task}": sum(h) / len(h) for task, h in sorted(hits.items())
+    }
 
 
 def _dedupe(rows: list[dict]) -> list[dict]:

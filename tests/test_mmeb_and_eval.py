@@ -283,3 +283,25 @@ def test_rime_eval_dims_scores_truncated_vectors_and_records_them(tiny, tmp_path
     assert full.to_dict()["dims"] is None
     with pytest.raises(ValueError, match=r"dims: must be an integer in 1\.\.128"):
         evaluate(tiny, tmp_path, query_modes=("disc",), cand_modes=("disc",), dims=129)
+
+
+def test_the_report_counts_greedy_rewrites_equal_to_the_ideal_one_per_task():
+    """``rewrite_stats.ideal_match_frac``: case, spacing and a final full stop do not count; a query with no
+    ideal rewrite is left out of the share, not counted as a miss."""
+    from types import SimpleNamespace
+
+    from orchestrator.evaluate import _rewrite_report
+
+    queries = [
+        {"query_id": "a", "task": "referring", "rewrite": "a yellow square"},
+        {"query_id": "b", "task": "referring", "rewrite": "an orange cross"},
+        {"query_id": "c", "task": "t2i", "rewrite": "a red circle"},
+        {"query_id": "d", "task": "t2i", "rewrite": None},
+    ]
+    texts = ["A  yellow square.", "a red cross", "a red circle", "anything"]
+    produced = [SimpleNamespace(text=t, well_formed=True, num_tokens=3) for t in texts]
+    _, stats = _rewrite_report(queries, produced)
+    assert stats["ideal_match_frac"] == pytest.approx(2 / 3)
+    assert stats["ideal_match_frac/referring"] == 0.5 and stats["ideal_match_frac/t2i"] == 1.0
+    no_ideal = [dict(q, rewrite=None) for q in queries]
+    assert "ideal_match_frac" not in _rewrite_report(no_ideal, produced)[1]
