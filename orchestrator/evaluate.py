@@ -380,7 +380,7 @@ def _rewrite_report(queries: list[dict], produced: list, per_task: int = 3) -> t
 
 
 def _normalised(text: str) -> str:
-    return " ".join(text.lower().split()).rstrip(".")
+    return " ".join(text.lower().strip().rstrip(".").split())
 
 
 def _ideal_match(queries: list[dict], produced: list) -> dict[str, float]:
